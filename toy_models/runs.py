@@ -1,0 +1,177 @@
+"""Run directories: resolved config, provenance, metrics and safetensors checkpoints.
+
+A run directory holds
+    config.json           resolved config (model, task spec, task, training, method, base)
+    provenance.json       command line, seed, package versions, python, platform, time
+    metrics.jsonl         one line per evaluation during training
+    metrics.json          final metrics; its presence marks the run complete
+    model.safetensors     base weights (pretrain / full fine-tuning); metadata carries the config
+    method.safetensors    a tuned method's tensors (LoRA factors, prompt, prefix keys/values...)
+    train_state.*         optimizer state for --resume (removed when the run completes)
+Every write is atomic (temporary file + os.replace). Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from toy_models.errors import UserError
+
+MODEL_FILE = "model.safetensors"
+METHOD_FILE = "method.safetensors"
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path: Path, obj) -> None:
+    def w(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+    _atomic(Path(path), w)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e.__class__.__name__}): the run is corrupt") from None
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    metadata_ = {"prefixlab": json.dumps(meta or {}, sort_keys=True)}
+    _atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata_))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"checkpoint {path} is corrupt or not a safetensors file ({str(e).splitlines()[0][:80]})") from None
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for pkg in ("torch", "transformer-lens", "transformers", "numpy", "safetensors", "plotly", "typer",
+                "prefixlab"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def provenance(seed: int) -> dict:
+    return {"argv": sys.argv, "command": " ".join(sys.argv), "seed": seed, "versions": versions(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cwd": os.getcwd()}
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    # -- state -------------------------------------------------------------------------------
+    @property
+    def complete(self) -> bool:
+        return (self.path / "metrics.json").is_file()
+
+    @property
+    def resumable(self) -> bool:
+        return (self.path / "train_state.json").is_file() and not self.complete
+
+    def check_new(self, overwrite: bool, resume: bool) -> None:
+        """Refuse an existing output unless --overwrite or --resume says what to do with it.
+        Called before anything is written."""
+        if not self.path.exists():
+            if resume:
+                raise UserError(f"nothing to resume at {self.path}")
+            return
+        if resume:
+            if self.complete:
+                raise UserError(f"run {self.path} is already complete; nothing to resume")
+            if not self.resumable:
+                raise UserError(f"{self.path} holds no interrupted run to resume")
+            return
+        if not self.path.is_dir():
+            raise UserError(f"{self.path} exists and is not a run directory")
+        if any(self.path.iterdir()) and not overwrite:
+            raise UserError(f"{self.path} already exists; pass --overwrite to replace it "
+                            f"or --resume to continue an interrupted run")
+
+    def prepare(self, overwrite: bool, resume: bool) -> None:
+        if overwrite and self.path.exists() and not resume:
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    # -- files -------------------------------------------------------------------------------
+    def write_json(self, name: str, obj) -> None:
+        write_json(self.path / name, obj)
+
+    def read_json(self, name: str) -> dict:
+        return read_json(self.path / name)
+
+    def append_metrics(self, row: dict) -> None:
+        # the whole file is rewritten atomically: a kill never leaves half a line
+        rows = self.metrics_rows() + [row]
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+        _atomic(self.path / "metrics.jsonl", lambda tmp: Path(tmp).write_text(text))
+
+    def metrics_rows(self) -> list[dict]:
+        p = self.path / "metrics.jsonl"
+        if not p.is_file():
+            return []
+        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+    def truncate_metrics(self, step: int) -> None:
+        rows = [r for r in self.metrics_rows() if r.get("step", 0) <= step]
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+        _atomic(self.path / "metrics.jsonl", lambda tmp: Path(tmp).write_text(text))
+
+    @property
+    def config(self) -> dict:
+        if not self.path.is_dir():
+            raise UserError(f"no run at {self.path}")
+        return self.read_json("config.json")
+
+    def finish(self, metrics: dict) -> None:
+        self.write_json("metrics.json", metrics)
+        for name in ("train_state.json", "train_state.safetensors"):
+            (self.path / name).unlink(missing_ok=True)

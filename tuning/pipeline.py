@@ -1,0 +1,123 @@
+"""Fine-tuning a base run into a tuned run, loading it back, and matching parameter budgets."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import torch
+
+from toy_models.errors import UserError
+from toy_models.pipeline import LoadedRun, base_sha, load_model
+from toy_models.runs import METHOD_FILE, RunDir, load_tensors, provenance, save_tensors
+from toy_models.tasks import TaskSpec, resolve_task
+from toy_models.training import Progress, Trainable, TrainConfig, fit
+from tuning import METHODS, make_method
+
+TUNE_DEFAULTS = dict(steps=1000, warmup=50, schedule="cosine", eval_every=100)
+
+
+def method_train_config(method: str, overrides: dict) -> TrainConfig:
+    """The method's defaults (tuning/*.py `defaults`), then the user's explicit options."""
+    if method not in METHODS:
+        raise UserError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    return TrainConfig(**{**TUNE_DEFAULTS, **METHODS[method].defaults,
+                          **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def finetune(base: str | Path, method: str, task: str, out: str | Path, opts: dict | None = None,
+             train: dict | None = None, overwrite: bool = False, resume: bool = False,
+             progress: Progress | None = None) -> dict:
+    """Tune `method` on `task` over the frozen base run; write a tuned run. Returns final metrics."""
+    opts = dict(opts or {})
+    cfg = method_train_config(method, train or {})
+    model, base_config = load_model(base)
+    spec = TaskSpec(**base_config["task_spec"])
+    resolved = resolve_task(task, spec)
+    run = RunDir(out)
+    g = torch.Generator().manual_seed(cfg.seed)
+    m = make_method(method, model, generator=g, **opts)  # validates P, r, ... before any write
+    run.check_new(overwrite, resume)
+    base_path = Path(base).resolve()
+    config = {"kind": "finetune", "task": task, "method": m.config(), "task_spec": spec.to_dict(),
+              "train": cfg.to_dict(), "seed": cfg.seed, "n_params": m.n_params,
+              "base": {"path": str(base_path), "sha256": base_sha(base_path),
+                       "task": base_config["task"], "preset": base_config["preset"]}}
+    if resume and run.config != config:
+        raise UserError(f"the options differ from those of the interrupted run at {run.path}")
+    run.prepare(overwrite, resume)
+    if not resume:
+        run.write_json("config.json", config)
+        run.write_json("provenance.json", provenance(cfg.seed))
+    tr = Trainable(dict(m.named_parameters()), m.state, m.no_decay)
+    metrics = fit(model, tr, resolved, spec, cfg, run=run, resume=resume, progress=progress)
+    metrics["n_params"] = m.n_params
+    save_tensors(run.path / METHOD_FILE, m.export(), meta={"method": m.config()})
+    run.finish(metrics)
+    return metrics
+
+
+def finetune_seeds(base, method, task, out, seeds: list[int], opts=None, train=None, overwrite=False,
+                   progress=None, on_seed=None) -> dict:
+    """Repeat a finetune per seed into out/seed{N}; returns per-seed metrics and mean ± std."""
+    if not seeds:
+        raise UserError("--seeds needs at least one seed, e.g. --seeds 0,1,2")
+    root = RunDir(out)
+    root.check_new(overwrite, False)
+    results = {}
+    for s in seeds:
+        if on_seed:
+            on_seed(s)
+        results[s] = finetune(base, method, task, Path(out) / f"seed{s}", opts,
+                              {**(train or {}), "seed": s}, overwrite=overwrite, progress=progress)
+    accs = [r["exact_acc"] for r in results.values()]
+    summary = {"method": method, "task": task, "seeds": seeds, "runs": [f"seed{s}" for s in seeds],
+               "exact_acc": {str(s): r["exact_acc"] for s, r in results.items()},
+               "exact_acc_mean": statistics.fmean(accs),
+               "exact_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0}
+    root.write_json("summary.json", summary)
+    return summary
+
+
+def load_tuned(path: Path, config: dict) -> LoadedRun:
+    run = RunDir(path)
+    if not run.complete:
+        raise UserError(f"run {run.path} is not complete; finish it with --resume")
+    base = config.get("base", {})
+    base_path = Path(base.get("path", ""))
+    if not (base_path / "model.safetensors").is_file():
+        raise UserError(f"the base run of {run.path} is missing ({base_path})")
+    if base_sha(base_path) != base.get("sha256"):
+        raise UserError(f"the base checkpoint of {run.path} changed since it was tuned "
+                        f"(sha256 mismatch for {base_path / 'model.safetensors'})")
+    model, base_config = load_model(base_path)
+    spec = TaskSpec(**config["task_spec"])
+    if spec.to_dict() != base_config["task_spec"]:
+        raise UserError(f"{run.path} was tuned for another task layout than its base run has")
+    opts = {k: v for k, v in config["method"].items() if k != "name"}
+    m = make_method(config["method"]["name"], model, **opts)
+    m.load_export(load_tensors(run.path / METHOD_FILE))
+    m.requires_grad_(False)
+    with torch.no_grad():
+        state = m.state()
+    return LoadedRun(run.path, config, model, spec, state, method=m)
+
+
+def budget_match(model, target: int, method: str, vary: str | None = None, **opts) -> tuple[int, int]:
+    """Pick the prefix/prompt length P (or the LoRA rank r) whose trainable-parameter count is
+    closest to `target`. Returns (value, count). papers.md E4: rank-1 LoRA on attention out +
+    both MLP layers of the 4/4/256 model and a P=12 prefix have 12,288 parameters each."""
+    vary = vary or ("rank" if method == "lora" else "length")
+    best = None
+    for v in range(1, 257):
+        try:
+            n = make_method(method, model, **{**opts, vary: v}).n_params
+        except UserError:
+            break
+        if best is None or abs(n - target) < abs(best[1] - target):
+            best = (v, n)
+        if n >= target:
+            break
+    if best is None:
+        raise UserError(f"no {vary} of {method} fits this model")
+    return best

@@ -1,0 +1,117 @@
+"""Prefix-tuning in the three parameterizations of papers.md §1 ([L]):
+
+- `none`   (No-share):     free keys and values per layer and slot.
+- `simple` (Simple-share): one residual-space vector per slot per layer, through the layer's
+                           frozen LayerNorm and key/value maps. This is [P]'s prefix.
+- `deep`   (Deep-share):   vectors p' through an MLP g = Linear(d -> h) -> Tanh -> Linear(h -> 2d)
+                           (Li & Liang 2021), one MLP per layer or one shared across layers;
+                           `fold()` turns it into explicit keys and values after training.
+`depth="shallow"` puts the prefix in layer 0 only. Every variant exports the per-layer layout
+of architecture.md: keys and values `[n_heads, P, d_head]`.
+"""
+
+from __future__ import annotations
+
+import einops
+import torch
+from torch import nn
+
+from toy_models.errors import UserError
+from toy_models.model import MethodState
+from tuning.base import Method, positive
+
+SHARES = ("none", "simple", "deep")
+DEPTHS = ("deep", "shallow")
+
+
+class Prefix(Method):
+    name = "prefix"
+    # Prefixes need a far larger lr than weights (Adam 1e-2..3e-2 worked here; [P]'s 5e-5 needs
+    # 20k-500k steps); no weight decay; model in eval mode as in [P].
+    defaults = dict(lr=1e-2, weight_decay=0.0, train_mode=False)
+
+    def __init__(self, model, length: int = 1, share: str = "simple", depth: str = "deep",
+                 hidden: int | None = None, mlp: str | None = None, init_scale: float = 1.0,
+                 generator: torch.Generator | None = None):
+        length = positive("prefix length P", length)
+        if share not in SHARES:
+            raise UserError(f"unknown prefix share {share!r}; use one of {', '.join(SHARES)}")
+        if depth not in DEPTHS:
+            raise UserError(f"unknown prefix depth {depth!r}; use deep (all layers) or shallow (layer 0)")
+        mlp = mlp or "shared"  # None: the default (also how non-deep runs record it)
+        if mlp not in ("shared", "per_layer"):
+            raise UserError(f"unknown deep-share mlp {mlp!r}; use shared or per_layer")
+        cfg = model.cfg
+        hidden = positive("deep-share hidden width", hidden if hidden is not None else 2 * cfg.d_model)
+        if length > cfg.n_prompt:  # a prefix takes the place of the prompt slots, as in [P]
+            raise UserError(f"a prefix of length {length} does not fit the model's {cfg.n_prompt} "
+                            f"prompt slots (pretrain with a larger --prompt-len)")
+        super().__init__(model, length=length, share=share, depth=depth,
+                         hidden=hidden if share == "deep" else None,
+                         mlp=mlp if share == "deep" else None, init_scale=init_scale)
+        L = cfg.n_layers if depth == "deep" else 1
+        self.n_prefix_layers = L
+        D, H, Dh = cfg.d_model, cfg.n_heads, cfg.d_head
+        # [P]'s init: residual vectors ~ N(0, 1) (scaled by init_scale)
+        p = torch.randn(L, length, D, generator=generator) * init_scale
+        if share == "simple":
+            self.p = nn.Parameter(p)
+        elif share == "none":
+            # start from the keys/values simple-share would give, then free them
+            with torch.no_grad():
+                kv = [model.blocks[l].prefix_from_residual(p[l]) for l in range(L)]
+            self.k = nn.Parameter(torch.stack([k for k, _ in kv]))  # [L, H, P, Dh]
+            self.v = nn.Parameter(torch.stack([v for _, v in kv]))
+        else:
+            n_mlp = 1 if mlp == "shared" else L
+            out = 2 * D * (L if mlp == "shared" else 1)
+            self.p = nn.Parameter(p[0] if mlp == "shared" else p)  # [P, D] or [L, P, D]
+            self.mlps = nn.ModuleList(
+                nn.Sequential(nn.Linear(D, hidden), nn.Tanh(), nn.Linear(hidden, out)) for _ in range(n_mlp))
+            if generator is not None:
+                for m in self.mlps:
+                    for lin in (m[0], m[2]):
+                        nn.init.normal_(lin.weight, std=lin.in_features ** -0.5, generator=generator)
+                        nn.init.zeros_(lin.bias)
+        self.shape = (H, Dh)
+
+    def keys_values(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per prefixed layer: keys, values [n_heads, P, d_head]."""
+        share, L = self.opts["share"], self.n_prefix_layers
+        H, Dh = self.shape
+        if share == "none":
+            return list(self.k.unbind(0)), list(self.v.unbind(0))
+        if share == "simple":
+            kv = [self.base.blocks[l].prefix_from_residual(self.p[l]) for l in range(L)]
+            return [k for k, _ in kv], [v for _, v in kv]
+        if self.opts["mlp"] == "shared":
+            out = self.mlps[0](self.p)  # [P, L*2*D]
+            out = einops.rearrange(out, "p (l two h e) -> l two h p e", l=L, two=2, h=H)
+        else:
+            out = torch.stack([m(self.p[l]) for l, m in enumerate(self.mlps)])  # [L, P, 2D]
+            out = einops.rearrange(out, "l p (two h e) -> l two h p e", two=2, h=H)
+        return list(out[:, 0].unbind(0)), list(out[:, 1].unbind(0))
+
+    def state(self) -> MethodState:
+        ks, vs = self.keys_values()
+        n = self.base.cfg.n_layers
+        pad = [None] * (n - len(ks))
+        return MethodState(prefix_k=ks + pad, prefix_v=vs + pad)
+
+    def fold(self) -> "Prefix":
+        """Explicit keys/values (a No-share prefix with the same outputs): Deep-share after training."""
+        ks, vs = self.keys_values()
+        folded = Prefix(self.base, length=self.opts["length"], share="none", depth=self.opts["depth"])
+        with torch.no_grad():
+            folded.k.copy_(torch.stack(ks))
+            folded.v.copy_(torch.stack(vs))
+        return folded
+
+    def export_layout(self) -> dict[str, torch.Tensor]:
+        """architecture.md's layout: `blocks.{l}.prefix_k` / `prefix_v`, each [n_heads, P, d_head]."""
+        ks, vs = self.keys_values()
+        out = {}
+        for l, (k, v) in enumerate(zip(ks, vs)):
+            out[f"blocks.{l}.prefix_k"] = k.detach().clone()
+            out[f"blocks.{l}.prefix_v"] = v.detach().clone()
+        return out
