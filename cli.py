@@ -228,5 +228,38 @@ def evaluate(runs: List[Path] = typer.Argument(..., help="base or tuned run dire
         print("* y1 given: mix4 has no task indicator, so its first output is provided ([P]'s protocol).")
 
 
+@command()
+def probe(runs: List[Path] = typer.Argument(..., help="tuned run directories (one base)"),
+          probe_: str = typer.Option("invariance,bias,clusters,drift", "--probe", help="probes to run"),
+          layers: Optional[str] = typer.Option(None, help="layers, e.g. 0,1 (default all)"),
+          heads: Optional[str] = typer.Option(None, help="heads, e.g. 0,2 (default all)"),
+          inputs: int = typer.Option(1000, help="number of test inputs"),
+          out: Path = typer.Option(..., help="directory for probe.json and probe.safetensors"),
+          overwrite: bool = typer.Option(False),
+          json_out: bool = typer.Option(False, "--json")):
+    """Probe tuned runs: attention invariance, bias decomposition, clusters, drift, hierarchy."""
+    from probes.run import run_probes
+    report = run_probes(runs, [p.strip() for p in probe_.split(",") if p.strip()], out,
+                        _ints(layers, "--layers"), _ints(heads, "--heads"), inputs, overwrite)
+    if json_out:
+        print(json.dumps(report, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+    table = Table("run", "identity", "verdict", "max error", title="identities (fp32 tolerance 1e-5)")
+    for v in report["verdicts"]:
+        verdict = {True: "holds", False: "broken", None: "n/a"}[v["holds"]]
+        table.add_row(v["run"], v["identity"], verdict, "" if v["value"] is None else f"{v['value']:.2e}")
+    Console().print(table)
+    for name, entry in report["runs"].items():
+        print(f"{name}: {entry['hierarchy']['class']}")
+    if "clusters" in report:
+        c = report["clusters"]
+        if c.get("nearest_centroid_acc_with_method") is not None:
+            print(f"clusters: nearest-centroid task accuracy {c['nearest_centroid_acc_with_method']:.1%} with the "
+                  f"methods, {c['nearest_centroid_acc_without_method']:.1%} without (chance {c['chance']:.1%})")
+    print(f"wrote {out}/probe.json and {out}/probe.safetensors")
+
+
 if __name__ == "__main__":
     app()

@@ -431,9 +431,7 @@ def write_random_llama_checkpoint(
 def release_memory() -> None:
     """Return freed heap to the OS between streamed layers (glibc keeps fragmented arenas otherwise)."""
     import ctypes
-    import gc
 
-    gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim

