@@ -261,5 +261,185 @@ def probe(runs: List[Path] = typer.Argument(..., help="tuned run directories (on
     print(f"wrote {out}/probe.json and {out}/probe.safetensors")
 
 
+@command("llama-check")
+def llama_check(model: str = typer.Option("tiny", help="tiny, tiny-gqa, smollm2, or a local HF checkpoint directory"),
+                prefix: str = typer.Option("random", help="random, train, or a prefix file saved by prefixlab"),
+                adapter: Optional[Path] = typer.Option(None, help="a PEFT prefix-tuning adapter directory"),
+                layers: Optional[str] = typer.Option("0", help="layers to check, e.g. 0,1,2 (\"all\" for all)"),
+                heads: Optional[str] = typer.Option(None, help="heads (default all)"),
+                prefix_len: int = typer.Option(1, "--prefix-len", "-P"),
+                dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
+                text: Optional[str] = typer.Option(None, help="text to check on (default: papers.md's DART sample)"),
+                seed: int = typer.Option(0),
+                stream: bool = typer.Option(False, help="load one decoder layer at a time (checkpoints larger than memory)"),
+                fig: Optional[Path] = typer.Option(None, help="write the Fig. 5 figure (HTML) of layer 0 / head 0 here"),
+                json_out: bool = typer.Option(False, "--json")):
+    """Check the prefix identities on a LLaMA-family model (papers.md §4, Fig. 5)."""
+    from probes.llama import llama_fig5, run_llama_check
+    lay = None if layers in (None, "all") else _ints(layers, "--layers")
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not json_out else None
+    res = run_llama_check(model, prefix, str(adapter) if adapter else None, lay, _ints(heads, "--heads"),
+                          prefix_len, dtype, text, seed, stream, progress=say)
+    if fig is not None:
+        from reports.html import write_figure_html
+        write_figure_html(llama_fig5(res, res.layers[0], res.heads[0]), fig)
+    if json_out:
+        print(json.dumps(res.to_json(), indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+    rows = res.table_rows()
+    table = Table(*rows[0], title=f"{res.model} ({res.model_type}, {res.dtype}), P={res.prefix_len}, prefix: {res.prefix_source}")
+    for r in rows[1:]:
+        table.add_row(*r)
+    Console().print(table)
+    print(f"layer-0 identities {'hold' if res.passed else 'DO NOT hold'} within the {res.dtype} tolerance {res.tolerance}")
+
+
+construct_app = typer.Typer(help="Theorem 1 and 2 constructions, and the capacity count ([P] §3).", no_args_is_help=True)
+app.add_typer(construct_app, name="construct")
+
+
+@construct_app.command("thm1")
+@_user_errors
+def construct_thm1(text: str = typer.Option("I love transformers!", help="the sequence to generate"),
+                   beta: Optional[float] = typer.Option(None, help="inverse temperature (default: the construction's)"),
+                   json_out: bool = typer.Option(False, "--json")):
+    """Generate TEXT from one virtual token with the hand-built Theorem-1 transformer."""
+    from probes.constructions import thm1_text
+    res = thm1_text(text, beta=beta)
+    if json_out:
+        print(json.dumps(res.to_json(), indent=2))
+        return
+    d = res.to_json()
+    print(f"generated: {d.get('generated')!r}")
+    print(f"verdict: {'exact' if d.get('exact') else 'MISMATCH'}")
+
+
+@construct_app.command("thm2")
+@_user_errors
+def construct_thm2(map_: Optional[str] = typer.Option(None, "--map", help="a map [V]->[V], e.g. 1,2,0 (m(0)=1, m(1)=2, m(2)=0)"),
+                   V: int = typer.Option(8, "--V", help="vocabulary size for random maps"),
+                   n_maps: int = typer.Option(20, help="random maps to check when --map is not given"),
+                   seed: int = typer.Option(0),
+                   json_out: bool = typer.Option(False, "--json")):
+    """Realise a map with one virtual token (context 2) and check it on every input."""
+    from probes.constructions import parse_map, thm2_check
+    mapping = parse_map(map_) if map_ else None
+    res = thm2_check(len(mapping) if mapping else V, mapping, n_maps, seed)
+    d = res.to_json()
+    print(json.dumps(d, indent=2) if json_out else
+          f"V={d.get('V')}: {d.get('n_maps')} map(s), success rate {100 * d.get('success_rate', 0):.1f} %")
+
+
+@construct_app.command("capacity")
+@_user_errors
+def construct_capacity(json_out: bool = typer.Option(False, "--json")):
+    """Distinct greedy completions from hard first tokens vs from virtual tokens."""
+    from probes.constructions import capacity_count
+    d = capacity_count().to_json()
+    print(json.dumps(d, indent=2) if json_out else
+          f"distinct completions: {d.get('hard_distinct')} from hard tokens, {d.get('virtual_distinct')} from virtual tokens")
+
+
+@command("reparam-sim")
+def reparam_sim(quick: bool = typer.Option(False, "--quick", help="fewer n values and replicates (<= 2 min)"),
+                out: Path = typer.Option(Path("runs/reparam"), help="directory for reparam.json and reparam.html"),
+                overwrite: bool = typer.Option(False)):
+    """The reparameterization sample-efficiency study of [L] (papers.md §6)."""
+    from probes.reparam import ReparamConfig, reparam_figure, run_reparam_study
+    from toy_models.runs import RunDir, write_json
+    rd = RunDir(out)
+    rd.check_new(overwrite, False)
+    cfg = ReparamConfig.quick() if quick else ReparamConfig.full()
+    with Progress("reparam") as prog:
+        res = run_reparam_study(cfg, progress=lambda i, n, msg: prog(i, n, {}))
+    rd.prepare(overwrite, False)
+    write_json(rd.path / "reparam.json", res.to_json())
+    from reports.html import write_figure_html
+    write_figure_html(reparam_figure(res), rd.path / "reparam.html")
+    for model, s in res.to_json()["slopes"].items():
+        d = s["D"]
+        print(f"{model:14s} slope of D vs n: {d['slope']:+.3f}  (95 % CI {d['ci_low']:+.3f} .. {d['ci_high']:+.3f})")
+    print(f"wrote {out}/reparam.json and {out}/reparam.html")
+
+
+@command()
+def report(runs: List[Path] = typer.Argument(..., help="run directories (base and tuned)"),
+           out: Path = typer.Option(Path("report.html"), help="the HTML file to write"),
+           png: Optional[Path] = typer.Option(None, help="also export every figure as PNG here (needs chromium)"),
+           inputs: int = typer.Option(200, help="test inputs for the probes"),
+           overwrite: bool = typer.Option(False)):
+    """Write one self-contained interactive HTML report for a set of runs."""
+    from reports.build import build_report
+    if out.exists() and not overwrite:
+        _fail(f"{out} already exists; pass --overwrite to replace it")
+    res = build_report(runs, out, png_dir=png, n_inputs=inputs)
+    for w in res.get("warnings", []):
+        print(w, file=sys.stderr)
+    print(f"wrote {out}")
+
+
+@command()
+def reproduce(preset: str = typer.Option("quick", help="quick (<= 10 min on 2 CPU cores) or paper (the papers' model sizes)"),
+              out: Path = typer.Option(Path("runs/reproduce"), help="study directory (stages are cached here)"),
+              stage: Optional[str] = typer.Option(None, help="run only these stages, e.g. E1,probes")):
+    """Run the whole study as cached stages and write one report (paper vs lab first)."""
+    from reports.reproduce import reproduce as _reproduce
+    with StageProgress() as sp:
+        res = _reproduce(out, preset, sp.factory, only=[s for s in stage.split(",")] if stage else None)
+    failed = [n for n, r in res["records"].items() if r["status"] != "done"]
+    for row in res["table"]:
+        print(f"{row['source']:10s} {row['verdict']:12s} {row['claim']}: paper {row['paper']}, lab {row['lab']}")
+    for n in failed:
+        print(f"stage {n} FAILED: {res['records'][n].get('error')}", file=sys.stderr)
+    print(f"report: {res['report']}")
+    if failed:
+        raise typer.Exit(1)
+
+
+@command()
+def demo(out: Path = typer.Option(Path("runs/demo"), help="where the study goes")):
+    """The main job on its built-in default: `reproduce --preset quick`."""
+    reproduce(preset="quick", out=out, stage=None)
+
+
+class StageProgress:
+    """One overall display: stages done / total, and the current stage's own bar."""
+
+    def __init__(self):
+        self.tty = sys.stderr.isatty()
+        self.bar = None
+
+    def __enter__(self):
+        if self.tty:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RP, TextColumn, TimeElapsedColumn
+            self.bar = RP(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+            self.bar.__enter__()
+            self.overall = self.bar.add_task("stages", total=None)
+            self.current = self.bar.add_task("", total=None)
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def factory(self, i: int, n: int, stage):
+        if self.bar is not None:
+            self.bar.update(self.overall, completed=i, total=n, description=f"stage {i + 1}/{n}")
+            self.bar.reset(self.current, total=None, description=stage.title)
+        else:
+            print(f"[stage {i + 1}/{n}] {stage.title}", file=sys.stderr, flush=True)
+
+        def prog(step, total, info):
+            if self.bar is not None:
+                self.bar.update(self.current, completed=step, total=total)
+                if info.get("cached"):
+                    self.bar.update(self.current, description=f"{stage.title} (cached)")
+            elif info.get("cached"):
+                print(f"  cached: {stage.name}", file=sys.stderr, flush=True)
+        return prog
+
+
 if __name__ == "__main__":
     app()
