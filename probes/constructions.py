@@ -8,7 +8,8 @@ content is the start token `START_TOKEN` followed by what was generated; content
 1 + j predicts Y_{j+1}. Tokens are 0-based, so the virtual token carries y_j / V.
 
 Residual stream (one block of coordinates per role; `Layout` holds the offsets):
-  content  V   one-hot of the content token (W_E); read by nothing in Theorem 1
+  content  V   one-hot of the content token (W_E); Theorem 1 reads nothing of it and drops it by
+               default (tokens embed to 0; `content_onehot=True` keeps [P]'s content ⊕ position)
   coords   K   the virtual token's payload u = (y_1/V, ..., y_K/V)   (K = N, or V for Thm 2)
   flag     1   1 on the virtual token only: the key of the copying head
   pos      C   one-hot position (W_pos)                               (C = n_ctx)
@@ -37,7 +38,8 @@ Mapping [P]'s architecture onto the class:
   (x·Φ(−x) < 1e-300 at |x| ≥ 40), and GELU is positively homogeneous like ReLU.
 - What is left approximate is the softness of the heads: the copy carries weight a < 1 and the
   gate leaks M·(1 − b); z = a·u − M(1 − b), which is why β must be large. `min_beta` measures how
-  large.
+  large. Worst case (y = V − 1 at the last position p = N): greedy rounds z·V down to y − 1
+  once N(u + M)/(e^β + N) > 1/(2V), i.e. β < ln(N(2V(M + 1) − 3)) (`predicted_min_beta`).
 
 **Theorem 2.** Context 2 (slot + one input token): the virtual token carries (m(0)/V, ...,
 m(V−1)/V) and head 1 reads the input token instead of the position, so the same MLP extracts
@@ -87,6 +89,7 @@ class Layout:
     beta: float
     gelu_scale: float = GELU_SCALE
     gate_margin: float = GATE_MARGIN
+    content_onehot: bool = True  # False: W_E = 0 (Theorem 1 never reads the content)
 
     @property
     def R(self) -> int:  # width of head 1's read-out
@@ -94,7 +97,7 @@ class Layout:
 
     @property
     def offsets(self) -> dict[str, int]:
-        sizes = [("content", self.V), ("coords", self.K), ("flag", 1), ("pos", self.n_ctx),
+        sizes = [("content", self.V if self.content_onehot else 0), ("coords", self.K), ("flag", 1), ("pos", self.n_ctx),
                  ("one", 1), ("copy", self.K), ("read", self.R), ("z", 1), ("c", 1), ("null", 1)]
         out, at = {}, 0
         for name, size in sizes:
@@ -140,7 +143,8 @@ def _build(layout: Layout) -> ToyTransformer:
     D, Dh = layout.d_model, model.cfg.d_head
     q_scale = L.beta * math.sqrt(Dh)  # the model divides scores by sqrt(d_head)
 
-    model.embed.W_E[torch.arange(L.V), o["content"] + torch.arange(L.V)] = 1.0
+    if L.content_onehot:
+        model.embed.W_E[torch.arange(L.V), o["content"] + torch.arange(L.V)] = 1.0
     model.pos_embed.W_pos[torch.arange(L.n_ctx), o["pos"] + torch.arange(L.n_ctx)] = 1.0
     model.pos_embed.W_pos[:, o["one"]] = 1.0
 
@@ -179,9 +183,12 @@ def _build(layout: Layout) -> ToyTransformer:
     return model
 
 
-def build_thm1_model(V: int, N: int, beta: float = DEFAULT_BETA, n_ctx: int | None = None) -> ToyTransformer:
+def build_thm1_model(V: int, N: int, beta: float = DEFAULT_BETA, n_ctx: int | None = None,
+                     content_onehot: bool = False) -> ToyTransformer:
     """[P] Theorem 1's transformer for targets in [V]^N, as a `ToyTransformer` (eval mode).
-    n_ctx defaults to N + 1 (slot + start token + N − 1 fed-back tokens)."""
+    n_ctx defaults to N + 1 (slot + start token + N − 1 fed-back tokens). The output never
+    depends on the content, so by default tokens embed to 0 (d_model ≈ 4N + 7 instead of
+    V + 4N + 7, ~4x fewer FLOPs at V=94, N=20); `content_onehot=True` adds [P]'s one-hot content."""
     _check_V(V)
     if not isinstance(N, int) or not 1 <= N <= MAX_N:
         raise UserError(f"N must be an integer in 1..{MAX_N}, got {N!r}")
@@ -191,7 +198,8 @@ def build_thm1_model(V: int, N: int, beta: float = DEFAULT_BETA, n_ctx: int | No
     if N > n_ctx - 1:
         raise UserError(f"N={N} is larger than the context allows: generating N tokens needs "
                         f"n_ctx >= N + 1 = {N + 1}, got n_ctx={n_ctx}")
-    return _build(Layout(theorem=1, V=V, K=N, n_ctx=n_ctx, beta=_check_beta(beta)))
+    return _build(Layout(theorem=1, V=V, K=N, n_ctx=n_ctx, beta=_check_beta(beta),
+                         content_onehot=content_onehot))
 
 
 def build_thm2_model(V: int, beta: float = DEFAULT_BETA) -> ToyTransformer:
@@ -295,6 +303,13 @@ def _bisect_beta(all_ok, lo: float, hi: float, tol: float) -> float | None:
     return hi
 
 
+def predicted_min_beta(V: int, N: int, gate_margin: float = GATE_MARGIN) -> float:
+    """Closed-form threshold of this construction for the worst target (y_N = V − 1): at query
+    position p the copy weight misses p/(e^β + p) and the gate leaks M·p/(e^β + p), so z·V falls
+    short of y by p(y + MV)/(e^β + p), which must stay below 1/2."""
+    return math.log(N * (2 * (V - 1 + gate_margin * V) - 1))
+
+
 def min_beta(V: int, N: int, n_targets: int = 1000, seed: int = 0, lo: float = 0.0,
              hi: float = 64.0, tol: float = 0.01, targets: Tensor | None = None) -> float | None:
     """Smallest inverse temperature (bisection on [lo, hi] to `tol`) at which greedy generation
@@ -304,9 +319,10 @@ def min_beta(V: int, N: int, n_targets: int = 1000, seed: int = 0, lo: float = 0
     targets = _random_targets(V, N, _check_count(n_targets, "n_targets"), seed) if targets is None else targets
     found = _bisect_beta(lambda b: bool(_teacher_forced_ok(build_thm1_model(V, N, b), targets).all()),
                          _check_beta(lo), _check_beta(hi), tol)
-    if found is not None:  # confirm with the real decoding loop; step up if rounding disagreed
-        while not bool((_generate_targets(build_thm1_model(V, N, found), targets) == targets).all()):
-            found += tol
+    # confirm with the real decoding loop; step up if its rounding disagrees with teacher forcing
+    while found is not None and not bool(
+            (_generate_targets(build_thm1_model(V, N, found), targets) == targets).all()):
+        found = found + tol if found + tol <= hi else None
     return found
 
 
@@ -337,7 +353,8 @@ class Thm1Check:
         return {"theorem": 1, "V": self.V, "N": self.N, "beta": self.beta, "n_targets": self.n_targets,
                 "n_success": self.n_success, "success_rate": self.success_rate,
                 "all_exact": self.n_success == self.n_targets, "failures": self.failures,
-                "min_beta": self.min_beta, "seconds": round(self.seconds, 4),
+                "min_beta": self.min_beta, "predicted_min_beta_worst_case": predicted_min_beta(self.V, self.N),
+                "seconds": round(self.seconds, 4),
                 "min_beta_seconds": round(self.min_beta_seconds, 4), "model": self.layout}
 
 
@@ -474,7 +491,8 @@ class Thm2Check:
 
     def to_json(self) -> dict:
         return {"theorem": 2, "V": self.V, "beta": self.beta, "n_maps": self.n_maps,
-                "n_exact_maps": self.n_exact_maps, "all_exact": self.n_exact_maps == self.n_maps,
+                "n_exact_maps": self.n_exact_maps, "success_rate": self.n_exact_maps / self.n_maps,
+                "all_exact": self.n_exact_maps == self.n_maps,
                 "output_accuracy": self.n_correct_outputs / (self.n_maps * self.V),
                 "failures": self.failures, "seconds": round(self.seconds, 4)}
 
@@ -525,9 +543,9 @@ def capacity_model(seed: int = 0, d_vocab: int = 32, d_model: int = 64, n_layers
 class CapacityCount:
     k: int
     n_hard: int
-    distinct_hard: int
+    hard_distinct: int  # distinct completions from the V hard first tokens (<= V)
     n_virtual: int
-    distinct_virtual: int
+    virtual_distinct: int  # distinct completions from the n_virtual random virtual tokens
     prompt_scale: float
     model: dict
 
@@ -536,7 +554,7 @@ class CapacityCount:
 
 
 @torch.no_grad()
-def capacity_count(model: ToyTransformer | None = None, k: int = 10, n_virtual: int = 20000,
+def capacity_count(model: ToyTransformer | None = None, k: int = 10, n_virtual: int = 10000,
                    seed: int = 0, prompt_scale: float = 1.0, batch_size: int = 5000) -> CapacityCount:
     """[P] §3's count on a small model: distinct greedy k-token completions (after START_TOKEN)
     from each of the V hard first tokens (the slot holds W_E[t]) against from `n_virtual` random

@@ -22,9 +22,10 @@ from reports.figures import (AttentionPanel, accuracy_figure, attention_figure, 
                              invariance_figure, learning_curves_figure)
 from reports.html import Pre, Section, Table, as_section, check_output, export_pngs, render_report, write_report
 from toy_models.errors import UserError
-from toy_models.pipeline import LoadedRun, base_sha, evaluate_run, load_run
+from toy_models.pipeline import LoadedRun, base_sha, load_run
 from toy_models.runs import RunDir
-from toy_models.tasks import MIX4
+from toy_models.tasks import MIX4, fixed_test_set, resolve_task
+from toy_models.training import evaluate
 
 
 def build_report(runs: list[Path], out: Path, png_dir: Path | None = None, n_inputs: int = 200,
@@ -229,13 +230,21 @@ def _accuracy_section(loaded, labels, n_inputs) -> Section:
         tasks += [t for t in MIX4 if t not in tasks]
     matrix = {}
     for r in loaded:
-        res = evaluate_run(r, tasks, n=n_inputs)
-        matrix[labels[id(r)]] = {t: v["exact_acc"] for t, v in res.items()}
+        matrix[labels[id(r)]] = {t: _exact_acc(r, t, n_inputs) for t in tasks}
     curves = {labels[id(r)]: RunDir(r.path).metrics_rows() for r in loaded}
     intro = (f"Exact accuracy (all outputs right, greedy decoding) on {n_inputs} fixed test inputs of each task; "
              "for mix4 y1 is given, as in [P]. Learning curves are each run's metrics.jsonl.")
     return Section("Accuracy", [accuracy_figure(matrix, "Exact accuracy: runs × tasks"),
                                 learning_curves_figure(curves)], intro)
+
+
+def _exact_acc(r: LoadedRun, task: str, n: int, seed: int = 1234) -> float:
+    """evaluate_run's exact accuracy on its fixed test set, without the greedy-decoding pass:
+    teacher-forced exact accuracy equals greedy exact accuracy (toy_models.training.evaluate),
+    and skipping the L extra forwards makes the report ~10x faster on a 4/4/256 model."""
+    resolved = resolve_task(task, r.spec)
+    return evaluate(r.model, r.state, fixed_test_set(resolved, r.spec, n, seed), greedy=False,
+                    provide_first=resolved.ambiguous_first)["exact_acc"]
 
 
 def _provenance_section(loaded, labels) -> Section:

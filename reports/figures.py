@@ -195,7 +195,7 @@ def attention_figure(panels: list[AttentionPanel], title: str = "Attention patte
         yref = "y" if i == 0 else f"y{i + 1}"
         nk, nq = len(key_tok), len(q_tok)
         fig.update_xaxes(tickmode="array", tickvals=list(range(nk)), ticktext=[escape_token(t) for t in key_tok],
-                         tickangle=0, showgrid=False, title_text="key", row=r, col=c)
+                         showgrid=False, title_text="key", row=r, col=c)
         fig.update_yaxes(tickmode="array", tickvals=list(range(nq)), ticktext=[escape_token(t) for t in q_tok],
                          autorange="reversed", showgrid=False, title_text="query" if c == 1 else None,
                          row=r, col=c)
@@ -218,20 +218,20 @@ def attention_figure(panels: list[AttentionPanel], title: str = "Attention patte
     vis_ren = [k in ren_traces for k in range(n_vis)]
     menus = [
         dict(type="buttons", direction="right", x=0.0, xanchor="left", y=1.0, yanchor="bottom",
-             pad=dict(t=0, b=38), showactive=True, active=0, name="view",
+             pad=dict(t=0, b=52), showactive=True, active=0, name="view",
              buttons=[dict(label="raw", method="restyle", args=[{"visible": vis_raw}]),
                       dict(label="renormalized over content", method="restyle", args=[{"visible": vis_ren}])]),
-        dict(type="dropdown", x=0.42, xanchor="left", y=1.0, yanchor="bottom", pad=dict(t=0, b=38),
+        dict(type="dropdown", x=0.42, xanchor="left", y=1.0, yanchor="bottom", pad=dict(t=0, b=52),
              active=layer, name="layer",
              buttons=[dict(label=escape_token(n), method="skip", args=[None]) for n in names]),
-        dict(type="dropdown", x=0.58, xanchor="left", y=1.0, yanchor="bottom", pad=dict(t=0, b=38),
+        dict(type="dropdown", x=0.58, xanchor="left", y=1.0, yanchor="bottom", pad=dict(t=0, b=52),
              active=head, name="head",
              buttons=[dict(label=f"head {h}", method="skip", args=[None]) for h in range(n_heads)]),
     ]
     height = 150 + rows * max(340, 16 * max(len(p.query_labels) for p in panels) + 90)
     fig.update_layout(
         title=dict(text=escape_token(title), x=0.0, xanchor="left", y=0.995, yanchor="top"),
-        height=height, margin=dict(t=150, l=60, r=20, b=50), template="plotly_white",
+        height=height, margin=dict(t=165, l=60, r=20, b=50), template="plotly_white",
         plot_bgcolor="#e6e6e6", updatemenus=menus, shapes=shapes,
         coloraxis=dict(colorscale="Blues", cmin=0.0, cmax=1.0, colorbar=dict(title=dict(text="attention"))),
         meta={META_KEY: {"raw": raw_store, "renormalized": ren_store, "raw_traces": raw_traces,
@@ -293,7 +293,7 @@ def invariance_figure(results: dict[str, object], title: str = "Attention invari
     fig.update_layout(
         title=dict(text=escape_token(title), x=0.0, xanchor="left"), template="plotly_white",
         height=120 + rows * max(260, 40 * max(len(r.layers) for r in results.values())),
-        margin=dict(t=90, l=50, r=20, b=40),
+        margin=dict(t=120, l=50, r=20, b=40),
         coloraxis=dict(colorscale=_tolerance_scale(tol), cmin=math.log10(ZERO_FLOOR), cmax=0.0,
                        colorbar=dict(title=dict(text="max |diff|"), tickvals=list(range(-10, 1, 2)),
                                      ticktext=["0 / ≤1e-10"] + [f"1e{k}" for k in range(-8, 0, 2)] + ["1"])))

@@ -246,6 +246,9 @@ def write_report(out: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is an ordinary, shareable file
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -277,3 +280,13 @@ def export_pngs(figures: list[tuple[str, go.Figure]], png_dir: Path, scale: floa
                                                   f"Chrome/Chromium browser ({type(e).__name__}: {msg}); "
                                                   f"install chromium or set BROWSER_PATH")
     return paths, None
+
+
+def write_figure_html(fig: go.Figure, out: Path, title: str | None = None) -> Path:
+    """One figure as its own self-contained HTML file (plotly.js inlined once), written atomically."""
+    text = title or (fig.layout.title.text if fig.layout.title and fig.layout.title.text else "prefixlab figure")
+    text = re.sub(r"<[^>]*>", " ", text)  # plotly titles may hold <br>/<sup>; the page title is plain text
+    text = html.unescape(" ".join(text.split()))  # figure titles are already escaped; esc() re-escapes
+    doc, _ = render_report(text, [Section(text, [fig])])
+    write_report(Path(out), doc)
+    return Path(out)

@@ -18,7 +18,7 @@ from reports.build import build_report
 from reports.figures import (META_KEY, ZERO_FLOOR, AttentionPanel, accuracy_figure, attention_figure,
                              clusters_figure, decode_array, escape_token, invariance_figure,
                              learning_curves_figure, renormalized_pattern, stored_attention)
-from reports.html import Pre, Raw, Section, Table, render_report, write_report
+from reports.html import Pre, Raw, Section, Table, render_report, write_figure_html, write_report
 from tests.conftest import micro_model
 from toy_models.errors import UserError
 from toy_models.pipeline import pretrain
@@ -285,3 +285,11 @@ def test_build_report_user_errors(tiny_runs, tmp_path):
     with pytest.raises(UserError, match="PNG directory"):
         build_report([tiny_runs["prefix"]], tmp_path / "r.html", png_dir=tmp_path / "file")
     assert not (tmp_path / "r.html").exists()
+
+
+def test_write_figure_html(tmp_path):
+    fig = accuracy_figure({HOSTILE: {"add1": 1.0}}, title=HOSTILE)
+    out = write_figure_html(fig, tmp_path / "fig.html")
+    doc = out.read_text()
+    assert doc.count(PLOTLY_HEADER) == 1 and doc.count("Plotly.newPlot(") == 1 and HOSTILE not in doc
+    assert "<title>&lt;script&gt;alert(1)&lt;/script&gt;</title>" in doc
