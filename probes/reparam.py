@@ -503,7 +503,7 @@ def _run_study(cfg: ReparamConfig, progress: Progress | None) -> ReparamResult:
             t0 = time.perf_counter()
             reparam = truth_reparam(cfg, model)
             y = data.responses(truth, reparam, cfg.noise_sd)
-            fit = fit_prompts(cfg, model, data, y, n, truth)
+            fit = {k: v.detach() for k, v in fit_prompts(cfg, model, data, y, n, truth).items()}
             d, err = evaluate_fit(fit, truth, reparam, heldout)
             voronoi[model][i], l2[model][i] = d.numpy(), err.numpy()
             train[model][i] = fit["train_loss"].numpy()

@@ -46,7 +46,8 @@ class Stage:
 def _experiment(name: str):
     def fn(d: Path, cfg: dict, up: dict, progress) -> dict:
         from tuning.experiments import EXPERIMENTS, RECIPES
-        return EXPERIMENTS[name](d, Path(cfg["bases"]), RECIPES[cfg["preset"]][name], progress)
+        bases = d.parent.parent / "bases"  # shared by the experiments of one study directory
+        return EXPERIMENTS[name](d, bases, RECIPES[cfg["preset"]][name], progress)
     return fn
 
 
@@ -114,9 +115,8 @@ def _reparam(d: Path, cfg: dict, up: dict, progress) -> dict:
 def stages_for(preset: str, out: Path) -> list[Stage]:
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; use quick (default) or paper")
-    bases = str(out / "bases")
     micro = preset == "micro"
-    st = [Stage(e, f"{e}: " + t, {"preset": preset, "bases": bases}, _experiment(e)) for e, t in (
+    st = [Stage(e, f"{e}: " + t, {"preset": preset}, _experiment(e)) for e, t in (
         ("E1", "pretrained on ascending, tuned for descending"),
         ("E2", "extracting pretrained tasks from mix4 with P=1 prefixes"),
         ("E3", "new tasks on a deeper mix4 model"),
@@ -338,7 +338,8 @@ def _content(records: dict) -> dict:
 
     def strip(x):
         if isinstance(x, dict):
-            return {k: strip(v) for k, v in x.items() if k not in strip_keys}
+            return {k: strip(v) for k, v in x.items()
+                    if k not in strip_keys and not k.endswith(("seconds", "_s"))}
         if isinstance(x, list):
             return [strip(v) for v in x]
         return x

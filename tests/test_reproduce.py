@@ -31,7 +31,9 @@ def test_reproduce_micro_caches_and_resumes_after_kill(tmp_path):
     # 2. a study killed (SIGKILL) once its first stage has finished, then rerun
     cut = tmp_path / "cut"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; from reports.reproduce import reproduce; "
+    # same thread count as this process: float results are bitwise equal only for equal threads
+    proc = subprocess.Popen([sys.executable, "-c", "import sys, torch; torch.set_num_threads(1); "
+                             "from reports.reproduce import reproduce; "
                              "reproduce(sys.argv[1], 'micro')", str(cut)], cwd=ROOT, env=env)
     deadline = time.time() + 300
     while time.time() < deadline and not stage_markers(cut) and proc.poll() is None:

@@ -45,11 +45,14 @@ RECIPES: dict[str, dict[str, Recipe]] = {
         e: Recipe("micro", {}, 30, 1e-2, 10, eval_size=64, batch_size=16, length=4, num_digits=4)
         for e in ("E1", "E2", "E3", "E4")
     },
+    # quick: <= 10 minutes for the whole study on 2 CPU cores. E1 keeps the paper's 1/1/96 model;
+    # E2 keeps 1 layer / 4 heads / no LN before attention at d=64; E3/E4 keep 4 layers / 4 heads
+    # at d=32 (one shared base). Fewer steps than `paper`.
     "quick": {
-        "E1": Recipe("petrov-e1", {}, 3000, 3e-3, 1000),
-        "E2": Recipe("petrov-e2", {"d_model": 128}, 4000, 2e-3, 800),
-        "E3": Recipe("petrov-e3", {"d_model": 64}, 5000, 3e-3, 800),
-        "E4": Recipe("petrov-e3", {"d_model": 64}, 5000, 3e-3, 1500),
+        "E1": Recipe("petrov-e1", {}, 2000, 3e-3, 400),
+        "E2": Recipe("petrov-e2", {"d_model": 64}, 3000, 3e-3, 400),
+        "E3": Recipe("petrov-e3", {"d_model": 32}, 4000, 3e-3, 500),
+        "E4": Recipe("petrov-e3", {"d_model": 32}, 4000, 3e-3, 1000),
     },
     "paper": {
         "E1": Recipe("petrov-e1", {}, 6000, 2e-3, 2000, seeds=(0, 1, 2)),
@@ -74,8 +77,9 @@ def _ensure_pretrain(bases: Path, task: str, r: Recipe, prompt_len: int, progres
     train = TrainConfig(steps=r.pretrain_steps, lr=r.pretrain_lr, warmup=min(200, r.pretrain_steps // 10),
                         batch_size=r.batch_size, eval_every=max(1, r.pretrain_steps // 10),
                         eval_size=r.eval_size)
+    # an interrupted run continues; one killed before its first checkpoint starts afresh
     pretrain(path, task, r.preset, spec, train, model_overrides=r.model, resume=run.resumable,
-             progress=progress)
+             overwrite=not run.resumable, progress=progress)
     return path
 
 
@@ -88,7 +92,7 @@ def _ensure_finetune(base: Path, path: Path, method: str, task: str, opts: dict,
                  {"steps": steps, "seed": seed, "batch_size": r.batch_size,
                   "eval_every": max(1, steps // 5), "eval_size": r.eval_size,
                   "warmup": min(50, steps // 10)},
-                 resume=run.resumable, progress=progress)
+                 resume=run.resumable, overwrite=not run.resumable, progress=progress)
     return run.read_json("metrics.json")
 
 
