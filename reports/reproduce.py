@@ -51,6 +51,12 @@ def _experiment(name: str):
     return fn
 
 
+def _sample_efficiency(d: Path, cfg: dict, up: dict, progress) -> dict:
+    from tuning.experiments import RECIPES, run_sample_efficiency
+    return run_sample_efficiency(d, d.parent.parent / "bases", RECIPES[cfg["preset"]]["E2"], tuple(cfg["sizes"]),
+                                 cfg["task"], progress=progress)
+
+
 def _probes(d: Path, cfg: dict, up: dict, progress) -> dict:
     """Invariance and bias on E1 (full vs prefix vs LoRA) and E3, Figure-3 clusters on E2."""
     from probes.bias import bias_decomposition
@@ -121,6 +127,9 @@ def stages_for(preset: str, out: Path) -> list[Stage]:
         ("E2", "extracting pretrained tasks from mix4 with P=1 prefixes"),
         ("E3", "new tasks on a deeper mix4 model"),
         ("E4", "prefix vs rank-1 LoRA at equal budget on double_hist"))]
+    st.append(Stage("sample_eff", "Toy sample efficiency of No/Simple/Deep-share prefixes ([L], real training)",
+                    {"preset": preset, "task": "add1", "sizes": [8, 64] if micro else [32, 256, 2048]},
+                    _sample_efficiency))
     st.append(Stage("probes", "Invariance, bias and clusters on the tuned runs",
                     {"n_inputs": 64 if micro else 500}, _probes, needs=("E1", "E2", "E3")))
     st.append(Stage("llama", "LLaMA-family prefix attention check",
@@ -312,6 +321,16 @@ def paper_vs_lab(records: dict) -> list[dict]:
         rows.append(_row("[P] §3", "virtual tokens reach more completions than hard tokens", "24,426 hard vs 46,812 virtual (LLaMA-7B)",
                          f"{cap.get('hard_distinct')} hard vs {cap.get('virtual_distinct')} virtual",
                          (cap.get("virtual_distinct") or 0) > (cap.get("hard_distinct") or 0), "virtual > hard"))
+    se = res("sample_eff")
+    if se:
+        acc = se["acc"]
+        small = str(se["sizes"][0])
+        ordered = {s: acc[s][small]["mean"] for s in acc}
+        rows.append(_row("[L] toy", f"sharing is more sample-efficient: {se['task']} accuracy at n={small} examples",
+                         "Simple/Deep-share > No-share (FGVC)",
+                         ", ".join(f"{s} {_pct(v)}" for s, v in ordered.items()),
+                         max(ordered.get("simple", 0), ordered.get("deep", 0)) > ordered.get("none", 0),
+                         "a shared variant beats no-share at the smallest n", "no-share is not behind"))
     rp = res("reparam")
     if rp:
         sl = rp.get("slopes", {})

@@ -92,6 +92,19 @@ def _experiments_sections(records: dict) -> list:
     for name, title in (("thm1", "Theorem 1"), ("thm2", "Theorem 2 and capacity")):
         if ok(name):
             out.append((title, [Pre(json.dumps(records[name]["result"], indent=1)[:20000])]))
+    if ok("sample_eff"):
+        import plotly.graph_objects as go
+        r = records["sample_eff"]["result"]
+        fig = go.Figure()
+        for share, by in r["acc"].items():
+            ns = [int(n) for n in by]
+            fig.add_trace(go.Scatter(x=ns, y=[by[str(n)]["mean"] for n in ns], mode="lines+markers",
+                                     name=f"{share}-share", error_y=dict(array=[by[str(n)]["std"] for n in ns])))
+        fig.update_layout(title=f"Toy sample efficiency: P={r['P']} prefixes learning {r['task']} on the mix4 base",
+                          xaxis_type="log", xaxis_title="training examples", yaxis_title="exact accuracy",
+                          template="plotly_white", height=420)
+        out.append(("Sample efficiency of the prefix parameterizations (real training)", [fig],
+                    "The toy counterpart of [L]: each prefix trains on a fixed pool of n examples."))
     if ok("reparam"):
         from probes.reparam import ReparamResult, reparam_figure
         r = records["reparam"]["result"]

@@ -109,3 +109,18 @@ def test_greedy_exact_accuracy_matches_teacher_forced_identity(tmp_path):
     gen = model.generate(test.x, test.y.shape[1])
     assert m["exact_acc"] == pytest.approx((gen == test.y).all(1).float().mean().item())
     assert m["token_acc"] == pytest.approx((gen == test.y).float().mean().item())
+
+
+def test_finite_training_set_draws_only_from_its_pool():
+    from toy_models.tasks import resolve_task, sample_batch, step_rng
+    from toy_models.training import next_batch
+    task = resolve_task("add1", SPEC)
+    cfg = TrainConfig(batch_size=8, train_size=5)
+    pool = sample_batch(task, SPEC, 5, step_rng(0, 0, stream=1))
+    rows = {tuple(r) for r in pool.x.tolist()}
+    for step in range(20):
+        b = next_batch(task, SPEC, cfg, step, pool)
+        assert {tuple(r) for r in b.x.tolist()} <= rows
+    assert next_batch(task, SPEC, cfg, 3, pool).x.tolist() == next_batch(task, SPEC, cfg, 3, pool).x.tolist()
+    with pytest.raises(UserError, match="train-size"):
+        TrainConfig(train_size=0)

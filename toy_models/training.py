@@ -42,6 +42,7 @@ class TrainConfig:
     seed: int = 0
     train_mode: bool = True  # dropout on; [P] tuned prefixes with the model in eval mode
     stop_at: float | None = None  # stop early once exact accuracy reaches this (0..1)
+    train_size: int | None = None  # a fixed pool of this many training examples (None: fresh samples)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_every", "eval_size"):
@@ -51,6 +52,8 @@ class TrainConfig:
             raise UserError(f"lr must be positive, got {self.lr}")
         if self.warmup < 0:
             raise UserError(f"warmup must be >= 0, got {self.warmup}")
+        if self.train_size is not None and self.train_size <= 0:
+            raise UserError(f"train-size must be positive, got {self.train_size}")
         if self.schedule not in ("cosine", "constant"):
             raise UserError(f"unknown schedule {self.schedule!r}; use cosine or constant")
 
@@ -177,6 +180,15 @@ def _load_train_state(run: RunDir, tr: Trainable, opt: torch.optim.Optimizer) ->
     return step
 
 
+def next_batch(task: ResolvedTask, spec: TaskSpec, cfg: TrainConfig, step: int, pool: Batch | None) -> Batch:
+    """Fresh samples of step `step`, or a minibatch of the fixed pool (a pure function of step)."""
+    rng = step_rng(cfg.seed, step)
+    if pool is None:
+        return sample_batch(task, spec, cfg.batch_size, rng)
+    idx = torch.from_numpy(rng.integers(0, len(pool), size=min(cfg.batch_size, len(pool))))
+    return Batch(pool.x[idx], pool.y[idx], pool.which[idx])
+
+
 def fit(model: ToyTransformer, tr: Trainable, task: ResolvedTask, spec: TaskSpec, cfg: TrainConfig,
         run: RunDir | None = None, resume: bool = False, progress: Progress | None = None,
         test: Batch | None = None) -> dict:
@@ -184,6 +196,9 @@ def fit(model: ToyTransformer, tr: Trainable, task: ResolvedTask, spec: TaskSpec
     train state at every evaluation and logs metrics.jsonl, so --resume can continue."""
     opt = _optimizer(tr, cfg)
     pf = task.ambiguous_first
+    pool = None
+    if cfg.train_size is not None:  # a finite training set, drawn once (sample-efficiency studies)
+        pool = sample_batch(task, spec, cfg.train_size, step_rng(cfg.seed, 0, stream=1))
     test = test if test is not None else fixed_test_set(task, spec, cfg.eval_size)
     start = 0
     if resume and run is not None and run.resumable:
@@ -198,7 +213,7 @@ def fit(model: ToyTransformer, tr: Trainable, task: ResolvedTask, spec: TaskSpec
     for step in range(start, cfg.steps):
         for g in opt.param_groups:
             g["lr"] = cfg.lr_at(step)
-        batch = sample_batch(task, spec, cfg.batch_size, step_rng(cfg.seed, step))
+        batch = next_batch(task, spec, cfg, step, pool)
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout of this step
         loss = loss_on(model, batch, tr.to_state())
         opt.zero_grad(set_to_none=True)

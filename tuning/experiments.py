@@ -179,3 +179,25 @@ def run_e4(out: Path, bases: Path, r: Recipe, progress: Progress | None = None) 
 
 
 EXPERIMENTS = {"E1": run_e1, "E2": run_e2, "E3": run_e3, "E4": run_e4}
+
+
+def run_sample_efficiency(out: Path, bases: Path, r: Recipe, sizes: tuple[int, ...], task: str = "add1",
+                          shares: tuple[str, ...] = ("none", "simple", "deep"), P: int = 1,
+                          progress: Progress | None = None) -> dict:
+    """The toy counterpart of [L]'s study (papers.md §6): accuracy of No-/Simple-/Deep-share
+    prefixes on `task` against the number of training examples, on a mix4-pretrained base."""
+    base = _ensure_pretrain(bases, "mix4", r, 1, progress)
+    acc: dict[str, dict[str, list[float]]] = {s: {str(n): [] for n in sizes} for s in shares}
+    for seed in r.seeds:
+        for share in shares:
+            for n in sizes:
+                path = out / f"prefix-{share}-{task}-n{n}-s{seed}"
+                run = RunDir(path)
+                if not run.complete:
+                    finetune(base, "prefix", task, path, {"length": P, "share": share},
+                             {"steps": r.tune_steps, "seed": seed, "batch_size": r.batch_size, "train_size": n,
+                              "eval_every": r.tune_steps, "eval_size": r.eval_size, "warmup": min(50, r.tune_steps // 10)},
+                             resume=run.resumable, overwrite=not run.resumable, progress=progress)
+                acc[share][str(n)].append(run.read_json("metrics.json")["exact_acc"])
+    return {"experiment": "sample_efficiency", "task": task, "P": P, "sizes": list(sizes), "base": str(base),
+            "acc": {s: {n: _mean_std(v) for n, v in by.items()} for s, by in acc.items()}}
