@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt | $(PY)
 
 setup: $(STAMP)
 
-demo: setup
+demo: setup llama
 	$(VENV)/bin/prefixlab demo --out $(DEMO_OUT)
 
 test: setup

