@@ -57,6 +57,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--skip-time-to-99", action="store_true")
+    ap.add_argument("--ttn-runs", type=int, default=None, help="runs of the time-to-99 %% figure (default --runs)")
     args = ap.parse_args()
     out = {"machine": machine()}
     spec = TaskSpec(prompt_len=10)
@@ -86,7 +87,7 @@ def main():
     if not args.skip_time_to_99:
         from toy_models.pipeline import PRETRAIN_DEFAULTS, pretrain
         times = []
-        for r in range(args.runs):
+        for r in range(args.ttn_runs or args.runs):
             d = tempfile.mkdtemp()
             try:
                 t0 = time.perf_counter()

@@ -29,13 +29,14 @@ from toy_models.training import evaluate
 
 
 def build_report(runs: list[Path], out: Path, png_dir: Path | None = None, n_inputs: int = 200,
-                 extra_sections: list | None = None, title: str = "prefixlab report") -> dict:
+                 extra_sections: list | None = None, title: str = "prefixlab report",
+                 extras_first: bool = False) -> dict:
     """Write a report on `runs` (base and/or tuned runs of one base model) to `out`.
 
     extra_sections: Sections, or (title, item) / (title, [items]) / (title, items, intro)
     tuples, where an item is a plotly figure, `reports.html.Table` (escaped cells),
     `Pre` (escaped preformatted text), `Raw` (trusted HTML) or a str (an escaped paragraph).
-    They follow the overview. Returns a summary dict; `warnings` holds one-line notes (e.g. PNG
+    They follow the overview (or open the report, with extras_first). Returns a summary dict; `warnings` holds one-line notes (e.g. PNG
     export skipped for lack of a browser)."""
     t0 = time.perf_counter()
     if not runs:
@@ -52,7 +53,8 @@ def build_report(runs: list[Path], out: Path, png_dir: Path | None = None, n_inp
     labels = _labels(loaded)
     base = next((r for r in loaded if r.state is None), None)
 
-    sections = [_overview(loaded, labels)] + extras
+    # extras_first: the caller's sections open the report (reproduce's paper-vs-lab table)
+    sections = extras + [_overview(loaded, labels)] if extras_first else [_overview(loaded, labels)] + extras
     sections.append(_attention_section(loaded, tuned, labels, base))
     if tuned:
         sections.append(_invariance_section(tuned, labels, n_inputs))

@@ -129,7 +129,7 @@ def write_study_report(out: Path, preset: str, table: list[dict], records: dict)
         r = e1["result"]
         runs = [r["base"]] + [r["runs"][k] for k in ("full", "prefix_simple", "soft_prompt", "lora") if k in r["runs"]]
         build_report([Path(p) for p in runs], out, n_inputs=100, extra_sections=extras,
-                     title=f"prefixlab reproduce ({preset})")
+                     title=f"prefixlab reproduce ({preset})", extras_first=True)
         return
     doc, _ = render_report(f"prefixlab reproduce ({preset})", extras)
     write_report(out, doc)

@@ -58,3 +58,12 @@ def test_reproduce_micro_caches_and_resumes_after_kill(tmp_path):
     # 3. a third run recomputes nothing
     again = reproduce(cut, "micro")
     assert all(r.get("cached") for r in again["records"].values())
+
+
+
+def test_report_opens_with_the_paper_vs_lab_table(tmp_path):
+    reproduce(tmp_path / "s", "micro", only=["E1"])
+    html = (tmp_path / "s" / "report.html").read_text()
+    body = html[html.index("<body>"):]
+    first_section = body[body.index("<section"):body.index("</section>")]
+    assert "Paper vs lab" in first_section
