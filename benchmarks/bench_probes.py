@@ -15,10 +15,8 @@ from common import machine, stats
 
 import torch
 
-from probes.bias import bias_decomposition
 from probes.clusters import activation_clusters
-from probes.drift import layer_drift
-from probes.invariance import attention_invariance
+from probes.run import identity_probes
 from toy_models.model import ToyTransformer, preset_config
 from toy_models.tasks import TaskSpec, fixed_test_set, resolve_task
 from tuning import make_method
@@ -36,11 +34,9 @@ def setup(n):
 
 
 def all_probes(model, tokens, states, spec):
-    st = states["ascending"]
-    attention_invariance(model, st, tokens)
-    bias_decomposition(model, st, tokens)
+    """What `prefixlab probe` runs: invariance, bias and drift in one shared pass, then clusters."""
+    identity_probes(model, states["ascending"], tokens, ["invariance", "bias", "drift"])
     activation_clusters(model, states, tokens, position=spec.length - 1)
-    layer_drift(model, st, tokens)
 
 
 def peak_rss_mb(n):

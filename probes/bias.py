@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from probes.common import check_layers_heads, paired_forwards, require_state
+from probes.common import Accumulator, accumulate, check_layers_heads, require_state
 from toy_models.model import MethodState, ToyTransformer
 
 TOL = 1e-5  # fp32, relative to the scale of the head outputs
@@ -45,23 +45,24 @@ class BiasResult:
                 "bias.mean_bias_direction": self.mean_bias_direction, "bias.example_bias": self.example_bias}
 
 
-def bias_decomposition(model: ToyTransformer, state: MethodState | None, tokens: Tensor,
-                       layers: list[int] | None = None, heads: list[int] | None = None,
-                       batch_size: int = 250, tol: float = TOL) -> BiasResult:
-    state = require_state(state)
-    layers, heads = check_layers_heads(model, layers, heads)
-    names = [f"blocks.{l}.attn.{h}" for l in layers for h in ("hook_pattern", "hook_v", "hook_z")]
-    nL, nH, Dh = len(layers), len(heads), model.cfg.d_head
-    max_res = torch.zeros(nL, nH)
-    max_out = torch.zeros(nL, nH)
-    norm_sum = torch.zeros(nL, nH, dtype=torch.float64)
-    bias_sum = torch.zeros(nL, nH, Dh, dtype=torch.float64)
-    biases: list[list[Tensor]] = [[] for _ in layers]  # kept per batch for the cosine pass
-    rows = 0
-    P, example = [], []
-    for pair in paired_forwards(model, state, tokens, names, batch_size):
+class BiasAcc(Accumulator):
+    def __init__(self, model: ToyTransformer, layers, heads, n_inputs: int, tol: float = TOL):
+        self.layers, self.heads = check_layers_heads(model, layers, heads)
+        self.names = [f"blocks.{l}.attn.{h}" for l in self.layers for h in ("hook_pattern", "hook_v", "hook_z")]
+        nL, nH, Dh = len(self.layers), len(self.heads), model.cfg.d_head
+        self.tol, self.n_inputs = tol, n_inputs
+        self.max_res = torch.zeros(nL, nH)
+        self.max_out = torch.zeros(nL, nH)
+        self.norm_sum = torch.zeros(nL, nH, dtype=torch.float64)
+        self.bias_sum = torch.zeros(nL, nH, Dh, dtype=torch.float64)
+        self.biases: list[list[Tensor]] = [[] for _ in self.layers]  # kept per batch for the cosine pass
+        self.rows = 0
+        self.P, self.example = [], []
+
+    def update(self, pair) -> None:
         B, T = pair.tokens.shape
-        for li, l in enumerate(layers):
+        heads, nH = self.heads, len(self.heads)
+        for li, l in enumerate(self.layers):
             Apt_c, alpha, _ = pair.content_pattern(l)
             n = pair.n_pre(l)
             Apt = pair.method[f"blocks.{l}.attn.hook_pattern"][:, heads, -T:]  # [B, H, T, n+T]
@@ -71,36 +72,48 @@ def bias_decomposition(model: ToyTransformer, state: MethodState | None, tokens:
             bias = torch.einsum("bhqk,bkhe->bqhe", Apt[..., :n], v_pre)
             content_mass = Apt_c[:, heads].sum(-1)  # = 1 - alpha, without cancellation
             resid = z_pt - content_mass.permute(0, 2, 1).unsqueeze(-1) * z - bias
-            max_res[li] = torch.maximum(max_res[li], resid.abs().amax((0, 1, 3)))
-            max_out[li] = torch.maximum(max_out[li], z_pt.abs().amax((0, 1, 3)))
-            norm_sum[li] += bias.norm(dim=-1).sum((0, 1)).double()
-            bias_sum[li] += bias.sum((0, 1)).double()
-            biases[li].append(bias.reshape(-1, nH, Dh))
-            if len(P) < nL:
-                P.append(n)
-                example.append(bias[0].permute(1, 0, 2))
-        rows += B * T
-    direction = torch.nn.functional.normalize(bias_sum.float(), dim=-1)
-    min_cos = torch.ones(nL, nH)
-    for li in range(nL):
-        if P[li] == 0:
-            min_cos[li] = float("nan")  # no prefix keys: no bias direction to speak of
-            continue
-        allb = torch.cat(biases[li])  # [rows, H, Dh]
-        norms = allb.norm(dim=-1, keepdim=True)
-        nonzero = norms.squeeze(-1) > 0
-        # normalise by hand: cosine_similarity's eps would spoil tiny (but exact) bias vectors
-        cos = ((allb / norms.clamp_min(torch.finfo(allb.dtype).tiny)) * direction[li]).sum(-1)
-        min_cos[li] = torch.where(nonzero, cos, torch.ones_like(cos)).amin(0)
-    rel = max_res / max_out.clamp_min(1e-12)
-    res = BiasResult(layers, heads, max_res, rel, (norm_sum / rows).float(), min_cos, direction,
-                     torch.stack(example), P, tol)
-    layer0 = layers.index(0) if 0 in layers else None
-    res.summary = {
-        "layer0_max_residual": None if layer0 is None else float(max_res[layer0].max()),
-        "layer0_rel_residual": None if layer0 is None else float(rel[layer0].max()),
-        "layer0_identity_holds": None if layer0 is None else bool(rel[layer0].max() <= tol),
-        "layer0_min_bias_cosine": None if layer0 is None or P[layer0] != 1 else float(min_cos[layer0].min()),
-        "n_inputs": int(tokens.shape[0]),
-    }
-    return res
+            self.max_res[li] = torch.maximum(self.max_res[li], resid.abs().amax((0, 1, 3)))
+            self.max_out[li] = torch.maximum(self.max_out[li], z_pt.abs().amax((0, 1, 3)))
+            self.norm_sum[li] += bias.norm(dim=-1).sum((0, 1)).double()
+            self.bias_sum[li] += bias.sum((0, 1)).double()
+            self.biases[li].append(bias.reshape(-1, nH, bias.shape[-1]))
+            if len(self.P) < len(self.layers):
+                self.P.append(n)
+                self.example.append(bias[0].permute(1, 0, 2))
+        self.rows += B * T
+
+    def finish(self) -> BiasResult:
+        layers, P, tol, max_res = self.layers, self.P, self.tol, self.max_res
+        nL, nH = len(layers), len(self.heads)
+        direction = torch.nn.functional.normalize(self.bias_sum.float(), dim=-1)
+        min_cos = torch.ones(nL, nH)
+        for li in range(nL):
+            if P[li] == 0:
+                min_cos[li] = float("nan")  # no prefix keys: no bias direction to speak of
+                continue
+            allb = torch.cat(self.biases[li])  # [rows, H, Dh]
+            norms = allb.norm(dim=-1, keepdim=True)
+            nonzero = norms.squeeze(-1) > 0
+            # normalise by hand: cosine_similarity's eps would spoil tiny (but exact) bias vectors
+            cos = ((allb / norms.clamp_min(torch.finfo(allb.dtype).tiny)) * direction[li]).sum(-1)
+            min_cos[li] = torch.where(nonzero, cos, torch.ones_like(cos)).amin(0)
+        rel = max_res / self.max_out.clamp_min(1e-12)
+        res = BiasResult(layers, self.heads, max_res, rel, (self.norm_sum / self.rows).float(), min_cos,
+                         direction, torch.stack(self.example), P, tol)
+        layer0 = layers.index(0) if 0 in layers else None
+        res.summary = {
+            "layer0_max_residual": None if layer0 is None else float(max_res[layer0].max()),
+            "layer0_rel_residual": None if layer0 is None else float(rel[layer0].max()),
+            "layer0_identity_holds": None if layer0 is None else bool(rel[layer0].max() <= tol),
+            "layer0_min_bias_cosine": None if layer0 is None or P[layer0] != 1 else float(min_cos[layer0].min()),
+            "n_inputs": self.n_inputs,
+        }
+        return res
+
+
+def bias_decomposition(model: ToyTransformer, state: MethodState | None, tokens: Tensor,
+                       layers: list[int] | None = None, heads: list[int] | None = None,
+                       batch_size: int = 250, tol: float = TOL) -> BiasResult:
+    state = require_state(state)
+    acc = BiasAcc(model, layers, heads, int(tokens.shape[0]), tol)
+    return accumulate(model, state, tokens, [acc], batch_size)[0]

@@ -76,6 +76,29 @@ def paired_forwards(model: ToyTransformer, state: MethodState, tokens: Tensor, n
         yield Pair(dict(bc), dict(mc), toks, bl, ml)
 
 
+class Accumulator:
+    """One probe's running statistics: the hooks it reads, an update per batch of paired
+    forwards, and a finish. Several probes share one pass (`accumulate`), so each batch's base
+    and method forwards run once for all of them."""
+
+    names: list[str]
+
+    def update(self, pair: Pair) -> None:
+        raise NotImplementedError
+
+    def finish(self):
+        raise NotImplementedError
+
+
+def accumulate(model: ToyTransformer, state: MethodState, tokens: Tensor, accs: list[Accumulator],
+               batch_size: int = 250) -> list:
+    names = sorted({n for a in accs for n in a.names})
+    for pair in paired_forwards(model, state, tokens, names, batch_size):
+        for a in accs:
+            a.update(pair)
+    return [a.finish() for a in accs]
+
+
 def check_layers_heads(model: ToyTransformer, layers: list[int] | None, heads: list[int] | None):
     cfg = model.cfg
     layers = list(range(cfg.n_layers)) if layers is None else layers

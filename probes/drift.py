@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from probes.common import paired_forwards, require_state
+from probes.common import Accumulator, accumulate, require_state
 from probes.invariance import js_divergence
 from toy_models.model import MethodState, ToyTransformer
 
@@ -32,27 +32,37 @@ class DriftResult:
                 "drift.pattern_js": self.pattern_js}
 
 
-def layer_drift(model: ToyTransformer, state: MethodState | None, tokens: Tensor,
-                batch_size: int = 250) -> DriftResult:
-    state = require_state(state)
-    L = model.cfg.n_layers
-    names = [f"blocks.{l}.{h}" for l in range(L) for h in ("hook_resid_post", "hook_attn_out", "attn.hook_pattern")]
-    resid = torch.zeros(L, dtype=torch.float64)
-    attn = torch.zeros(L, dtype=torch.float64)
-    js = torch.zeros(L, dtype=torch.float64)
-    rows = 0
-    for pair in paired_forwards(model, state, tokens, names, batch_size):
+class DriftAcc(Accumulator):
+    def __init__(self, model: ToyTransformer, n_inputs: int):
+        L = self.L = model.cfg.n_layers
+        self.names = [f"blocks.{l}.{h}" for l in range(L)
+                      for h in ("hook_resid_post", "hook_attn_out", "attn.hook_pattern")]
+        self.resid = torch.zeros(L, dtype=torch.float64)
+        self.attn = torch.zeros(L, dtype=torch.float64)
+        self.js = torch.zeros(L, dtype=torch.float64)
+        self.rows, self.n_inputs = 0, n_inputs
+
+    def update(self, pair) -> None:
         B, T = pair.tokens.shape
-        for l in range(L):
-            for name, acc in (("hook_resid_post", resid), ("hook_attn_out", attn)):
+        for l in range(self.L):
+            for name, acc in (("hook_resid_post", self.resid), ("hook_attn_out", self.attn)):
                 a = pair.base[f"blocks.{l}.{name}"]
                 b = pair.method[f"blocks.{l}.{name}"][:, -T:]
                 acc[l] += ((b - a).norm(dim=-1) / a.norm(dim=-1).clamp_min(1e-12)).sum().double()
             renorm, _, A = pair.renormalized(l)
-            js[l] += js_divergence(renorm, A).mean(1).sum().double()
-        rows += B * T
-    res = DriftResult((resid / rows).float(), (attn / rows).float(), (js / rows).float())
-    # fp32 noise puts JS of identical rows near 1e-8; drift means well above that
-    first = next((l for l in range(L) if js[l] / rows > JS_FLOOR), None)
-    res.summary = {"first_layer_with_pattern_drift": first, "n_inputs": int(tokens.shape[0])}
-    return res
+            self.js[l] += js_divergence(renorm, A).mean(1).sum().double()
+        self.rows += B * T
+
+    def finish(self) -> DriftResult:
+        rows, js = self.rows, self.js
+        res = DriftResult((self.resid / rows).float(), (self.attn / rows).float(), (js / rows).float())
+        # fp32 noise puts JS of identical rows near 1e-8; drift means well above that
+        first = next((l for l in range(self.L) if js[l] / rows > JS_FLOOR), None)
+        res.summary = {"first_layer_with_pattern_drift": first, "n_inputs": self.n_inputs}
+        return res
+
+
+def layer_drift(model: ToyTransformer, state: MethodState | None, tokens: Tensor,
+                batch_size: int = 250) -> DriftResult:
+    state = require_state(state)
+    return accumulate(model, state, tokens, [DriftAcc(model, int(tokens.shape[0]))], batch_size)[0]

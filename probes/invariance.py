@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from probes.common import check_layers_heads, paired_forwards, require_state
+from probes.common import Accumulator, accumulate, check_layers_heads, require_state
 from toy_models.model import MethodState, ToyTransformer
 
 TOL = 1e-5  # fp32
@@ -55,42 +55,54 @@ class InvarianceResult:
                 "invariance.example_base": self.example_base, "invariance.example_method": self.example_method}
 
 
+class InvarianceAcc(Accumulator):
+    def __init__(self, model: ToyTransformer, layers, heads, n_inputs: int, tol: float = TOL):
+        self.layers, self.heads = check_layers_heads(model, layers, heads)
+        self.names = [f"blocks.{l}.attn.hook_pattern" for l in self.layers]
+        nL, nH = len(self.layers), len(self.heads)
+        self.tol, self.n_inputs = tol, n_inputs
+        self.max_diff = torch.zeros(nL, nH)
+        self.js_sum = torch.zeros(nL, nH, dtype=torch.float64)
+        self.within = torch.zeros(nL, nH, dtype=torch.float64)
+        self.alpha_sum = torch.zeros(nL, nH, dtype=torch.float64)
+        self.rows = 0
+        self.ex_base, self.ex_method, self.n_pre = [], [], []
+
+    def update(self, pair) -> None:
+        B, T = pair.tokens.shape
+        heads = self.heads
+        for li, l in enumerate(self.layers):
+            renorm, alpha, A = pair.renormalized(l)
+            renorm, alpha, A = renorm[:, heads], alpha[:, heads], A[:, heads]
+            row_diff = (renorm - A).abs().amax(-1)  # [B, H, T]
+            self.max_diff[li] = torch.maximum(self.max_diff[li], row_diff.amax((0, 2)))
+            self.js_sum[li] += js_divergence(renorm, A).sum((0, 2)).double()
+            self.within[li] += (row_diff <= self.tol).sum((0, 2)).double()
+            self.alpha_sum[li] += alpha.sum((0, 2)).double()
+            if len(self.ex_base) < len(self.layers):
+                self.ex_base.append(A[0])
+                self.ex_method.append(pair.method[f"blocks.{l}.attn.hook_pattern"][0, heads])
+                self.n_pre.append(pair.n_pre(l))
+        self.rows += B * T
+
+    def finish(self) -> InvarianceResult:
+        layers, rows, max_diff, tol = self.layers, self.rows, self.max_diff, self.tol
+        res = InvarianceResult(layers, self.heads, max_diff, (self.js_sum / rows).float(),
+                               (self.within / rows).float(), (self.alpha_sum / rows).float(),
+                               torch.stack(self.ex_base), torch.stack(self.ex_method), self.n_pre, tol)
+        layer0 = layers.index(0) if 0 in layers else None
+        res.summary = {
+            "layer0_max_abs_diff": None if layer0 is None else float(max_diff[layer0].max()),
+            "layer0_invariant": None if layer0 is None else bool(max_diff[layer0].max() <= tol),
+            "max_abs_diff_by_layer": {str(l): float(max_diff[i].max()) for i, l in enumerate(layers)},
+            "n_inputs": self.n_inputs,
+        }
+        return res
+
+
 def attention_invariance(model: ToyTransformer, state: MethodState | None, tokens: Tensor,
                          layers: list[int] | None = None, heads: list[int] | None = None,
                          batch_size: int = 250, tol: float = TOL) -> InvarianceResult:
     state = require_state(state)
-    layers, heads = check_layers_heads(model, layers, heads)
-    names = [f"blocks.{l}.attn.hook_pattern" for l in layers]
-    nL, nH = len(layers), len(heads)
-    max_diff = torch.zeros(nL, nH)
-    js_sum = torch.zeros(nL, nH, dtype=torch.float64)
-    within = torch.zeros(nL, nH, dtype=torch.float64)
-    alpha_sum = torch.zeros(nL, nH, dtype=torch.float64)
-    rows = 0
-    ex_base, ex_method, n_pre = [], [], []
-    for pair in paired_forwards(model, state, tokens, names, batch_size):
-        B, T = pair.tokens.shape
-        for li, l in enumerate(layers):
-            renorm, alpha, A = pair.renormalized(l)
-            renorm, alpha, A = renorm[:, heads], alpha[:, heads], A[:, heads]
-            row_diff = (renorm - A).abs().amax(-1)  # [B, H, T]
-            max_diff[li] = torch.maximum(max_diff[li], row_diff.amax((0, 2)))
-            js_sum[li] += js_divergence(renorm, A).sum((0, 2)).double()
-            within[li] += (row_diff <= tol).sum((0, 2)).double()
-            alpha_sum[li] += alpha.sum((0, 2)).double()
-            if not ex_base or len(ex_base) < nL:
-                ex_base.append(A[0])
-                ex_method.append(pair.method[f"blocks.{l}.attn.hook_pattern"][0, heads])
-                n_pre.append(pair.n_pre(l))
-        rows += B * T
-    res = InvarianceResult(layers, heads, max_diff, (js_sum / rows).float(), (within / rows).float(),
-                           (alpha_sum / rows).float(), torch.stack(ex_base), torch.stack(ex_method),
-                           n_pre, tol)
-    layer0 = layers.index(0) if 0 in layers else None
-    res.summary = {
-        "layer0_max_abs_diff": None if layer0 is None else float(max_diff[layer0].max()),
-        "layer0_invariant": None if layer0 is None else bool(max_diff[layer0].max() <= tol),
-        "max_abs_diff_by_layer": {str(l): float(max_diff[i].max()) for i, l in enumerate(layers)},
-        "n_inputs": int(tokens.shape[0]),
-    }
-    return res
+    acc = InvarianceAcc(model, layers, heads, int(tokens.shape[0]), tol)
+    return accumulate(model, state, tokens, [acc], batch_size)[0]

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import torch
 
-from probes.bias import bias_decomposition
+from probes.bias import BiasAcc
 from probes.clusters import activation_clusters
-from probes.drift import layer_drift
+from probes.common import accumulate, require_state
+from probes.drift import DriftAcc
 from probes.hierarchy import check_hierarchy, classify
-from probes.invariance import attention_invariance
+from probes.invariance import InvarianceAcc
 from toy_models.errors import UserError
 from toy_models.pipeline import LoadedRun, load_run
 from toy_models.runs import RunDir, save_tensors, write_json
@@ -24,6 +25,16 @@ def probe_inputs(run: LoadedRun, n: int, seed: int = 4321) -> torch.Tensor:
     if n <= 0:
         raise UserError(f"--inputs must be positive, got {n}")
     return fixed_test_set(resolve_task(run.config["task"], run.spec), run.spec, n, seed).content
+
+
+def identity_probes(model, state, tokens, which: list[str], layers=None, heads=None) -> dict:
+    """invariance / bias / drift in one pass: each batch's base and method forwards run once."""
+    state = require_state(state)
+    n = int(tokens.shape[0])
+    make = {"invariance": lambda: InvarianceAcc(model, layers, heads, n),
+            "bias": lambda: BiasAcc(model, layers, heads, n), "drift": lambda: DriftAcc(model, n)}
+    names = [w for w in ("invariance", "bias", "drift") if w in which]
+    return dict(zip(names, accumulate(model, state, tokens, [make[w]() for w in names])))
 
 
 def load_tuned_runs(paths: list[Path]) -> list[LoadedRun]:
@@ -51,23 +62,23 @@ def run_probes(paths: list[Path], probes: list[str], out: Path, layers: list[int
     for r in runs:
         tokens = probe_inputs(r, n_inputs)
         entry: dict = {"method": r.config["method"], "task": r.config["task"]}
-        inv_ok = None
-        if "invariance" in probes or "bias" in probes:
-            inv = attention_invariance(r.model, r.state, tokens, layers, heads)
-            inv_ok = inv.summary["layer0_invariant"]
-            if "invariance" in probes:
-                entry["invariance"] = inv.to_json()
-                tensors.update({f"{r.name}.{k}": v for k, v in inv.tensors().items()})
-                report["verdicts"].append(_verdict(r, "layer-0 attention invariance", inv_ok,
-                                                   inv.summary["layer0_max_abs_diff"]))
+        # invariance always runs: the hierarchy class uses its layer-0 verdict
+        res = identity_probes(r.model, r.state, tokens, ["invariance"] + list(probes), layers, heads)
+        inv = res["invariance"]
+        inv_ok = inv.summary["layer0_invariant"]
+        if "invariance" in probes:
+            entry["invariance"] = inv.to_json()
+            tensors.update({f"{r.name}.{k}": v for k, v in inv.tensors().items()})
+            report["verdicts"].append(_verdict(r, "layer-0 attention invariance", inv_ok,
+                                               inv.summary["layer0_max_abs_diff"]))
         if "bias" in probes:
-            b = bias_decomposition(r.model, r.state, tokens, layers, heads)
+            b = res["bias"]
             entry["bias"] = b.to_json()
             tensors.update({f"{r.name}.{k}": v for k, v in b.tensors().items()})
             report["verdicts"].append(_verdict(r, "layer-0 bias decomposition", b.summary["layer0_identity_holds"],
                                                b.summary["layer0_rel_residual"]))
         if "drift" in probes:
-            d = layer_drift(r.model, r.state, tokens)
+            d = res["drift"]
             entry["drift"] = d.to_json()
             tensors.update({f"{r.name}.{k}": v for k, v in d.tensors().items()})
         entry["hierarchy"] = classify(r.model, r.state, inv_ok)
