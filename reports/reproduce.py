@@ -59,10 +59,8 @@ def _sample_efficiency(d: Path, cfg: dict, up: dict, progress) -> dict:
 
 def _probes(d: Path, cfg: dict, up: dict, progress) -> dict:
     """Invariance and bias on E1 (full vs prefix vs LoRA) and E3, Figure-3 clusters on E2."""
-    from probes.bias import bias_decomposition
     from probes.clusters import activation_clusters
-    from probes.invariance import attention_invariance
-    from probes.run import probe_inputs
+    from probes.run import identity_probes, probe_inputs
     from toy_models.pipeline import load_run
     out: dict = {"invariance": {}, "bias": {}}
     n = cfg["n_inputs"]
@@ -72,10 +70,9 @@ def _probes(d: Path, cfg: dict, up: dict, progress) -> dict:
         for name, path in up[exp]["result"]["runs"].items():
             r = load_run(path)
             toks = probe_inputs(r, n)
-            inv = attention_invariance(r.model, r.state, toks)
-            b = bias_decomposition(r.model, r.state, toks)
-            out["invariance"][f"{exp}/{name}"] = inv.to_json()
-            out["bias"][f"{exp}/{name}"] = b.to_json()
+            res = identity_probes(r.model, r.state, toks, ["invariance", "bias"])  # one shared pass
+            out["invariance"][f"{exp}/{name}"] = res["invariance"].to_json()
+            out["bias"][f"{exp}/{name}"] = res["bias"].to_json()
     if up.get("E2", {}).get("status") == "done":
         runs = {t: load_run(p) for t, p in up["E2"]["result"]["runs"].items()}
         first = next(iter(runs.values()))
