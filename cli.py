@@ -275,7 +275,7 @@ def llama_check(model: str = typer.Option("tiny", help="tiny, tiny-gqa, smollm2,
                 fig: Optional[Path] = typer.Option(None, help="write the Fig. 5 figure (HTML) of layer 0 / head 0 here"),
                 json_out: bool = typer.Option(False, "--json")):
     """Check the prefix identities on a LLaMA-family model (papers.md §4, Fig. 5)."""
-    from probes.llama import llama_fig5, run_llama_check
+    from llama_checks.check import llama_fig5, run_llama_check
     lay = None if layers in (None, "all") else _ints(layers, "--layers")
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not json_out else None
     res = run_llama_check(model, prefix, str(adapter) if adapter else None, lay, _ints(heads, "--heads"),
@@ -306,7 +306,7 @@ def construct_thm1(text: str = typer.Option("I love transformers!", help="the se
                    beta: Optional[float] = typer.Option(None, help="inverse temperature (default: the construction's)"),
                    json_out: bool = typer.Option(False, "--json")):
     """Generate TEXT from one virtual token with the hand-built Theorem-1 transformer."""
-    from probes.constructions import thm1_text
+    from theory.constructions import thm1_text
     res = thm1_text(text, beta=beta)
     if json_out:
         print(json.dumps(res.to_json(), indent=2))
@@ -324,7 +324,7 @@ def construct_thm2(map_: Optional[str] = typer.Option(None, "--map", help="a map
                    seed: int = typer.Option(0),
                    json_out: bool = typer.Option(False, "--json")):
     """Realise a map with one virtual token (context 2) and check it on every input."""
-    from probes.constructions import parse_map, thm2_check
+    from theory.constructions import parse_map, thm2_check
     mapping = parse_map(map_) if map_ else None
     res = thm2_check(len(mapping) if mapping else V, mapping, n_maps, seed)
     d = res.to_json()
@@ -336,7 +336,7 @@ def construct_thm2(map_: Optional[str] = typer.Option(None, "--map", help="a map
 @_user_errors
 def construct_capacity(json_out: bool = typer.Option(False, "--json")):
     """Distinct greedy completions from hard first tokens vs from virtual tokens."""
-    from probes.constructions import capacity_count
+    from theory.constructions import capacity_count
     d = capacity_count().to_json()
     print(json.dumps(d, indent=2) if json_out else
           f"distinct completions: {d.get('hard_distinct')} from hard tokens, {d.get('virtual_distinct')} from virtual tokens")
@@ -347,7 +347,7 @@ def reparam_sim(quick: bool = typer.Option(False, "--quick", help="fewer n value
                 out: Path = typer.Option(Path("runs/reparam"), help="directory for reparam.json and reparam.html"),
                 overwrite: bool = typer.Option(False)):
     """The reparameterization sample-efficiency study of [L] (papers.md §6)."""
-    from probes.reparam import ReparamConfig, reparam_figure, run_reparam_study
+    from theory.reparam import ReparamConfig, reparam_figure, run_reparam_study
     from toy_models.runs import RunDir, write_json
     rd = RunDir(out)
     rd.check_new(overwrite, False)

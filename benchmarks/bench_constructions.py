@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from probes.constructions import min_beta, thm1_check, thm2_check  # noqa: E402
+from theory.constructions import min_beta, thm1_check, thm2_check  # noqa: E402
 
 
 def stats(seconds: list[float]) -> dict:

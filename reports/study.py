@@ -106,7 +106,7 @@ def _experiments_sections(records: dict) -> list:
         out.append(("Sample efficiency of the prefix parameterizations (real training)", [fig],
                     "The toy counterpart of [L]: each prefix trains on a fixed pool of n examples."))
     if ok("reparam"):
-        from probes.reparam import ReparamResult, reparam_figure
+        from theory.reparam import ReparamResult, reparam_figure
         r = records["reparam"]["result"]
         items = []
         try:

@@ -56,7 +56,7 @@ from typing import Callable
 
 import torch
 
-from probes.llama_models import (
+from llama_checks.models import (
     LoadedModel,
     StreamedCheckpoint,
     load_model,
@@ -64,7 +64,7 @@ from probes.llama_models import (
     resolve_dtype,
     write_random_llama_checkpoint,  # noqa: F401  (re-exported for the benchmark and the CLI)
 )
-from probes.llama_prefix import (
+from llama_checks.prefix import (
     Prefix,
     hard_prompt_prefix,
     load_peft_prefix,
@@ -181,7 +181,7 @@ def run_llama_check(
     """Check the prefix identities of papers.md §4 on a LLaMA-family model.
 
     model: ``tiny``, ``tiny-gqa``, ``smollm2`` or a checkpoint directory. prefix: ``random``,
-    ``train`` or a prefixlab prefix file (see `probes.llama_prefix`); adapter: a PEFT
+    ``train`` or a prefixlab prefix file (see `llama_checks.prefix`); adapter: a PEFT
     prefix-tuning directory (replaces `prefix`). layers/heads: default all. text: default the
     papers.md test sample; a BOS token is prepended. stream: read a checkpoint directory one layer
     at a time (see module docstring). progress: called with a one-line status string.
@@ -307,7 +307,7 @@ def check_loaded(
     pre = _build_prefix(prefix, adapter, n_layers, kv_heads, d_head, prefix_len, seed,
                         lambda l: _kv(base, l, T, kv_heads, d_head))
     if prefix == "train" and adapter is None:
-        say("training a prefix on probes/data/dart_style.txt")
+        say("training a prefix on llama_checks/data/dart_style.txt")
         start_id = loaded.bos_token_id if loaded.bos_token_id is not None else int(ids[0])
         init = hard_prompt_prefix(loaded.model, torch.full((prefix_len,), start_id, dtype=torch.long))
         pre, losses = train_prefix(loaded.model, loaded.tokenizer, init, loaded.bos_token_id, steps=train_steps,

@@ -1,4 +1,4 @@
-"""Tests of probes/reparam.py: the Voronoi loss, the generator, the fused gradient, fitting, API."""
+"""Tests of theory/reparam.py: the Voronoi loss, the generator, the fused gradient, fitting, API."""
 
 import json
 import math
@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from probes.reparam import (
+from theory.reparam import (
     MODELS, ReparamConfig, ReparamResult, evaluate_fit, fit_prompts, gate_features,
     loglog_slope, loss_and_grads, make_dataset, make_truth, regression, reparam_figure,
     run_reparam_study, sample_inputs, voronoi_loss,

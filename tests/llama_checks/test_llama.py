@@ -1,4 +1,4 @@
-"""Tests for probes/llama.py: the papers.md §4 identities on LLaMA-family models through the bridge."""
+"""Tests for llama_checks/check.py: the papers.md §4 identities on LLaMA-family models through the bridge."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from probes.llama import TOLERANCES, check_loaded, llama_fig5, run_llama_check
-from probes.llama_models import tiny_llama, write_random_llama_checkpoint
-from probes.llama_prefix import Prefix, load_peft_prefix, load_prefix, prefix_cache, save_prefix
+from llama_checks.check import TOLERANCES, check_loaded, llama_fig5, run_llama_check
+from llama_checks.models import tiny_llama, write_random_llama_checkpoint
+from llama_checks.prefix import Prefix, load_peft_prefix, load_prefix, prefix_cache, save_prefix
 from toy_models.errors import UserError
 
 FP32 = TOLERANCES["float32"]
@@ -221,7 +221,7 @@ def test_smollm2_layer0_identities():
 @pytest.mark.slow
 @smollm2
 def test_smollm2_trained_prefix():
-    from probes.llama_models import load_smollm2
+    from llama_checks.models import load_smollm2
 
     r = check_loaded(load_smollm2(), prefix="train", layers=[0], train_steps=8)
     assert r.train_losses[-1] < r.train_losses[0]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from probes.constructions import (
+from theory.constructions import (
     Layout, build_thm1_model, build_thm2_model, capacity_count, capacity_model, encode_text,
     min_beta, parse_map, predicted_min_beta, thm1_check, thm1_text, thm1_virtual_token, thm2_check,
     thm2_virtual_token, START_TOKEN,

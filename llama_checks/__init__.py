@@ -1,0 +1,1 @@
+"""LLaMA-family checks: [P]'s identities on real checkpoints through TransformerLens's TransformerBridge."""
