@@ -108,6 +108,7 @@ def pretrain(task: str = typer.Option("mix4", help="task to pretrain on (see `pr
              preset: str = typer.Option("default", help="model size: micro, default, petrov-e1, petrov-e2, petrov-e3, petrov-large"),
              out: Path = typer.Option(..., help="run directory to write"),
              prompt_len: int = typer.Option(1, help="prompt slots P reserved before the content"),
+             slots: Optional[str] = typer.Option(None, help="slot protocol: token (SLOT tokens fill the slots, as [P]; default) or empty"),
              length: int = typer.Option(10, help="sequence length L of X and Y"),
              num_digits: int = typer.Option(8, help="X digits are 0..num_digits-1"),
              steps: Optional[int] = typer.Option(None, help="training steps (default 3000)"),
@@ -129,7 +130,8 @@ def pretrain(task: str = typer.Option("mix4", help="task to pretrain on (see `pr
             if v is not None}
     train = TrainConfig(**{**PRETRAIN_DEFAULTS, **opts})
     with Progress(f"pretrain {task}") as prog:
-        m = _pretrain(out, task, preset, spec, train, overwrite=overwrite, resume=resume, progress=prog)
+        m = _pretrain(out, task, preset, spec, train, overwrite=overwrite, resume=resume, progress=prog,
+                      slots=slots)
     if json_out:
         print(json.dumps(m, indent=2))
     else:

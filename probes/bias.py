@@ -60,7 +60,7 @@ class BiasAcc(Accumulator):
         self.P, self.example = [], []
 
     def update(self, pair) -> None:
-        B, T = pair.tokens.shape
+        B, T = pair.tokens.shape[0], pair.T
         heads, nH = self.heads, len(self.heads)
         for li, l in enumerate(self.layers):
             Apt_c, alpha, _ = pair.content_pattern(l)

@@ -78,7 +78,7 @@ def activation_clusters(model: ToyTransformer, states: dict[str, MethodState], t
     name = f"blocks.{layer}.hook_attn_out"
     T = tokens.shape[1]
 
-    def acts(state):
+    def acts(state):  # the position counts from the content's end, whatever the slots hold
         out = []
         for i in range(0, len(tokens), batch_size):
             _, c = model.run_with_cache(tokens[i:i + batch_size], state=state, names_filter=name)

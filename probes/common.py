@@ -11,14 +11,15 @@ import torch
 from torch import Tensor
 
 from toy_models.errors import UserError
-from toy_models.model import MethodState, ToyTransformer
+from toy_models.model import MethodState, ToyTransformer, base_view
 
 
 @dataclass
 class Pair:
-    """Caches of one batch: base (no method) and method forward, plus the layout of the method
-    forward: `n_pre` keys that are not content (prefix slots, or soft-prompt positions) come first,
-    and the content queries are the last T rows."""
+    """Caches of one batch: base and method forward, plus the layout of the method forward:
+    `n_pre` keys that the method adds (prefix slots, or soft-prompt positions) come first, and the
+    base's queries (its remaining SLOT tokens under the `token` protocol, then the content) are
+    the last T rows. The base forward is `base_view(state)`: no method, same SLOT tokens."""
 
     base: dict[str, Tensor]
     method: dict[str, Tensor]
@@ -28,7 +29,8 @@ class Pair:
 
     @property
     def T(self) -> int:
-        return self.tokens.shape[1]
+        """Positions of the base forward (remaining SLOT tokens, then content)."""
+        return self.base_logits.shape[1]
 
     def n_pre(self, layer: int) -> int:
         return self.method[f"blocks.{layer}.attn.hook_pattern"].shape[-1] - self.T
@@ -69,9 +71,10 @@ def paired_forwards(model: ToyTransformer, state: MethodState, tokens: Tensor, n
                     batch_size: int = 250) -> Iterator[Pair]:
     model.eval()
     keep = set(names)
+    base = base_view(model.cfg, state)
     for i in range(0, tokens.shape[0], batch_size):
         toks = tokens[i:i + batch_size]
-        bl, bc = model.run_with_cache(toks, names_filter=lambda n: n in keep)
+        bl, bc = model.run_with_cache(toks, state=base, names_filter=lambda n: n in keep)
         ml, mc = model.run_with_cache(toks, state=state, names_filter=lambda n: n in keep)
         yield Pair(dict(bc), dict(mc), toks, bl, ml)
 

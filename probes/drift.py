@@ -43,7 +43,7 @@ class DriftAcc(Accumulator):
         self.rows, self.n_inputs = 0, n_inputs
 
     def update(self, pair) -> None:
-        B, T = pair.tokens.shape
+        B, T = pair.tokens.shape[0], pair.T
         for l in range(self.L):
             for name, acc in (("hook_resid_post", self.resid), ("hook_attn_out", self.attn)):
                 a = pair.base[f"blocks.{l}.{name}"]

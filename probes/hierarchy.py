@@ -53,9 +53,8 @@ def check_hierarchy(model: ToyTransformer, tokens: Tensor, hard_prompt: list[int
     soft_from_tokens = MethodState(prompt=W_E[torch.tensor(hard_prompt)].clone())
     d1 = (model(tokens, soft_from_tokens) - hard).abs().max().item()
     prompt = soft_prompt if soft_prompt is not None else torch.randn(len(hard_prompt), model.cfg.d_model)
-    T = tokens.shape[1]
-    with_prompt = model(tokens, MethodState(prompt=prompt))[:, -T:]
-    with_prefix = model(tokens, soft_prompt_to_prefix(model, prompt))
+    with_prompt = model.content_logits(tokens, MethodState(prompt=prompt))
+    with_prefix = model.content_logits(tokens, soft_prompt_to_prefix(model, prompt))
     d2 = (with_prompt - with_prefix).abs().max().item()
     return HierarchyCheck(d1, d2)
 

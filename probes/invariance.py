@@ -69,7 +69,7 @@ class InvarianceAcc(Accumulator):
         self.ex_base, self.ex_method, self.n_pre = [], [], []
 
     def update(self, pair) -> None:
-        B, T = pair.tokens.shape
+        B, T = pair.tokens.shape[0], pair.T
         heads = self.heads
         for li, l in enumerate(self.layers):
             renorm, alpha, A = pair.renormalized(l)

@@ -20,9 +20,9 @@ from tuning import make_method
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def random_setup(seed, n_layers, n_heads, P, ln, kind, scale):
+def random_setup(seed, n_layers, n_heads, P, ln, kind, scale, slots="empty"):
     spec = TaskSpec(length=4, num_digits=4, prompt_len=6)
-    model = micro_model(spec, seed=seed, n_layers=n_layers, n_heads=n_heads, ln_before_attn=ln)
+    model = micro_model(spec, seed=seed, n_layers=n_layers, n_heads=n_heads, ln_before_attn=ln, slots=slots)
     g = torch.Generator().manual_seed(seed + 1)
     tokens = torch.randint(0, spec.vocab_size, (6, spec.content_len), generator=g)
     cfg = model.cfg
@@ -43,9 +43,12 @@ CONTEXT = ["soft_prompt", "prefix_free", "prefix_none", "prefix_simple", "prefix
 
 @SETTINGS
 @given(seed=st.integers(0, 10_000), n_layers=st.integers(1, 3), n_heads=st.sampled_from([1, 2, 4]),
-       P=st.integers(1, 6), ln=st.booleans(), kind=st.sampled_from(CONTEXT), scale=st.floats(0.1, 5.0))
-def test_layer0_identities_hold_for_any_context_method(seed, n_layers, n_heads, P, ln, kind, scale):
-    model, state, tokens = random_setup(seed, n_layers, n_heads, P, ln, kind, scale)
+       P=st.integers(1, 6), ln=st.booleans(), kind=st.sampled_from(CONTEXT), scale=st.floats(0.1, 5.0),
+       slots=st.sampled_from(["token", "empty"]))
+def test_layer0_identities_hold_for_any_context_method(seed, n_layers, n_heads, P, ln, kind, scale, slots):
+    """Under both slot protocols; with `token`, the base forward keeps the SLOT tokens the
+    method did not take, at the same positions (toy_models.model.base_view)."""
+    model, state, tokens = random_setup(seed, n_layers, n_heads, P, ln, kind, scale, slots)
     inv = attention_invariance(model, state, tokens, batch_size=4)
     assert inv.summary["layer0_max_abs_diff"] <= 1e-5
     assert inv.summary["layer0_invariant"]
@@ -57,10 +60,44 @@ def test_layer0_identities_hold_for_any_context_method(seed, n_layers, n_heads, 
 
 
 @SETTINGS
-@given(seed=st.integers(0, 10_000), kind=st.sampled_from(["full", "lora_qk"]))
-def test_full_finetuning_and_qk_lora_break_them(seed, kind):
+@given(seed=st.integers(0, 10_000), P=st.integers(1, 6), n_layers=st.integers(1, 3))
+def test_token_protocol_prefix_takes_the_place_of_slots(seed, P, n_layers):
+    """[P]'s replacement (papers.md §3b): a prefix whose keys/values are the base's own keys/values
+    at slots 0..P-1 gives back the plain base forward exactly; a prefix at other slots does not."""
+    spec = TaskSpec(length=4, num_digits=4, prompt_len=6)
+    model = micro_model(spec, seed=seed, n_layers=n_layers, slots="token")
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, spec.vocab_size - 1, (5, spec.content_len), generator=g)
+    names = {f"blocks.{l}.attn.hook_{kv}" for l in range(n_layers) for kv in "kv"}
+    _, cache = model.run_with_cache(tokens[:1], names_filter=lambda n: n in names)
+    kv = lambda l, s_, sl: cache[f"blocks.{l}.attn.hook_{s_}"][0, sl].transpose(0, 1)
+    same = MethodState(prefix_k=[kv(l, "k", slice(0, P)) for l in range(n_layers)],
+                       prefix_v=[kv(l, "v", slice(0, P)) for l in range(n_layers)])
+    base = model.content_logits(tokens)
+    assert (model.content_logits(tokens, same) - base).abs().max() <= 1e-5
+    if P < spec.prompt_len:  # the keys of later slots in the first slots' place: not the base
+        other = MethodState(prefix_k=[kv(l, "k", slice(1, P + 1)) for l in range(n_layers)],
+                            prefix_v=[kv(l, "v", slice(1, P + 1)) for l in range(n_layers)])
+        assert (model.content_logits(tokens, other) - base).abs().max() > 1e-4
+
+
+def test_token_protocol_base_reads_the_slot_tokens(spec):
+    """With `token` the SLOT embedding enters every base forward; with `empty` it never does."""
+    toks = torch.randint(0, spec.vocab_size - 1, (3, spec.content_len))
+    for slots, changes in (("token", True), ("empty", False)):
+        model = micro_model(spec, slots=slots)
+        before = model.content_logits(toks)
+        with torch.no_grad():
+            model.embed.W_E[spec.slot_token] += 1.0
+        assert changes == (not torch.allclose(before, model.content_logits(toks)))
+        assert model(toks).shape[1] == spec.content_len + (spec.prompt_len if slots == "token" else 0)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 10_000), kind=st.sampled_from(["full", "lora_qk"]), slots=st.sampled_from(["token", "empty"]))
+def test_full_finetuning_and_qk_lora_break_them(seed, kind, slots):
     spec = TaskSpec(length=4, num_digits=4, prompt_len=3)
-    model = micro_model(spec, seed=seed, n_layers=2)
+    model = micro_model(spec, seed=seed, n_layers=2, slots=slots)
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, spec.vocab_size, (6, spec.content_len), generator=g)
     if kind == "full":
@@ -104,10 +141,10 @@ def test_probe_without_method_is_an_error(model, spec):
 
 
 @SETTINGS
-@given(seed=st.integers(0, 10_000), P=st.integers(1, 3))
-def test_hierarchy_hard_soft_prefix(seed, P):
+@given(seed=st.integers(0, 10_000), P=st.integers(1, 3), slots=st.sampled_from(["token", "empty"]))
+def test_hierarchy_hard_soft_prefix(seed, P, slots):
     spec = TaskSpec(length=4, num_digits=4, prompt_len=3)
-    model = micro_model(spec, seed=seed, n_layers=2)
+    model = micro_model(spec, seed=seed, n_layers=2, slots=slots)
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, spec.vocab_size, (4, spec.content_len), generator=g)
     hard = torch.randint(0, spec.vocab_size, (P,), generator=g).tolist()

@@ -44,8 +44,8 @@ def test_every_method_trains_round_trips_and_freezes_the_base(base_run, tmp_path
     m = make_method(method, run.model, generator=torch.Generator().manual_seed(0), **opts)
     with torch.no_grad():
         loss0 = loss_on(run.model, batch, m.state()).item()
-    cfg = TrainConfig(steps=30, batch_size=32, warmup=3, eval_every=30, eval_size=32,
-                      **{k: v for k, v in METHODS[method].defaults.items()})
+    cfg = TrainConfig(**{"warmup": 3, **METHODS[method].defaults, "steps": 30, "batch_size": 32,
+                         "eval_every": 30, "eval_size": 32})
     fit(run.model, Trainable(dict(m.named_parameters()), m.state, m.no_decay), task, SPEC, cfg)
     with torch.no_grad():
         loss1 = loss_on(run.model, batch, m.state()).item()

@@ -6,9 +6,19 @@ fine-tuning, merged LoRA). The base module itself is never mutated by a method.
 
 Positions (papers.md §4): the model reserves `n_prompt` slot positions; content always sits at
 positions n_prompt.., with or without a prompt or prefix, so the layer-0 identities are exact.
-A soft prompt of length P' <= n_prompt fills positions n_prompt-P'..n_prompt-1. Prefix keys and
-values have no position: they are prepended to every layer's keys, so patterns are
+Prefix keys and values are prepended to every layer's keys, so patterns are
 `[batch, head, query, key]` with the prefix first (`pattern[..., :P]`).
+
+Two slot protocols (`ToyConfig.slots`), recorded by every base run:
+- `token` ([P]'s pretraining with pads, papers.md §3b): the slots hold the SLOT token (the last
+  vocabulary entry) during pretraining and in every base forward. A method takes the *first*
+  slots: a prefix of length P takes slots 0..P-1 in every layer (their keys/values are the
+  prefix's), then a soft prompt of length P' takes the next P' slots (its embeddings replace the
+  SLOT embeddings there); the remaining slots keep their SLOT tokens.
+- `empty` (the lab's first protocol): with no method the slots are absent and the model is
+  pretrained on content only; a soft prompt of length P' fills positions n_prompt-P'..n_prompt-1.
+`base_view(state)` is the forward a method is compared with (probes): the same remaining SLOT
+tokens at the same positions, without the method.
 """
 
 from __future__ import annotations
@@ -26,6 +36,9 @@ from transformer_lens.hook_points import HookPoint
 from toy_models.errors import UserError
 
 
+SLOT_PROTOCOLS = ("token", "empty")
+
+
 @dataclass(frozen=True)
 class ToyConfig:
     n_layers: int = 2
@@ -40,8 +53,11 @@ class ToyConfig:
     ln_before_attn: bool = True  # False: papers.md E2's model (no LayerNorm before attention)
     layer_norm_eps: float = 1e-5
     init_std: float = 0.02
+    slots: str = "empty"  # "token": SLOT tokens fill the prompt slots ([P]); "empty": no slot tokens
 
     def __post_init__(self) -> None:
+        if self.slots not in SLOT_PROTOCOLS:
+            raise UserError(f"unknown slot protocol {self.slots!r}; use one of {', '.join(SLOT_PROTOCOLS)}")
         for name in ("n_layers", "n_heads", "d_model", "d_vocab", "n_ctx"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
@@ -100,12 +116,15 @@ class MethodState:
     prefix_k: per layer, None or keys   [n_heads, P, d_head] (or [batch, n_heads, P, d_head])
     prefix_v: per layer, None or values [n_heads, P, d_head]
     weights:  name -> tensor overrides of base parameters (full fine-tuning, merged LoRA).
+    vacant:   slots taken with nothing in their place (the `token` protocol's base view of a
+              method: its slots removed, the remaining SLOT tokens kept where they were).
     """
 
     prompt: Tensor | None = None
     prefix_k: list[Tensor | None] | None = None
     prefix_v: list[Tensor | None] | None = None
     weights: dict[str, Tensor] = field(default_factory=dict)
+    vacant: int = 0
 
     @property
     def prompt_len(self) -> int:
@@ -121,6 +140,19 @@ class MethodState:
         if self.prefix_k is None:
             return 0
         return max((k.shape[-2] for k in self.prefix_k if k is not None), default=0)
+
+    @property
+    def slots_taken(self) -> int:
+        """Slots this state occupies under the `token` protocol: prefix, vacant, then prompt."""
+        return self.max_prefix_len + self.vacant + self.prompt_len
+
+
+def base_view(cfg: "ToyConfig", state: MethodState | None) -> MethodState | None:
+    """The forward a method state is compared with: no method, and under the `token` protocol the
+    method's slots left vacant, so the remaining SLOT tokens keep their positions (papers.md §4)."""
+    if cfg.slots == "token" and state is not None and state.slots_taken:
+        return MethodState(vacant=state.slots_taken)
+    return None
 
 
 class LayerNorm(nn.Module):
@@ -264,7 +296,7 @@ class ToyTransformer(HookedRootModule):
     def forward(self, tokens: Tensor, state: MethodState | None = None) -> Tensor:
         """tokens: content [batch, T] -> logits [batch, prompt + T, d_vocab]."""
         if state is not None and state.weights:
-            inner = MethodState(state.prompt, state.prefix_k, state.prefix_v)
+            inner = MethodState(state.prompt, state.prefix_k, state.prefix_v, vacant=state.vacant)
             return torch.func.functional_call(self, state.weights, (tokens,), {"state": inner},
                                               strict=False)
         cfg = self.cfg
@@ -276,11 +308,22 @@ class ToyTransformer(HookedRootModule):
             raise UserError(f"{T} content tokens do not fit the context "
                             f"({cfg.n_ctx} positions, {cfg.n_prompt} of them prompt slots)")
         embed = self.embed.W_E[tokens]
+        if cfg.slots == "token":
+            # the method takes the first slots (prefix, vacant, prompt); SLOT tokens fill the rest
+            taken = state.slots_taken if state is not None else 0
+            if taken > cfg.n_prompt:
+                raise UserError(f"the method takes {taken} slots, but the model has {cfg.n_prompt}")
+            start = taken - P
+            n_slot = cfg.n_prompt - taken
+            if n_slot:
+                slot = self.embed.W_E[cfg.d_vocab - 1].expand(B, n_slot, cfg.d_model)
+                embed = torch.cat([slot, embed], dim=1)
+        else:
+            start = cfg.n_prompt - P
         if P:
             prompt = state.prompt.to(embed.dtype).expand(B, P, cfg.d_model)
             embed = torch.cat([prompt, embed], dim=1)
         embed = self.hook_embed(embed)
-        start = cfg.n_prompt - P
         pos = self.hook_pos_embed(self.pos_embed.W_pos[start:cfg.n_prompt + T].expand(B, -1, -1))
         x = self.drop(embed + pos)
         for layer, block in enumerate(self.blocks):

@@ -43,8 +43,8 @@ def _from_linear(name: str, delta: torch.Tensor, like: torch.Tensor) -> torch.Te
 
 class LoRA(Method):
     name = "lora"
-    # B = 0 start; lr a few times full fine-tuning's, no weight decay (usual for LoRA).
-    defaults = dict(lr=3e-3, weight_decay=0.0, train_mode=True)
+    # [P]'s E4 protocol (papers.md §3b): constant lr 5e-3, no warmup, model in eval mode, no decay.
+    defaults = dict(lr=5e-3, weight_decay=0.0, train_mode=False, schedule="constant", warmup=0)
 
     def __init__(self, model, rank: int = 1, alpha: float | None = None, targets=DEFAULT_TARGETS,
                  init_b: str = "zero", generator: torch.Generator | None = None):

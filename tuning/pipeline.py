@@ -27,11 +27,13 @@ def method_train_config(method: str, overrides: dict) -> TrainConfig:
 
 def finetune(base: str | Path, method: str, task: str, out: str | Path, opts: dict | None = None,
              train: dict | None = None, overwrite: bool = False, resume: bool = False,
-             progress: Progress | None = None) -> dict:
-    """Tune `method` on `task` over the frozen base run; write a tuned run. Returns final metrics."""
+             progress: Progress | None = None, slots: str | None = None) -> dict:
+    """Tune `method` on `task` over the frozen base run; write a tuned run. Returns final metrics.
+    slots: the slot protocol the caller expects of the base; another one is refused."""
     opts = dict(opts or {})
     cfg = method_train_config(method, train or {})
     model, base_config = load_model(base)
+    check_slots(model, slots, base)
     spec = TaskSpec(**base_config["task_spec"])
     resolved = resolve_task(task, spec)
     run = RunDir(out)
@@ -41,6 +43,7 @@ def finetune(base: str | Path, method: str, task: str, out: str | Path, opts: di
     base_path = Path(base).resolve()
     config = {"kind": "finetune", "task": task, "method": m.config(), "task_spec": spec.to_dict(),
               "train": cfg.to_dict(), "seed": cfg.seed, "n_params": m.n_params,
+              "slots": model.cfg.slots,
               "base": {"path": str(base_path), "sha256": base_sha(base_path),
                        "task": base_config["task"], "preset": base_config["preset"]}}
     if resume and run.config != config:
@@ -55,6 +58,15 @@ def finetune(base: str | Path, method: str, task: str, out: str | Path, opts: di
     save_tensors(run.path / METHOD_FILE, m.export(), meta={"method": m.config()})
     run.finish(metrics)
     return metrics
+
+
+def check_slots(model, expected: str | None, base, tuned=None) -> None:
+    """A method belongs to the slot protocol of the base it was made for (toy_models/model.py)."""
+    if expected is None or expected == model.cfg.slots:
+        return
+    what = f"{tuned} was tuned for" if tuned else "you asked for"
+    raise UserError(f"{what} the '{expected}' slot protocol, but the base run {base} was pretrained "
+                    f"with '{model.cfg.slots}' (pretrain a base with --slots {expected})")
 
 
 def finetune_seeds(base, method, task, out, seeds: list[int], opts=None, train=None, overwrite=False,
@@ -91,6 +103,7 @@ def load_tuned(path: Path, config: dict) -> LoadedRun:
         raise UserError(f"the base checkpoint of {run.path} changed since it was tuned "
                         f"(sha256 mismatch for {base_path / 'model.safetensors'})")
     model, base_config = load_model(base_path)
+    check_slots(model, config.get("slots", "empty"), base_path, tuned=run.path)
     spec = TaskSpec(**config["task_spec"])
     if spec.to_dict() != base_config["task_spec"]:
         raise UserError(f"{run.path} was tuned for another task layout than its base run has")

@@ -27,8 +27,8 @@ DEPTHS = ("deep", "shallow")
 class Prefix(Method):
     name = "prefix"
     # Prefixes need a far larger lr than weights (Adam 1e-2..3e-2 worked here; [P]'s 5e-5 needs
-    # 20k-500k steps); no weight decay; model in eval mode as in [P].
-    defaults = dict(lr=1e-2, weight_decay=0.0, train_mode=False)
+    # 20k-500k steps); as in [P]: constant lr, no warmup, no weight decay, model in eval mode.
+    defaults = dict(lr=1e-2, weight_decay=0.0, train_mode=False, schedule="constant", warmup=0)
 
     def __init__(self, model, length: int = 1, share: str = "simple", depth: str = "deep",
                  hidden: int | None = None, mlp: str | None = None, init_scale: float = 1.0,

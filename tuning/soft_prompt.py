@@ -18,7 +18,7 @@ class SoftPrompt(Method):
     name = "soft_prompt"
     # Input embeddings need a far larger lr than weights (Adam 1e-2..3e-2 worked here); [P]
     # tuned context methods with the model in eval mode (no dropout).
-    defaults = dict(lr=3e-2, weight_decay=0.0, train_mode=False)
+    defaults = dict(lr=3e-2, weight_decay=0.0, train_mode=False, schedule="constant", warmup=0)
 
     def __init__(self, model, length: int = 1, init: str = "random", tokens: list[int] | None = None,
                  generator: torch.Generator | None = None):
