@@ -266,36 +266,119 @@ def probe(runs: List[Path] = typer.Argument(..., help="tuned run directories (on
 @command("llama-check")
 def llama_check(model: str = typer.Option("tiny", help="tiny, tiny-gqa, smollm2, or a local HF checkpoint directory"),
                 prefix: str = typer.Option("random", help="random, train, or a prefix file saved by prefixlab"),
-                adapter: Optional[Path] = typer.Option(None, help="a PEFT prefix-tuning adapter directory"),
+                soft_prompt: Optional[str] = typer.Option(None, "--soft-prompt", help="check a soft prompt instead: random, or a soft-prompt file saved by prefixlab"),
+                adapter: Optional[Path] = typer.Option(None, help="a PEFT adapter directory: prefix tuning or prompt tuning (read from adapter_config.json)"),
                 layers: Optional[str] = typer.Option("0", help="layers to check, e.g. 0,1,2 (\"all\" for all)"),
                 heads: Optional[str] = typer.Option(None, help="heads (default all)"),
-                prefix_len: int = typer.Option(1, "--prefix-len", "-P"),
+                prefix_len: int = typer.Option(1, "--prefix-len", "-P", help="prefix slots / soft-prompt length"),
                 dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
                 text: Optional[str] = typer.Option(None, help="text to check on (default: papers.md's DART sample)"),
                 seed: int = typer.Option(0),
                 stream: bool = typer.Option(False, help="load one decoder layer at a time (checkpoints larger than memory)"),
-                fig: Optional[Path] = typer.Option(None, help="write the Fig. 5 figure (HTML) of layer 0 / head 0 here"),
+                fig: Optional[Path] = typer.Option(None, help="write the model page (HTML): table, Fig. 5 panels of the first layer (+ --dilution)"),
+                dilution: Optional[str] = typer.Option(None, help="with --fig: also measure prefix dilution at these lengths, e.g. 16,64,256"),
+                overwrite: bool = typer.Option(False, help="replace an existing --fig file"),
                 json_out: bool = typer.Option(False, "--json")):
-    """Check the prefix identities on a LLaMA-family model (papers.md §4, Fig. 5)."""
-    from llama_checks.check import llama_fig5, run_llama_check
+    """Check the prefix or soft-prompt identities on a LLaMA-family model (papers.md §4, Fig. 5)."""
+    from llama_checks.check import run_llama_check
     lay = None if layers in (None, "all") else _ints(layers, "--layers")
+    if dilution is not None and fig is None:
+        _fail("--dilution adds curves to the page: give --fig too")
+    if fig is not None:
+        from reports.llama_figures import check_new_output
+        check_new_output(fig, overwrite)
+    lengths = None
+    if dilution is not None:
+        from llama_checks.dilution import check_lengths, parse_lengths
+        lengths = check_lengths(parse_lengths(dilution), None, prefix_len)
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not json_out else None
     res = run_llama_check(model, prefix, str(adapter) if adapter else None, lay, _ints(heads, "--heads"),
-                          prefix_len, dtype, text, seed, stream, progress=say)
+                          prefix_len, dtype, text, seed, stream, progress=say, soft_prompt=soft_prompt)
     if fig is not None:
-        from reports.html import write_figure_html
-        write_figure_html(llama_fig5(res, res.layers[0], res.heads[0]), fig)
+        from reports.llama_figures import write_page
+        dil = None
+        if lengths is not None:
+            from llama_checks.dilution import dilution_loaded
+            from llama_checks.models import load_model, resolve_dtype
+            loaded = load_model(model, resolve_dtype(dtype), seed=seed)
+            dil = dilution_loaded(loaded, prefix, str(adapter) if adapter else None, lengths, "mean", prefix_len, seed,
+                                  say=say or (lambda m: None))
+        write_page(fig, res, dil)
     if json_out:
         print(json.dumps(res.to_json(), indent=2))
         return
     from rich.console import Console
     from rich.table import Table
     rows = res.table_rows()
-    table = Table(*rows[0], title=f"{res.model} ({res.model_type}, {res.dtype}), P={res.prefix_len}, prefix: {res.prefix_source}")
+    what = "soft prompt" if res.method == "soft_prompt" else "prefix"
+    table = Table(*rows[0], title=f"{res.model} ({res.model_type}, {res.dtype}), P={res.prefix_len}, {what}: {res.prefix_source}")
     for r in rows[1:]:
         table.add_row(*r)
     Console().print(table)
+    print(f"RoPE position-shift error (same pattern, no {what}, content shifted by P): {res.rope_shift_error:.2e}")
+    if res.hierarchy:
+        h = res.hierarchy
+        print(f"hierarchy: soft prompt as its per-layer prefix reproduces the soft-prompt forward: max |Δ logits| "
+              f"{h['logits_max_abs_diff']:.2e} (relative {h['logits_rel_diff']:.2e}), max |Δ final residual| "
+              f"{h['resid_final_max_abs_diff']:.2e}")
     print(f"layer-0 identities {'hold' if res.passed else 'DO NOT hold'} within the {res.dtype} tolerance {res.tolerance}")
+    if fig is not None:
+        print(f"wrote {fig}")
+
+
+@command("dilution")
+def dilution_cmd(model: str = typer.Option("tiny", help="tiny, tiny-gqa, smollm2, or a local HF checkpoint directory"),
+                 prefix: str = typer.Option("random", help="random, train, or a prefix file saved by prefixlab"),
+                 adapter: Optional[Path] = typer.Option(None, help="a PEFT prefix-tuning or prompt-tuning adapter directory"),
+                 lengths: Optional[str] = typer.Option(None, help="input lengths, e.g. 16,64,256,1024 (default 16..1024 within the context)"),
+                 heads: str = typer.Option("mean", help="aggregate heads per layer: mean, max, all (each head drawn), or head indices 0,3"),
+                 prefix_len: int = typer.Option(1, "--prefix-len", "-P"),
+                 dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
+                 text: Optional[str] = typer.Option(None, help="text to repeat as input (default: the shipped DART-style lines)"),
+                 seed: int = typer.Option(0),
+                 json_path: Optional[Path] = typer.Option(None, "--json", help="write the curves and fits as JSON here"),
+                 out: Optional[Path] = typer.Option(None, help="write the model page (HTML): dilution, sink, and a layer-0 Fig. 5 check"),
+                 overwrite: bool = typer.Option(False, help="replace existing --json / --out files")):
+    """Prefix dilution: attention mass on the prefix and on the sink as the input grows."""
+    from llama_checks.dilution import check_lengths, parse_lengths, run_dilution
+    from reports.llama_figures import check_new_output
+    for path in (json_path, out):
+        if path is not None:
+            check_new_output(path, overwrite)
+    if json_path is not None and out is not None and json_path.resolve() == out.resolve():
+        _fail("--json and --out name the same file; give two different files")
+    wanted = parse_lengths(lengths)
+    if wanted is not None:
+        check_lengths(wanted, None, prefix_len)
+    say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    res = run_dilution(model, prefix, str(adapter) if adapter else None, wanted, heads, prefix_len, dtype, seed, text,
+                       progress=say)
+    if json_path is not None:
+        from toy_models.runs import write_json
+        write_json(json_path, res.to_json())
+    if out is not None:
+        from llama_checks.check import check_loaded, check_soft_loaded
+        from llama_checks.models import load_model, resolve_dtype
+        from reports.llama_figures import write_page
+        from llama_checks.soft_prompt import adapter_kind
+        loaded = load_model(model, resolve_dtype(dtype), seed=seed)
+        say("layer-0 check of the same prefix for the Fig. 5 panels")
+        if adapter is not None and adapter_kind(adapter) == "soft_prompt":
+            check = check_soft_loaded(loaded, adapter=str(adapter), layers=[0], seed=seed)
+        else:
+            check = check_loaded(loaded, prefix, str(adapter) if adapter else None, [0], None, prefix_len, seed=seed)
+        write_page(out, check, res)
+    from rich.console import Console
+    from rich.table import Table
+    rows = res.table_rows()
+    table = Table(*rows[0], title=f"{res.model}: prefix dilution, P={res.prefix_len}, prefix {res.prefix_source}, heads {res.heads}")
+    for r in rows[1:]:
+        table.add_row(*r)
+    Console().print(table)
+    print(f"lengths {res.lengths}; alpha = mean prefix mass of the {res.window}; {res.timings['total_s']:.1f} s")
+    for path in (json_path, out):
+        if path is not None:
+            print(f"wrote {path}")
 
 
 construct_app = typer.Typer(help="Theorem 1 and 2 constructions, and the capacity count ([P] §3).", no_args_is_help=True)
