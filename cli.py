@@ -201,7 +201,8 @@ def evaluate(runs: List[Path] = typer.Argument(..., help="base or tuned run dire
              n: int = typer.Option(1000, help="size of the fixed test set"),
              json_out: bool = typer.Option(False, "--json", help="print JSON instead of a table")):
     """Evaluate runs on tasks: a cross-task matrix of exact-sequence accuracy."""
-    from toy_models.pipeline import evaluate_run, load_run
+    from toy_models.pipeline import evaluate_run
+    from tuning.pipeline import load_run
     if n <= 0:
         _fail(f"--n must be positive, got {n}")
     loaded = [load_run(r) for r in runs]
@@ -470,15 +471,17 @@ def reproduce(preset: str = typer.Option("quick", help="quick (<= 10 min on 2 CP
               out: Path = typer.Option(Path("runs/reproduce"), help="study directory (stages are cached here)"),
               stage: Optional[str] = typer.Option(None, help="run only these stages, e.g. E1,probes")):
     """Run the whole study as cached stages and write one report (paper vs lab first)."""
-    from reports.reproduce import reproduce as _reproduce
+    from reports.study import render_study
+    from study.reproduce import reproduce as _reproduce
     with StageProgress() as sp:
         res = _reproduce(out, preset, sp.factory, only=[s for s in stage.split(",")] if stage else None)
+    report = render_study(out, res)
     failed = [n for n, r in res["records"].items() if r["status"] != "done"]
     for row in res["table"]:
         print(f"{row['source']:10s} {row['verdict']:12s} {row['claim']}: paper {row['paper']}, lab {row['lab']}")
     for n in failed:
         print(f"stage {n} FAILED: {res['records'][n].get('error')}", file=sys.stderr)
-    print(f"report: {res['report']}")
+    print(f"report: {report}")
     if failed:
         raise typer.Exit(1)
 

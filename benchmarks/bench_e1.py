@@ -13,7 +13,8 @@ from pathlib import Path
 
 from common import machine, stats
 
-from tuning.experiments import RECIPES, run_e1
+from study.experiments import run_e1
+from study.recipes import RECIPES
 
 
 def main():

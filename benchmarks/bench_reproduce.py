@@ -10,7 +10,7 @@ from pathlib import Path
 
 from common import machine, stats
 
-from reports.reproduce import reproduce
+from study.reproduce import reproduce
 
 
 def main():

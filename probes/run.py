@@ -13,7 +13,8 @@ from probes.drift import DriftAcc
 from probes.hierarchy import check_hierarchy, classify
 from probes.invariance import InvarianceAcc
 from toy_models.errors import UserError
-from toy_models.pipeline import LoadedRun, load_run
+from toy_models.pipeline import LoadedRun
+from tuning.pipeline import load_run
 from toy_models.runs import RunDir, save_tensors, write_json
 from toy_models.tasks import fixed_test_set, resolve_task
 

@@ -22,7 +22,8 @@ from reports.figures import (AttentionPanel, accuracy_figure, attention_figure, 
                              invariance_figure, learning_curves_figure)
 from reports.html import Pre, Section, Table, as_section, check_output, export_pngs, render_report, write_report
 from toy_models.errors import UserError
-from toy_models.pipeline import LoadedRun, base_sha, load_run
+from toy_models.pipeline import LoadedRun, base_sha
+from tuning.pipeline import load_run
 from toy_models.runs import RunDir
 from toy_models.tasks import MIX4, fixed_test_set, resolve_task
 from toy_models.training import evaluate

@@ -121,6 +121,13 @@ def _experiments_sections(records: dict) -> list:
     return out
 
 
+def render_study(out: Path, study: dict) -> Path:
+    """out/report.html from what `study.reproduce.reproduce` returned (it renders, computes nothing)."""
+    report = Path(out) / "report.html"
+    write_study_report(report, study["preset"], study["table"], study["records"])
+    return report
+
+
 def write_study_report(out: Path, preset: str, table: list[dict], records: dict) -> None:
     extras = [_table_section(table, preset), _stages_section(records)] + _experiments_sections(records)
     e1 = records.get("E1", {})

@@ -1,4 +1,4 @@
-"""Pretraining a base run, and loading any run (base or tuned) back for evaluation and probes."""
+"""Pretraining a base run, and loading base runs back (tuned runs: `tuning.load_run`)."""
 
 from __future__ import annotations
 
@@ -109,18 +109,11 @@ def load_model(path: str | Path) -> tuple[ToyTransformer, dict]:
     return model, config
 
 
-def load_run(path: str | Path) -> LoadedRun:
-    """Any run: a base run (state None) or a tuned run (base model + its method state)."""
-    run = RunDir(path)
-    config = run.config
-    kind = config.get("kind")
-    if kind == "pretrain":
-        model, config = load_model(path)
-        return LoadedRun(run.path, config, model, TaskSpec(**config["task_spec"]), None)
-    if kind == "finetune":
-        from tuning import load_tuned  # tuning builds on toy_models, not the other way round
-        return load_tuned(run.path, config)
-    raise UserError(f"{run.path}/config.json has unknown run kind {kind!r}")
+def load_base_run(path: str | Path) -> LoadedRun:
+    """A base run (state None). Tuned runs load through `tuning.load_run`, which sits above the
+    method registry it needs, so this layer never imports the one above it."""
+    model, config = load_model(path)
+    return LoadedRun(RunDir(path).path, config, model, TaskSpec(**config["task_spec"]), None)
 
 
 def evaluate_run(run: LoadedRun, tasks: list[str], n: int = 1000, seed: int = 1234) -> dict[str, dict]:

@@ -12,7 +12,7 @@ from tuning.soft_prompt import SoftPrompt, hard_prompt_state
 METHODS: dict[str, type[Method]] = {m.name: m for m in (FullFinetune, LoRA, SoftPrompt, Prefix)}
 
 __all__ = ["METHODS", "Method", "FullFinetune", "LoRA", "Prefix", "SoftPrompt", "hard_prompt_state",
-           "make_method", "finetune", "load_tuned", "budget_match"]
+           "make_method", "finetune", "load_run", "load_tuned", "budget_match"]
 
 
 def make_method(name, model, **opts):
@@ -23,7 +23,7 @@ def make_method(name, model, **opts):
 
 
 def __getattr__(attr):  # the pipeline functions import lazily (they pull in the run store)
-    if attr in ("finetune", "load_tuned", "budget_match", "finetune_seeds"):
+    if attr in ("finetune", "load_run", "load_tuned", "budget_match", "finetune_seeds"):
         from tuning import pipeline
         return getattr(pipeline, attr)
     raise AttributeError(attr)

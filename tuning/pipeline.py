@@ -1,4 +1,5 @@
-"""Fine-tuning a base run into a tuned run, loading it back, and matching parameter budgets."""
+"""Fine-tuning a base run into a tuned run, loading any run back (the run store's entry point:
+base runs through toy_models, tuned runs through the method registry), and matching budgets."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import torch
 
 from toy_models.errors import UserError
-from toy_models.pipeline import LoadedRun, base_sha, load_model
+from toy_models.pipeline import LoadedRun, base_sha, load_base_run, load_model
 from toy_models.runs import METHOD_FILE, RunDir, load_tensors, provenance, save_tensors
 from toy_models.tasks import TaskSpec, resolve_task
 from toy_models.training import Progress, Trainable, TrainConfig, fit
@@ -89,6 +90,17 @@ def finetune_seeds(base, method, task, out, seeds: list[int], opts=None, train=N
                "exact_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0}
     root.write_json("summary.json", summary)
     return summary
+
+
+def load_run(path: str | Path) -> LoadedRun:
+    """Any run: a base run (state None) or a tuned run (base model + its method state)."""
+    run = RunDir(path)
+    kind = run.config.get("kind")
+    if kind == "pretrain":
+        return load_base_run(path)
+    if kind == "finetune":
+        return load_tuned(run.path, run.config)
+    raise UserError(f"{run.path}/config.json has unknown run kind {kind!r}")
 
 
 def load_tuned(path: Path, config: dict) -> LoadedRun:

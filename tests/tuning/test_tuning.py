@@ -4,7 +4,8 @@ import torch
 
 from tests.conftest import micro_model
 from toy_models.errors import UserError
-from toy_models.pipeline import load_run, pretrain
+from toy_models.pipeline import pretrain
+from tuning.pipeline import load_run
 from toy_models.tasks import TaskSpec, resolve_task, sample_batch
 from toy_models.training import TrainConfig, Trainable, fit, loss_on
 from tuning import METHODS, Prefix, SoftPrompt, hard_prompt_state, make_method

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from reports.reproduce import reproduce
+from reports.study import render_study
+from study.reproduce import reproduce
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def stage_markers(out: Path) -> dict[str, float]:
@@ -22,6 +23,7 @@ def stage_markers(out: Path) -> dict[str, float]:
 def test_reproduce_micro_caches_and_resumes_after_kill(tmp_path):
     # 1. an uninterrupted study
     full = reproduce(tmp_path / "full", "micro")
+    render_study(tmp_path / "full", full)
     failed = {n: r.get("error") for n, r in full["records"].items() if r["status"] != "done"}
     assert not failed, failed
     content_full = json.loads((tmp_path / "full" / "report.json").read_text())
@@ -33,7 +35,7 @@ def test_reproduce_micro_caches_and_resumes_after_kill(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     # same thread count as this process: float results are bitwise equal only for equal threads
     proc = subprocess.Popen([sys.executable, "-c", "import sys, torch; torch.set_num_threads(1); "
-                             "from reports.reproduce import reproduce; "
+                             "from study.reproduce import reproduce; "
                              "reproduce(sys.argv[1], 'micro')", str(cut)], cwd=ROOT, env=env)
     deadline = time.time() + 300
     while time.time() < deadline and not stage_markers(cut) and proc.poll() is None:
@@ -62,7 +64,7 @@ def test_reproduce_micro_caches_and_resumes_after_kill(tmp_path):
 
 
 def test_report_opens_with_the_paper_vs_lab_table(tmp_path):
-    reproduce(tmp_path / "s", "micro", only=["E1"])
+    render_study(tmp_path / "s", reproduce(tmp_path / "s", "micro", only=["E1"]))
     html = (tmp_path / "s" / "report.html").read_text()
     body = html[html.index("<body>"):]
     first_section = body[body.index("<section"):body.index("</section>")]

@@ -13,7 +13,7 @@ import torch
 
 from reports.build import build_report
 from reports.figures import decode_array
-from tests.test_reports import HOSTILE, make_tiny_runs
+from tests.reports.test_reports import HOSTILE, make_tiny_runs
 from toy_models.tasks import TaskSpec
 
 CHROMIUM = "/usr/bin/chromium"

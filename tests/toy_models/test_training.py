@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from toy_models.errors import UserError
-from toy_models.pipeline import load_model, load_run, pretrain
+from toy_models.pipeline import load_model, pretrain
+from tuning.pipeline import load_run
 from toy_models.runs import load_tensors
 from toy_models.tasks import TaskSpec
 from toy_models.training import TrainConfig

@@ -1,66 +1,22 @@
-"""papers.md §3's experiments E1-E4 as recipes: model preset, steps and learning rates per preset.
-
-- `paper`: the papers' model sizes (1/1/96, 1/4/256 without LN before attention, 4/4/256) with a
-  CPU-friendly optimizer schedule (warmup + cosine, larger lr) instead of [P]'s 20k-500k steps.
-- `quick`: the same experiments on models scaled down for 2 CPU cores (same depth and heads where
-  the claim depends on them), and fewer steps; what `make demo` runs.
-- `micro`: tiny sizes for the end-to-end test; its numbers mean nothing.
-
-Each experiment writes its runs under a directory, reuses complete runs and resumes interrupted
-ones, and returns a JSON-serializable result (accuracies, and the paths of the runs it made).
+"""The experiments E1-E4 and the toy sample-efficiency study, run from a recipe
+(`study.recipes`). Each writes its runs under a directory, reuses complete runs and resumes
+interrupted ones, and returns a JSON-serializable result (accuracies, and the paths of its runs).
 """
 
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from toy_models.pipeline import pretrain, evaluate_run, load_run
+from study.recipes import Recipe
+from toy_models.pipeline import pretrain, evaluate_run
 from toy_models.runs import RunDir
 from toy_models.tasks import MIX4, TaskSpec
 from toy_models.training import TrainConfig
-from tuning.pipeline import finetune
+from tuning.pipeline import finetune, load_run
 
 Progress = Callable[[int, int, dict], None]
-
-
-@dataclass(frozen=True)
-class Recipe:
-    preset: str  # model preset of the base
-    model: dict  # overrides of the preset (quick sizes)
-    pretrain_steps: int
-    pretrain_lr: float
-    tune_steps: int
-    seeds: tuple[int, ...] = (0,)
-    eval_size: int = 1000
-    batch_size: int = 64
-    length: int = 10
-    num_digits: int = 8
-
-
-RECIPES: dict[str, dict[str, Recipe]] = {
-    "micro": {
-        e: Recipe("micro", {}, 30, 1e-2, 10, eval_size=64, batch_size=16, length=4, num_digits=4)
-        for e in ("E1", "E2", "E3", "E4")
-    },
-    # quick: <= 10 minutes for the whole study on 2 CPU cores. E1 keeps the paper's 1/1/96 model;
-    # E2 keeps 1 layer / 4 heads / no LN before attention at d=128; E3/E4 keep 4 layers / 4 heads
-    # at d=48 (one shared base). Fewer steps than `paper`.
-    "quick": {
-        "E1": Recipe("petrov-e1", {}, 2000, 3e-3, 400),
-        "E2": Recipe("petrov-e2", {"d_model": 128}, 3000, 3e-3, 400),
-        "E3": Recipe("petrov-e3", {"d_model": 48}, 4000, 3e-3, 500),
-        "E4": Recipe("petrov-e3", {"d_model": 48}, 4000, 3e-3, 1000),
-    },
-    "paper": {
-        "E1": Recipe("petrov-e1", {}, 6000, 2e-3, 2000, seeds=(0, 1, 2)),
-        "E2": Recipe("petrov-e2", {}, 8000, 1e-3, 2000, seeds=(0, 1, 2)),
-        "E3": Recipe("petrov-e3", {}, 12000, 1e-3, 2000, seeds=(0, 1, 2)),
-        "E4": Recipe("petrov-e3", {}, 12000, 1e-3, 4000, seeds=(0, 1, 2)),
-    },
-}
 
 
 def _ensure_pretrain(bases: Path, task: str, r: Recipe, prompt_len: int, progress: Progress | None) -> Path:

