@@ -355,8 +355,8 @@ def dilution_cmd(model: str = typer.Option("tiny", help="tiny, tiny-gqa, smollm2
     res = run_dilution(model, prefix, str(adapter) if adapter else None, wanted, heads, prefix_len, dtype, seed, text,
                        progress=say)
     if json_path is not None:
-        from toy_models.runs import write_json
-        write_json(json_path, res.to_json())
+        from reports.html import write_report
+        write_report(json_path, json.dumps(res.to_json(), indent=1) + "\n")
     if out is not None:
         from llama_checks.check import check_loaded, check_soft_loaded
         from llama_checks.models import load_model, resolve_dtype

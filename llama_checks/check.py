@@ -460,6 +460,7 @@ def check_soft_loaded(
         "logits_max_abs_diff": logits_diff, "logits_max_abs": logits_scale,
         "logits_rel_diff": logits_diff / max(logits_scale, 1e-30),
         "resid_final_max_abs_diff": float((soft[last][P:].double() - as_prefix[last].double()).abs().max()),
+        "resid_final_max_abs": float(soft[last][P:].double().abs().max()),
         "kv_max_abs_diff": kv_diff,
         "argmax_agree": bool(torch.equal(logits_soft.argmax(-1), logits_pre.argmax(-1))),
         "tolerance_rel": TOLERANCES[dtype_name]["bias_rel"],

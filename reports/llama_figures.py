@@ -96,7 +96,7 @@ def sink_figure(d: dict, title: str | None = None) -> go.Figure:
     layers = d["layers"]
     colors = _layer_colors(len(layers))
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1,
-                        subplot_titles=["sink mass: base vs with prefix (each layer, each length)",
+                        subplot_titles=["base vs with prefix; colour = layer (dark = first), size = length",
                                         "mean over layers against length"])
     for c, layer in zip(colors, layers):
         l = layer["layer"]
