@@ -21,6 +21,17 @@ from toy_models.model import MethodState
 from tuning.base import Method, positive
 
 SHARES = ("none", "simple", "deep")
+INITS = ("normal", "slot")
+
+
+@torch.no_grad()
+def slot_residuals(model, n_layers: int, length: int) -> torch.Tensor:
+    """[n_layers, P, d_model]: each layer's residual input at slots 0..P-1 of the base forward
+    (`token` protocol). A Simple-share prefix set to them reproduces the base exactly."""
+    names = {f"blocks.{l}.hook_resid_pre" for l in range(n_layers)}
+    dummy = torch.zeros(1, 1, dtype=torch.long)  # slots precede the content: it does not matter
+    _, cache = model.run_with_cache(dummy, names_filter=lambda n: n in names)
+    return torch.stack([cache[f"blocks.{l}.hook_resid_pre"][0, :length] for l in range(n_layers)]).clone()
 DEPTHS = ("deep", "shallow")
 
 
@@ -32,7 +43,7 @@ class Prefix(Method):
 
     def __init__(self, model, length: int = 1, share: str = "simple", depth: str = "deep",
                  hidden: int | None = None, mlp: str | None = None, init_scale: float = 1.0,
-                 generator: torch.Generator | None = None):
+                 init: str = "normal", generator: torch.Generator | None = None):
         length = positive("prefix length P", length)
         if share not in SHARES:
             raise UserError(f"unknown prefix share {share!r}; use one of {', '.join(SHARES)}")
@@ -46,14 +57,22 @@ class Prefix(Method):
         if length > cfg.n_prompt:  # a prefix takes the place of the prompt slots, as in [P]
             raise UserError(f"a prefix of length {length} does not fit the model's {cfg.n_prompt} "
                             f"prompt slots (pretrain with a larger --prompt-len)")
+        if init not in INITS:
+            raise UserError(f"unknown prefix init {init!r}; use one of {', '.join(INITS)}")
+        if init == "slot" and (share == "deep" or cfg.slots != "token"):
+            raise UserError("prefix init 'slot' starts from the base's own SLOT positions: it needs a base "
+                            "pretrained with --slots token and --share none or simple")
         super().__init__(model, length=length, share=share, depth=depth,
                          hidden=hidden if share == "deep" else None,
-                         mlp=mlp if share == "deep" else None, init_scale=init_scale)
+                         mlp=mlp if share == "deep" else None, init_scale=init_scale,
+                         **({"init": init} if init != "normal" else {}))
         L = cfg.n_layers if depth == "deep" else 1
         self.n_prefix_layers = L
         D, H, Dh = cfg.d_model, cfg.n_heads, cfg.d_head
-        # [P]'s init: residual vectors ~ N(0, 1) (scaled by init_scale)
-        p = torch.randn(L, length, D, generator=generator) * init_scale
+        # [P]'s init: residual vectors ~ N(0, 1) (scaled by init_scale); or the base's own
+        # attention inputs at the slots it replaces, so training starts from the base model
+        p = slot_residuals(model, L, length) if init == "slot" else \
+            torch.randn(L, length, D, generator=generator) * init_scale
         if share == "simple":
             self.p = nn.Parameter(p)
         elif share == "none":

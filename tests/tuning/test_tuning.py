@@ -24,6 +24,8 @@ VARIANTS = [
     ("prefix", {"length": 2, "share": "deep", "hidden": 8}),
     ("prefix", {"length": 2, "share": "deep", "hidden": 8, "mlp": "per_layer"}),
     ("prefix", {"length": 2, "share": "simple", "depth": "shallow"}),
+    ("prefix", {"length": 2, "share": "simple", "init": "slot"}),
+    ("prefix", {"length": 3, "share": "none", "init": "slot"}),
 ]
 
 
@@ -136,3 +138,40 @@ def test_mismatched_or_changed_base_is_refused(base_run, tmp_path):
     save_tensors(ck, t)
     with pytest.raises(UserError, match="changed since it was tuned"):
         load_run(tmp_path / "t")
+
+
+@pytest.mark.parametrize("share", ["simple", "none"])
+def test_slot_init_prefix_starts_as_the_base(share):
+    """Under the token protocol, a prefix started from the base's own slot inputs is a no-op,
+    with any P up to the slots; the [P] N(0,1) init is not."""
+    spec = TaskSpec(length=4, num_digits=4, prompt_len=5)
+    model = micro_model(spec, slots="token", n_layers=2)
+    toks = torch.randint(0, spec.vocab_size - 1, (4, spec.content_len))
+    base = model.content_logits(toks)
+    for P in (1, 3, 5):
+        m = make_method("prefix", model, length=P, share=share, init="slot")
+        assert (model.content_logits(toks, m.state()) - base).abs().max() <= 1e-5
+    m = make_method("prefix", model, length=3, share=share, generator=torch.Generator().manual_seed(0))
+    assert (model.content_logits(toks, m.state()) - base).abs().max() > 1e-3
+
+
+def test_slot_init_and_protocol_mismatch_are_refused(base_run, tmp_path):
+    empty = micro_model(SPEC, slots="empty")
+    with pytest.raises(UserError, match="--slots token"):
+        make_method("prefix", empty, length=1, init="slot")
+    with pytest.raises(UserError, match="share none or simple"):
+        make_method("prefix", load_run(base_run).model, length=1, share="deep", init="slot")
+    with pytest.raises(UserError, match="slot protocol"):
+        finetune(base_run, "prefix", "add2", tmp_path / "x", {"length": 1}, {"steps": 2}, slots="empty")
+    assert not (tmp_path / "x").exists()
+
+
+def test_tuned_run_of_another_protocol_is_refused(base_run, tmp_path):
+    import json
+    out = tmp_path / "p"
+    finetune(base_run, "prefix", "add2", out, {"length": 1}, {"steps": 2, "eval_every": 2, "eval_size": 16})
+    load_run(out)  # its own protocol: fine
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, "slots": "empty"}))
+    with pytest.raises(UserError, match="'empty' slot protocol"):
+        load_run(out)
