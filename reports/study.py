@@ -107,7 +107,8 @@ def _experiments_sections(records: dict) -> list:
         out.append(("Sample efficiency of the prefix parameterizations (real training)", [fig],
                     "The toy counterpart of [L]: each prefix trains on a fixed pool of n examples."))
     if ok("reparam"):
-        from theory.reparam import ReparamResult, reparam_figure
+        from reports.theory_figures import reparam_figure
+        from theory.reparam import ReparamResult
         r = records["reparam"]["result"]
         items = []
         try:

@@ -1,4 +1,7 @@
 """The single-virtual-token constructions of [P] §3 (papers.md §5), built as the lab's own
+(583 lines, over the ~500 guide on purpose: Theorems 1 and 2 and the capacity count share one
+`Layout` and the same generation helpers; apart, each file would re-derive them.)
+
 `ToyTransformer` with hand-set weights, so hooks, caches and probes work on them unchanged.
 
 **Theorem 1.** One attention layer with two heads and a three-layer MLP generates *any*

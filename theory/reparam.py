@@ -1,4 +1,7 @@
 """Reparameterization and sample efficiency: the prefix-as-MoE regression study (papers.md §6, [L]).
+(520 lines, on purpose: the regression model, the Voronoi loss, the fit and the slopes are one
+study whose parts are only used together; its figure lives in reports/theory_figures.py.)
+
 
 The model (one attention row read as a mixture of experts)
 ------------------------------------------------------------
@@ -77,7 +80,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import numpy as np
-import plotly.graph_objects as go
 import torch
 from torch import Tensor
 
@@ -519,40 +521,3 @@ def _run_study(cfg: ReparamConfig, progress: Progress | None) -> ReparamResult:
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
     return ReparamResult(config, ns, voronoi, l2, train, slopes, seconds,
                          time.perf_counter() - start)
-
-
-# ----------------------------------------------------------------------------- figure
-
-_COLORS = {"shared-linear": "#1f77b4", "shared-tanh": "#2ca02c", "no-share": "#d62728"}
-
-
-def reparam_figure(result: ReparamResult, metric: str = "D") -> go.Figure:
-    """Log-log plot of D (or metric="L2", the regression error) against n: replicate points,
-    geometric mean ± one standard error of ln per n, and the fitted line with its slope."""
-    values = result.voronoi if metric == "D" else result.l2_error
-    label = "Voronoi loss D(Ĝ, G*)" if metric == "D" else "‖f_Ĝ − f_G*‖ (held-out L2)"
-    ns = np.array(result.ns, dtype=float)
-    fig = go.Figure()
-    for model, v in values.items():
-        color = _COLORS.get(model, "#7f7f7f")
-        logv = np.log(np.maximum(v, np.finfo(float).tiny))
-        mean = logv.mean(1)
-        se = logv.std(1, ddof=1) / np.sqrt(logv.shape[1])
-        fig.add_trace(go.Scatter(
-            x=np.repeat(ns, v.shape[1]), y=v.ravel(), mode="markers", legendgroup=model,
-            showlegend=False, marker=dict(color=color, size=4, opacity=0.3), name=model))
-        fig.add_trace(go.Scatter(
-            x=ns, y=np.exp(mean), mode="markers", legendgroup=model, name=f"{model} (mean)",
-            marker=dict(color=color, size=9),
-            error_y=dict(type="data", symmetric=False, array=np.exp(mean + se) - np.exp(mean),
-                         arrayminus=np.exp(mean) - np.exp(mean - se))))
-        s = result.slopes[model][metric]
-        fig.add_trace(go.Scatter(
-            x=ns, y=np.exp(s["intercept"] + s["slope"] * np.log(ns)), mode="lines",
-            legendgroup=model, line=dict(color=color, dash="dash"),
-            name=f"{model}: slope {s['slope']:.2f} [{s['ci_low']:.2f}, {s['ci_high']:.2f}]"))
-    fig.update_xaxes(type="log", title="n (samples)")
-    fig.update_yaxes(type="log", title=label)
-    fig.update_layout(title=f"Reparameterization and sample efficiency ([L], papers.md §6): "
-                            f"{label} vs n", template="plotly_white")
-    return fig

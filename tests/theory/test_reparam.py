@@ -11,9 +11,10 @@ from hypothesis import strategies as st
 
 from theory.reparam import (
     MODELS, ReparamConfig, ReparamResult, evaluate_fit, fit_prompts, gate_features,
-    loglog_slope, loss_and_grads, make_dataset, make_truth, regression, reparam_figure,
+    loglog_slope, loss_and_grads, make_dataset, make_truth, regression,
     run_reparam_study, sample_inputs, voronoi_loss,
 )
+from reports.theory_figures import reparam_figure
 from toy_models.errors import UserError
 
 
