@@ -12,129 +12,179 @@ from typing import Callable
 from study.recipes import Recipe
 from toy_models.pipeline import pretrain, evaluate_run
 from toy_models.runs import RunDir
-from toy_models.tasks import MIX4, TaskSpec
+from toy_models.tasks import MIX4, TaskSpec, exact_ceiling, fixed_test_set, resolve_task
 from toy_models.training import TrainConfig
 from tuning.pipeline import finetune, load_run
 
 Progress = Callable[[int, int, dict], None]
 
 
-def _ensure_pretrain(bases: Path, task: str, r: Recipe, prompt_len: int, progress: Progress | None) -> Path:
-    """The base run for (task, recipe, slots) under `bases`, shared by the experiments that use it."""
+# Which base each experiment pretrains: (task, prompt slots). E3 and E4 share theirs (12 slots,
+# so that E4's P=12 prefix fits; E3's P=10 prefixes take 10 of them).
+BASES = {"E1": ("ascending", 1), "E2": ("mix4", 1), "E3": ("mix4", 12), "E4": ("mix4", 12)}
+
+
+def base_key(experiment: str, r: Recipe) -> str:
+    """What identifies the base of `experiment` under recipe `r` (its directory name's hash)."""
     import hashlib
     import json
+    task, prompt_len = BASES[experiment]
     key = json.dumps([task, r.preset, r.model, r.pretrain_steps, r.pretrain_lr, r.batch_size, r.length,
-                      r.num_digits, r.eval_size, prompt_len], sort_keys=True)
-    path = bases / f"{r.preset}-{task}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+                      r.num_digits, r.eval_size, prompt_len, r.slots], sort_keys=True)
+    return f"{r.preset}-{task}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def ensure_base(bases: Path, experiment: str, r: Recipe, progress: Progress | None = None) -> dict:
+    """Pretrain (or reuse) the base of `experiment`; returns its path, accuracy against its
+    task's ceiling, and its loss curve."""
+    path = _ensure_pretrain(bases, experiment, r, progress)
+    return {"base": str(path), "steps": RunDir(path).read_json("metrics.json")["steps"],
+            "curve": curve(path), **base_accuracy(path, r)}
+
+
+def _ensure_pretrain(bases: Path, experiment: str, r: Recipe, progress: Progress | None) -> Path:
+    """The base run of `experiment` under `bases`, shared by the experiments that use it."""
+    task, prompt_len = BASES[experiment]
+    path = bases / base_key(experiment, r)
     run = RunDir(path)
     if run.complete:
         return path
     spec = TaskSpec(length=r.length, num_digits=r.num_digits, prompt_len=prompt_len)
     train = TrainConfig(steps=r.pretrain_steps, lr=r.pretrain_lr, warmup=min(200, r.pretrain_steps // 10),
-                        batch_size=r.batch_size, eval_every=max(1, r.pretrain_steps // 10),
+                        batch_size=r.batch_size, eval_every=max(1, r.pretrain_steps // 20),
                         eval_size=r.eval_size)
     # an interrupted run continues; one killed before its first checkpoint starts afresh
     pretrain(path, task, r.preset, spec, train, model_overrides=r.model, resume=run.resumable,
-             overwrite=not run.resumable, progress=progress)
+             overwrite=not run.resumable, progress=progress, slots=r.slots)
     return path
 
 
-def _ensure_finetune(base: Path, path: Path, method: str, task: str, opts: dict, r: Recipe, seed: int,
-                     progress: Progress | None, steps: int | None = None) -> dict:
-    run = RunDir(path)
-    if not run.complete:
-        steps = steps or r.tune_steps
-        finetune(base, method, task, path, opts,
-                 {"steps": steps, "seed": seed, "batch_size": r.batch_size,
-                  "eval_every": max(1, steps // 5), "eval_size": r.eval_size,
-                  "warmup": min(50, steps // 10)},
-                 resume=run.resumable, overwrite=not run.resumable, progress=progress)
-    return run.read_json("metrics.json")
+def _train(r: Recipe, method: str, seed: int, long: bool = False) -> dict:
+    """A tuning run's options: the method's defaults (docs/methods.md), then the recipe's."""
+    steps = r.steps_for(long)
+    return {"steps": steps, "seed": seed, "batch_size": r.batch_size, "eval_size": r.eval_size,
+            "eval_every": max(1, steps // r.eval_points), **r.tune.get(method, {})}
+
+
+def _job(out: Path, name: str, method: str, task: str, opts: dict, r: Recipe, seed: int, long: bool = False) -> dict:
+    return {"name": name, "method": method, "task": task, "out": out / f"{name}-s{seed}", "opts": opts,
+            "train": _train(r, method, seed, long), "seed": seed}
+
+
+def run_jobs(base: Path, jobs: list[dict], progress: Progress | None = None) -> list[dict]:
+    """Each job's final metrics: complete runs are reused, interrupted ones resumed."""
+    out = []
+    for j in jobs:
+        run = RunDir(j["out"])
+        if not run.complete:
+            finetune(base, j["method"], j["task"], j["out"], j["opts"], j["train"],
+                     resume=run.resumable, overwrite=not run.resumable, progress=progress)
+        out.append(run.read_json("metrics.json"))
+    return out
+
+
+def curve(path: str | Path) -> list[list[float]]:
+    """[step, loss, exact accuracy] at each evaluation of a run (the report's loss curves)."""
+    return [[m["step"], m["loss"], m["exact_acc"]] for m in RunDir(path).metrics_rows()]
+
+
+def _collect(jobs: list[dict], metrics: list[dict]) -> tuple[dict, dict, dict]:
+    """Per job name: accuracies over seeds (mean ± std), the first seed's run and its curve."""
+    acc: dict[str, list[float]] = {}
+    runs: dict[str, str] = {}
+    for j, m in zip(jobs, metrics):
+        acc.setdefault(j["name"], []).append(m["exact_acc"])
+        runs.setdefault(j["name"], str(j["out"]))
+    return {k: _mean_std(v) for k, v in acc.items()}, runs, {k: curve(p) for k, p in runs.items()}
 
 
 def _mean_std(xs: list[float]) -> dict:
     return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "values": xs}
 
 
+def _prefix(P: int, r: Recipe, share: str = "simple") -> dict:
+    opts = {"length": P, "share": share}
+    if r.prefix_init != "normal" and share != "deep":
+        opts["init"] = r.prefix_init
+    return opts
+
+
 def run_e1(out: Path, bases: Path, r: Recipe, progress: Progress | None = None) -> dict:
     """E1, 'cannot learn a new task': pretrained on ascending, tuned for descending."""
-    base = _ensure_pretrain(bases, "ascending", r, 1, progress)
+    base = _ensure_pretrain(bases, "E1", r, progress)
     methods = {
         "full": ("full", {}),
         "lora": ("lora", {"rank": 1}),
         "soft_prompt": ("soft_prompt", {"length": 1}),
-        "prefix_none": ("prefix", {"length": 1, "share": "none"}),
-        "prefix_simple": ("prefix", {"length": 1, "share": "simple"}),
-        "prefix_deep": ("prefix", {"length": 1, "share": "deep"}),
+        "prefix_none": ("prefix", _prefix(1, r, "none")),
+        "prefix_simple": ("prefix", _prefix(1, r, "simple")),
+        "prefix_deep": ("prefix", _prefix(1, r, "deep")),
     }
-    acc: dict[str, list[float]] = {k: [] for k in methods}
-    runs = {}
-    for seed in r.seeds:
-        for name, (method, opts) in methods.items():
-            path = out / f"{name}-descending-s{seed}"
-            acc[name].append(_ensure_finetune(base, path, method, "descending", opts, r, seed, progress)["exact_acc"])
-            runs.setdefault(name, str(path))
+    jobs = [_job(out, name, method, "descending", opts, r, seed)
+            for seed in r.seeds for name, (method, opts) in methods.items()]
+    acc, runs, curves = _collect(jobs, run_jobs(base, jobs, progress))
     base_acc = evaluate_run(load_run(base), ["ascending", "descending"], r.eval_size)
-    return {"experiment": "E1", "base": str(base), "runs": runs,
-            "base_acc": {t: v["exact_acc"] for t, v in base_acc.items()},
-            "descending_acc": {k: _mean_std(v) for k, v in acc.items()}}
-
-
-def _prefix_per_task(out: Path, base: Path, tasks: list[str], P: int, r: Recipe, progress) -> tuple[dict, dict]:
-    """One prefix per task, each evaluated on every task: the cross-task matrix (first seed)."""
-    own: dict[str, list[float]] = {t: [] for t in tasks}
-    runs = {}
-    for seed in r.seeds:
-        for t in tasks:
-            path = out / f"prefix-{t}-s{seed}"
-            own[t].append(_ensure_finetune(base, path, "prefix", t, {"length": P, "share": "simple"}, r, seed,
-                                           progress)["exact_acc"])
-            runs.setdefault(t, str(path))
-    return own, runs
+    return {"experiment": "E1", "base": str(base), "runs": runs, "curves": curves,
+            "base_acc": {t: v["exact_acc"] for t, v in base_acc.items()}, "descending_acc": acc}
 
 
 def run_e2(out: Path, bases: Path, r: Recipe, progress: Progress | None = None) -> dict:
-    """E2, 'can extract a pretrained task': mix4 base, one P=1 prefix per task."""
-    base = _ensure_pretrain(bases, "mix4", r, 1, progress)
-    own, runs = _prefix_per_task(out, base, list(MIX4), 1, r, progress)
-    matrix = {t: {k: v["exact_acc"] for k, v in evaluate_run(load_run(runs[t]), list(MIX4), r.eval_size).items()}
-              for t in MIX4}
-    base_acc = evaluate_run(load_run(base), ["mix4"], r.eval_size)["mix4"]["exact_acc"]
-    return {"experiment": "E2", "base": str(base), "runs": runs, "base_mix4_acc_y1_given": base_acc,
-            "own_task_acc": {t: _mean_std(v) for t, v in own.items()}, "cross_task": matrix}
+    """E2, 'can extract a pretrained task': mix4 base, one P=1 prefix per task, each evaluated on
+    every task (the cross-task matrix, first seed)."""
+    base = _ensure_pretrain(bases, "E2", r, progress)
+    jobs = [_job(out, f"prefix-{t}", "prefix", t, _prefix(1, r), r, seed) for seed in r.seeds for t in MIX4]
+    acc, runs, curves = _collect(jobs, run_jobs(base, jobs, progress))
+    matrix = {t: {k: v["exact_acc"] for k, v in evaluate_run(load_run(runs[f"prefix-{t}"]), list(MIX4),
+                                                             r.eval_size).items()} for t in MIX4}
+    return {"experiment": "E2", "base": str(base), "runs": {t: runs[f"prefix-{t}"] for t in MIX4},
+            "curves": {t: curves[f"prefix-{t}"] for t in MIX4}, "base_acc": base_accuracy(base, r),
+            "own_task_acc": {t: acc[f"prefix-{t}"] for t in MIX4}, "cross_task": matrix}
+
+
+E3_NEW = ("ascending_add1", "double_hist")  # new tasks: the long runs
 
 
 def run_e3(out: Path, bases: Path, r: Recipe, progress: Progress | None = None) -> dict:
-    """E3, 'new task, same attention': deeper mix4 base, P=10 prefixes."""
-    # 12 slots, so that E4's P=12 prefix fits the same base; a P=10 prefix uses 10 of them
-    base = _ensure_pretrain(bases, "mix4", r, 12, progress)
-    tasks = list(MIX4) + ["ascending_add1", "double_hist"]
-    own, runs = _prefix_per_task(out, base, tasks, 10, r, progress)
-    return {"experiment": "E3", "base": str(base), "runs": runs,
-            "acc": {t: _mean_std(v) for t, v in own.items()}}
+    """E3, 'new task, same attention': deeper mix4 base, P=10 prefixes on the pretraining tasks
+    and on two new ones (the new ones train for `long_steps`)."""
+    base = _ensure_pretrain(bases, "E3", r, progress)
+    jobs = [_job(out, f"prefix-{t}", "prefix", t, _prefix(10, r), r, seed, long=t in E3_NEW)
+            for seed in r.seeds for t in list(MIX4) + list(E3_NEW)]
+    acc, runs, curves = _collect(jobs, run_jobs(base, jobs, progress))
+    strip = lambda d: {k.removeprefix("prefix-"): v for k, v in d.items()}
+    return {"experiment": "E3", "base": str(base), "runs": strip(runs), "curves": strip(curves),
+            "base_acc": base_accuracy(base, r), "acc": strip(acc)}
 
 
 def run_e4(out: Path, bases: Path, r: Recipe, progress: Progress | None = None) -> dict:
-    """E4, prefix vs LoRA at equal budget on double_hist: rank-1 LoRA vs a prefix of equal size."""
+    """E4, prefix vs LoRA at equal budget on double_hist: rank-1 LoRA vs a prefix of equal size,
+    both trained for `long_steps`."""
     from tuning import make_method
     from tuning.pipeline import budget_match
-    base = _ensure_pretrain(bases, "mix4", r, 12, progress)
+    base = _ensure_pretrain(bases, "E4", r, progress)
     model = load_run(base).model
     lora_n = make_method("lora", model, rank=1).n_params
     P, prefix_n = budget_match(model, lora_n, "prefix", share="simple")
-    acc: dict[str, list[float]] = {"lora": [], "prefix": []}
-    runs = {}
-    for seed in r.seeds:
-        for name, method, opts in (("lora", "lora", {"rank": 1}), ("prefix", "prefix", {"length": P, "share": "simple"})):
-            path = out / f"{name}-double_hist-s{seed}"
-            acc[name].append(_ensure_finetune(base, path, method, "double_hist", opts, r, seed, progress)["exact_acc"])
-            runs.setdefault(name, str(path))
-    return {"experiment": "E4", "base": str(base), "runs": runs, "prefix_len": P,
-            "params": {"lora": lora_n, "prefix": prefix_n},
-            "double_hist_acc": {k: _mean_std(v) for k, v in acc.items()}}
+    jobs = [_job(out, name, method, "double_hist", opts, r, seed, long=True) for seed in r.seeds
+            for name, method, opts in (("lora", "lora", {"rank": 1}), ("prefix", "prefix", _prefix(P, r)))]
+    acc, runs, curves = _collect(jobs, run_jobs(base, jobs, progress))
+    return {"experiment": "E4", "base": str(base), "runs": runs, "curves": curves, "prefix_len": P,
+            "params": {"lora": lora_n, "prefix": prefix_n}, "double_hist_acc": acc}
 
 
 EXPERIMENTS = {"E1": run_e1, "E2": run_e2, "E3": run_e3, "E4": run_e4}
+
+
+def base_accuracy(base: Path, r: Recipe) -> dict:
+    """The base's exact accuracy on its pretraining task, with that task's ceiling on the same
+    test set (mix4 with y1 given: 94.0 %, papers.md §3b)."""
+    run = load_run(base)
+    task = resolve_task(run.config["task"], run.spec)
+    test = fixed_test_set(task, run.spec, r.eval_size)
+    acc = evaluate_run(run, [run.config["task"]], r.eval_size)[run.config["task"]]["exact_acc"]
+    ceiling = exact_ceiling(task, test, task.ambiguous_first)
+    return {"task": run.config["task"], "exact_acc": acc, "ceiling": ceiling, "of_ceiling": acc / ceiling,
+            "y1_given": task.ambiguous_first}
 
 
 def run_sample_efficiency(out: Path, bases: Path, r: Recipe, sizes: tuple[int, ...], task: str = "add1",
@@ -142,7 +192,7 @@ def run_sample_efficiency(out: Path, bases: Path, r: Recipe, sizes: tuple[int, .
                           progress: Progress | None = None) -> dict:
     """The toy counterpart of [L]'s study (papers.md §6): accuracy of No-/Simple-/Deep-share
     prefixes on `task` against the number of training examples, on a mix4-pretrained base."""
-    base = _ensure_pretrain(bases, "mix4", r, 1, progress)
+    base = _ensure_pretrain(bases, "E2", r, progress)
     acc: dict[str, dict[str, list[float]]] = {s: {str(n): [] for n in sizes} for s in shares}
     for seed in r.seeds:
         for share in shares:
@@ -150,9 +200,8 @@ def run_sample_efficiency(out: Path, bases: Path, r: Recipe, sizes: tuple[int, .
                 path = out / f"prefix-{share}-{task}-n{n}-s{seed}"
                 run = RunDir(path)
                 if not run.complete:
-                    finetune(base, "prefix", task, path, {"length": P, "share": share},
-                             {"steps": r.tune_steps, "seed": seed, "batch_size": r.batch_size, "train_size": n,
-                              "eval_every": r.tune_steps, "eval_size": r.eval_size, "warmup": min(50, r.tune_steps // 10)},
+                    finetune(base, "prefix", task, path, _prefix(P, r, share),
+                             {**_train(r, "prefix", seed), "train_size": n, "eval_every": r.tune_steps},
                              resume=run.resumable, overwrite=not run.resumable, progress=progress)
                 acc[share][str(n)].append(run.read_json("metrics.json")["exact_acc"])
     return {"experiment": "sample_efficiency", "task": task, "P": P, "sizes": list(sizes), "base": str(base),

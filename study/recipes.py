@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 @dataclass(frozen=True)
 class Recipe:
@@ -17,32 +17,42 @@ class Recipe:
     model: dict  # overrides of the preset (quick sizes)
     pretrain_steps: int
     pretrain_lr: float
-    tune_steps: int
+    tune_steps: int  # every tuning run, except the plateau runs below
+    long_steps: int | None = None  # runs that must cross a plateau: E3's new tasks, E4 (None: tune_steps)
+    tune: dict = field(default_factory=dict)  # per-method train overrides, e.g. {"prefix": {"lr": 1e-2}}
+    prefix_init: str = "normal"  # "normal" ([P]'s N(0,1)) or "slot" (start from the base's SLOT inputs)
+    slots: str = "token"  # the bases' slot protocol (toy_models/model.py)
     seeds: tuple[int, ...] = (0,)
     eval_size: int = 1000
+    eval_points: int = 20  # evaluations per run: the loss curves of the report
     batch_size: int = 64
     length: int = 10
     num_digits: int = 8
 
+    def steps_for(self, long: bool) -> int:
+        return (self.long_steps or self.tune_steps) if long else self.tune_steps
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
 
 RECIPES: dict[str, dict[str, Recipe]] = {
     "micro": {
-        e: Recipe("micro", {}, 30, 1e-2, 10, eval_size=64, batch_size=16, length=4, num_digits=4)
+        e: Recipe("micro", {}, 30, 1e-2, 10, eval_size=64, batch_size=16, length=4, num_digits=4, eval_points=2)
         for e in ("E1", "E2", "E3", "E4")
     },
-    # quick: <= 10 minutes for the whole study on 2 CPU cores. E1 keeps the paper's 1/1/96 model;
-    # E2 keeps 1 layer / 4 heads / no LN before attention at d=128; E3/E4 keep 4 layers / 4 heads
-    # at d=48 (one shared base). Fewer steps than `paper`.
+    # quick: what `make demo` runs; the sizes and steps are the cheapest found that still reproduce
+    # each row (docs/experiments.md). E1 keeps the paper's 1/1/96 model.
     "quick": {
         "E1": Recipe("petrov-e1", {}, 2000, 3e-3, 400),
         "E2": Recipe("petrov-e2", {"d_model": 128}, 3000, 3e-3, 400),
-        "E3": Recipe("petrov-e3", {"d_model": 48}, 4000, 3e-3, 500),
-        "E4": Recipe("petrov-e3", {"d_model": 48}, 4000, 3e-3, 1000),
+        "E3": Recipe("petrov-e3", {"d_model": 128}, 4000, 2e-3, 500, long_steps=3000),
+        "E4": Recipe("petrov-e3", {"d_model": 128}, 4000, 2e-3, 500, long_steps=3000),
     },
     "paper": {
         "E1": Recipe("petrov-e1", {}, 6000, 2e-3, 2000, seeds=(0, 1, 2)),
         "E2": Recipe("petrov-e2", {}, 8000, 1e-3, 2000, seeds=(0, 1, 2)),
-        "E3": Recipe("petrov-e3", {}, 12000, 1e-3, 2000, seeds=(0, 1, 2)),
-        "E4": Recipe("petrov-e3", {}, 12000, 1e-3, 4000, seeds=(0, 1, 2)),
+        "E3": Recipe("petrov-e3", {}, 12000, 1e-3, 2000, long_steps=4000, seeds=(0, 1, 2)),
+        "E4": Recipe("petrov-e3", {}, 12000, 1e-3, 2000, long_steps=4000, seeds=(0, 1, 2)),
     },
 }

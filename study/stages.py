@@ -43,19 +43,29 @@ class Stage:
 # Stage functions.
 
 
+def _bases(d: Path) -> Path:
+    return d.parent.parent / "bases"  # shared by the experiments of one study directory
+
+
+def _base(d: Path, cfg: dict, up: dict, progress) -> dict:
+    """Pretrain (or reuse) one base model; the experiments that use it find it complete."""
+    from study.experiments import ensure_base
+    from study.recipes import RECIPES
+    return ensure_base(_bases(d), cfg["experiment"], RECIPES[cfg["preset"]][cfg["experiment"]], progress)
+
+
 def _experiment(name: str):
     def fn(d: Path, cfg: dict, up: dict, progress) -> dict:
         from study.experiments import EXPERIMENTS
         from study.recipes import RECIPES
-        bases = d.parent.parent / "bases"  # shared by the experiments of one study directory
-        return EXPERIMENTS[name](d, bases, RECIPES[cfg["preset"]][name], progress)
+        return EXPERIMENTS[name](d, _bases(d), RECIPES[cfg["preset"]][name], progress)
     return fn
 
 
 def _sample_efficiency(d: Path, cfg: dict, up: dict, progress) -> dict:
     from study.experiments import run_sample_efficiency
     from study.recipes import RECIPES
-    return run_sample_efficiency(d, d.parent.parent / "bases", RECIPES[cfg["preset"]]["E2"], tuple(cfg["sizes"]),
+    return run_sample_efficiency(d, _bases(d), RECIPES[cfg["preset"]]["E2"], tuple(cfg["sizes"]),
                                  cfg["task"], progress=progress)
 
 
@@ -116,17 +126,32 @@ def _reparam(d: Path, cfg: dict, up: dict, progress) -> dict:
 
 
 def stages_for(preset: str, out: Path) -> list[Stage]:
+    """The study's stages in dependency order. Each base model is a stage of its own, so the
+    experiments that share it can run in parallel without pretraining it twice."""
+    from study.experiments import base_key
+    from study.recipes import RECIPES
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; use quick (default) or paper")
     micro = preset == "micro"
-    st = [Stage(e, f"{e}: " + t, {"preset": preset}, _experiment(e)) for e, t in (
+    recipes = RECIPES[preset]
+    recipe = lambda e: {"preset": preset, "recipe": recipes[e].to_dict()}
+    st, base_of = [], {}
+    for e, what in (("E1", "ascending, 1 slot"), ("E2", "mix4, 1 slot"), ("E3", "mix4, 12 slots"), ("E4", "")):
+        key = base_key(e, recipes[e])
+        if key not in base_of:  # E4 shares E3's base, whose recipe it must match
+            base_of[key] = f"base-{e}"
+            st.append(Stage(f"base-{e}", f"Base model for {e}: {what}", {**recipe(e), "experiment": e}, _base))
+        base_of[e] = base_of[key]
+    if base_of["E4"] != base_of["E3"]:
+        raise UserError(f"preset {preset!r}: E3 and E4 must share one base (same model and pretraining)")
+    st += [Stage(e, f"{e}: " + t, recipe(e), _experiment(e), needs=(base_of[e],)) for e, t in (
         ("E1", "pretrained on ascending, tuned for descending"),
         ("E2", "extracting pretrained tasks from mix4 with P=1 prefixes"),
         ("E3", "new tasks on a deeper mix4 model"),
         ("E4", "prefix vs rank-1 LoRA at equal budget on double_hist"))]
     st.append(Stage("sample_eff", "Toy sample efficiency of No/Simple/Deep-share prefixes ([L], real training)",
-                    {"preset": preset, "task": "add1", "sizes": [8, 64] if micro else [32, 256, 2048]},
-                    _sample_efficiency))
+                    {**recipe("E2"), "task": "add1", "sizes": [8, 64] if micro else [32, 256, 2048]},
+                    _sample_efficiency, needs=(base_of["E2"],)))
     st.append(Stage("probes", "Invariance, bias and clusters on the tuned runs",
                     {"n_inputs": 64 if micro else 500}, _probes, needs=("E1", "E2", "E3")))
     # SmolLM2 when its package is installed (`make llama`), else the tiny random LLaMA (2 layers)

@@ -308,3 +308,23 @@ def example(name: str, spec: TaskSpec | None = None, seed: int = 0) -> tuple[lis
     spec = spec or TaskSpec()
     b = sample_batch(resolve_task(name, spec), spec, 1, np.random.default_rng(seed))
     return b.x[0].tolist(), b.y[0].tolist()
+
+
+def exact_ceiling(task: ResolvedTask, batch: Batch, provide_first: bool) -> float:
+    """The best expected exact accuracy any predictor can reach on `batch`: 1 for a single task.
+    A mixture (mix4) has no indicator; with y1 given, the alternatives whose output starts with
+    that y1 stay possible, and a Bayes predictor (alternatives equally likely) picks the output
+    most of them share. papers.md §3b: 94.0 % for mix4 on the fixed test set."""
+    if len(task.stages) == 1:
+        return 1.0
+    x = batch.x.numpy()
+    outs = np.stack([task.solve(x, np.full(len(x), a)) for a in range(len(task.stages))], axis=1)  # [n, A, L]
+    true = task.solve(x, batch.which.numpy())
+    total = 0.0
+    for i in range(len(x)):
+        cand = outs[i] if not provide_first else outs[i][outs[i][:, 0] == true[i, 0]]
+        groups: dict[bytes, int] = {}
+        for y in cand:
+            groups[y.tobytes()] = groups.get(y.tobytes(), 0) + 1
+        total += max(groups.values()) / len(cand)
+    return total / len(x)

@@ -106,3 +106,18 @@ def test_divisor_tasks_draw_a_divisor_first():
 def test_bad_sizes(kw):
     with pytest.raises(UserError):
         TaskSpec(**kw)
+
+
+def test_exact_ceiling_of_mix4():
+    """papers.md §3b: with y1 given a perfect predictor reaches 94.0 % on mix4's fixed test set
+    (y1 cannot tell descending from add1/add2 on some inputs); without y1, about 1/4."""
+    from toy_models.tasks import MIX4, exact_ceiling, fixed_test_set
+    spec = TaskSpec(prompt_len=1)
+    mix = resolve_task("mix4", spec)
+    test = fixed_test_set(mix, spec, 1000)
+    with_y1, without = exact_ceiling(mix, test, True), exact_ceiling(mix, test, False)
+    assert abs(with_y1 - 0.940) < 1e-9
+    assert 0.24 < without < 0.27 < with_y1
+    for name in MIX4:
+        single = resolve_task(name, spec)
+        assert exact_ceiling(single, fixed_test_set(single, spec, 200), False) == 1.0
