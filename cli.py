@@ -361,7 +361,8 @@ def dilution_cmd(model: str = typer.Option("tiny", help="tiny, tiny-gqa, smollm2
         from reports.html import write_report
         write_report(json_path, json.dumps(res.to_json(), indent=1) + "\n")
     if out is not None:
-        from llama_checks.check import check_loaded, check_soft_loaded
+        from llama_checks.check import check_loaded
+        from llama_checks.soft_check import check_soft_loaded
         from llama_checks.models import load_model, resolve_dtype
         from reports.llama_figures import write_page
         from llama_checks.soft_prompt import adapter_kind

@@ -1,5 +1,8 @@
 """LLaMA prefix attention checks on real LLaMA-family checkpoints (papers.md §4 "LLaMA check", Fig. 5).
 
+(568 lines, over the ~500 guide: the in-memory and streamed checks share `layer_check`, the hook
+capture and the result type; the soft-prompt check lives apart in `soft_check.py`.)
+
 For one head, query i, content keys j and prefix slots k = 1..P, with A the pattern without prefix
 and A^pt the pattern with it ([P] §4):
 
@@ -75,15 +78,7 @@ from llama_checks.prefix import (
     save_prefix,  # noqa: F401  (re-exported)
     train_prefix,
 )
-from llama_checks.soft_prompt import (
-    SoftPrompt,
-    adapter_kind,
-    embedding_matrix,
-    load_peft_prompt,
-    load_soft_prompt,
-    random_soft_prompt,
-    soft_prompt_prefix,
-)
+from llama_checks.soft_prompt import adapter_kind, load_soft_prompt
 from toy_models.errors import UserError
 
 TEST_SAMPLE = "TABLE: Fourth Round Qualifying : NEW_ENTRIES_THIS_ROUND : 24 TEXT: Fourth round qualifying had 24 new entries."
@@ -200,7 +195,7 @@ def run_llama_check(
     ``train`` or a prefixlab prefix file (see `llama_checks.prefix`); adapter: a PEFT
     prefix-tuning or prompt-tuning directory (replaces `prefix`; the type is read from its
     adapter_config.json). soft_prompt: ``random`` or a prefixlab soft-prompt file: check a soft
-    prompt of `prefix_len` embeddings instead of a prefix (`check_soft_loaded`). layers/heads:
+    prompt of `prefix_len` embeddings instead of a prefix (`llama_checks.soft_check`). layers/heads:
     default all. text: default the papers.md test sample; a BOS token is prepended. stream: read a
     checkpoint directory one layer at a time (see module docstring). progress: called with a
     one-line status string.
@@ -226,6 +221,8 @@ def run_llama_check(
     if soft:
         if stream:
             raise UserError("the soft-prompt check needs the whole model in memory; use it without --stream")
+        from llama_checks.soft_check import check_soft_loaded
+
         say(f"loading {model}")
         loaded = load_model(model, torch_dtype, seed=seed)
         return check_soft_loaded(loaded, soft_prompt or "random", adapter, layers, heads, prefix_len, dtype_name, text,
@@ -370,113 +367,6 @@ def check_loaded(
     return _result(loaded.name, config, dtype_name, pre, prefix, adapter, text, _token_strings(loaded.tokenizer, ids),
                    layers, heads, seed, False, rope_err, checks, losses, patterns,
                    {"load_s": t_load, "check_s": time.perf_counter() - t0 - t_load, "total_s": time.perf_counter() - t0})
-
-
-def _soft_prompt(loaded: LoadedModel, source: str, adapter: str | None, prompt_len: int, seed: int) -> SoftPrompt:
-    """The soft prompt from its source: a PEFT prompt-tuning adapter, ``random`` or a file."""
-    n_layers, n_heads, _, _ = _dims(loaded.config)
-    d_model = loaded.config.hidden_size
-    if adapter is not None:
-        return load_peft_prompt(adapter, d_model, n_layers, n_heads)
-    if source == "random":
-        return random_soft_prompt(loaded.model, prompt_len, seed)
-    prompt = load_soft_prompt(source)
-    prompt.check_matches(d_model, "soft-prompt file")
-    return prompt
-
-
-def check_soft_loaded(
-    loaded: LoadedModel, soft_prompt: str = "random", adapter: str | None = None, layers: list[int] | None = None,
-    heads: list[int] | None = None, prompt_len: int = 1, dtype_name: str | None = None, text: str | None = None,
-    seed: int = 0, say: Callable[[str], None] = lambda m: None, pt_hooks=(), t0: float | None = None,
-) -> LlamaCheckResult:
-    """[P]'s identities for a soft prompt on an already-loaded model, and the hierarchy check.
-
-    The soft-prompt forward feeds ``[E_s; W_E[BOS, content]]`` (positions 0..P+T−1); the base
-    forward feeds the content alone (positions 0..T−1). Layer 0 sees the same content inputs in
-    both, so with ``α_i`` the mass of content query i on the P prompt keys, the content part of the
-    pattern is ``(1 − α_i)·A_ij`` and the head output is ``Σ_k A^pt_ik v_k + (1 − α_i)·t_i``, with
-    v_k the prompt's layer-0 values. Those are taken from `soft_prompt_prefix` (a separate forward
-    of the prompt alone), not from the checked forward. The content's positions shift by P; RoPE
-    makes that exact up to rounding, measured apart as `rope_shift_error`.
-
-    Hierarchy: the prompt's per-layer keys/values (`soft_prompt_prefix`) used as a prefix cache
-    must reproduce the soft-prompt forward's content logits and final residual stream; the max
-    abs differences (and the keys/values difference at the prompt positions) go to `hierarchy`.
-    """
-    t0 = t0 if t0 is not None else time.perf_counter()
-    text = text if text is not None else TEST_SAMPLE
-    config = loaded.config
-    torch_dtype = next(loaded.model.parameters()).dtype
-    dtype_name = dtype_name or str(torch_dtype).removeprefix("torch.")
-    n_layers, n_heads, kv_heads, d_head = _dims(config)
-    layers = _select(layers, n_layers, "layer")
-    heads = _select(heads, n_heads, "head")
-    prompt = _soft_prompt(loaded, soft_prompt, adapter, prompt_len, seed).to(torch_dtype)
-    P = prompt.prompt_len
-    ids = _token_ids(loaded.tokenizer, loaded.bos_token_id, text)
-    T = len(ids)
-    say("building the TransformerBridge")
-    bridge = loaded.bridged()
-    t_load = time.perf_counter() - t0
-    inp = ids.unsqueeze(0)
-
-    say("forward without soft prompt")
-    base = _capture(bridge, inp, list(dict.fromkeys([n for l in layers for n in _names(l)] + ["blocks.0.attn.hook_pattern"])))
-    shifted = _capture(bridge, inp, ["blocks.0.attn.hook_pattern"], position_ids=(torch.arange(T) + P).unsqueeze(0))
-    rope_err = float((shifted["blocks.0.attn.hook_pattern"].double() - base["blocks.0.attn.hook_pattern"].double()).abs().max())
-
-    say("forward with soft prompt")
-    embeds = torch.cat([prompt.embeddings, embedding_matrix(loaded.model).detach()[ids]]).unsqueeze(0)
-    last = f"blocks.{n_layers - 1}.hook_resid_post"
-    kv_names = [n for l in range(n_layers) for n in (f"blocks.{l}.attn.hook_rot_k", f"blocks.{l}.attn.hook_v")]
-    soft_out: dict = {}
-    soft = _capture(bridge, embeds, list(dict.fromkeys([n for l in layers for n in _names(l)] + kv_names + [last])),
-                    extra_hooks=pt_hooks, output=soft_out)
-
-    say("soft prompt as a prefix (its per-layer keys/values)")
-    pre = soft_prompt_prefix(loaded.model, prompt)
-    pre_out: dict = {}
-    as_prefix = _capture(bridge, inp, [last], cache=prefix_cache(pre, config), output=pre_out)
-
-    checks, patterns = [], {}
-    for l in layers:
-        check, pats = layer_check(l, heads, P, base[f"blocks.{l}.attn.hook_pattern"], soft[f"blocks.{l}.attn.hook_pattern"][:, P:, :],
-                                  base[f"blocks.{l}.attn.hook_z"], soft[f"blocks.{l}.attn.hook_z"][P:], pre.values[l],
-                                  n_heads // kv_heads, dtype_name, rope_err)
-        checks.append(check)
-        patterns.update(pats)
-
-    logits_soft, logits_pre = soft_out["logits"][P:].double(), pre_out["logits"].double()
-    kv_diff = 0.0
-    for l in range(n_layers):
-        k, v = _kv(soft, l, P + T, kv_heads, d_head)
-        kv_diff = max(kv_diff, float((k[:P].permute(1, 0, 2).double() - pre.keys[l].double()).abs().max()),
-                      float((v[:P].permute(1, 0, 2).double() - pre.values[l].double()).abs().max()))
-    logits_diff = float((logits_soft - logits_pre).abs().max())
-    logits_scale = float(logits_soft.abs().max())
-    hierarchy = {
-        "what": "soft prompt's per-layer keys/values as a prefix cache vs the soft-prompt forward, content positions",
-        "logits_max_abs_diff": logits_diff, "logits_max_abs": logits_scale,
-        "logits_rel_diff": logits_diff / max(logits_scale, 1e-30),
-        "resid_final_max_abs_diff": float((soft[last][P:].double() - as_prefix[last].double()).abs().max()),
-        "resid_final_max_abs": float(soft[last][P:].double().abs().max()),
-        "kv_max_abs_diff": kv_diff,
-        "argmax_agree": bool(torch.equal(logits_soft.argmax(-1), logits_pre.argmax(-1))),
-        "tolerance_rel": TOLERANCES[dtype_name]["bias_rel"],
-    }
-    hierarchy["passed"] = hierarchy["logits_rel_diff"] <= hierarchy["tolerance_rel"]
-    result = _result(loaded.name, config, dtype_name, pre, "soft", None, text, _token_strings(loaded.tokenizer, ids),
-                     layers, heads, seed, False, rope_err, checks, [], patterns,
-                     {"load_s": t_load, "check_s": time.perf_counter() - t0 - t_load, "total_s": time.perf_counter() - t0})
-    source = prompt.meta.get("source")
-    result.prefix_source = (f"peft-prompt:{adapter}" if adapter is not None
-                            else "soft:random" if source == "random" else f"soft:{soft_prompt}")
-    result.method = "soft_prompt"
-    result.positions = (f"soft prompt at positions 0..{P - 1}; content (BOS first) at positions {P}..{P + T - 1} "
-                        f"(PEFT prompt-tuning convention); without it, content at positions 0..{T - 1}")
-    result.hierarchy = hierarchy
-    return result
 
 
 def _build_prefix(prefix: str, adapter: str | None, n_layers: int, kv_heads: int, d_head: int, prefix_len: int,

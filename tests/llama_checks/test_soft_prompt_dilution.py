@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama_checks.check import TOLERANCES, check_soft_loaded, run_llama_check
+from llama_checks.check import TOLERANCES, run_llama_check
 from llama_checks.dilution import dilution_loaded, loglog_fit
+from llama_checks.soft_check import check_soft_loaded
 from llama_checks.models import tiny_llama
 from llama_checks.prefix import Prefix
 from llama_checks.soft_prompt import SoftPrompt, load_soft_prompt, save_soft_prompt, soft_prompt_prefix
