@@ -188,16 +188,27 @@ class Attention(nn.Module):
         self.hook_z = HookPoint()  # [batch, query_pos, head, d_head]
         self.drop = nn.Dropout(cfg.dropout)
 
+    def _project(self, x: Tensor, Ws: tuple[Tensor, ...], bs: tuple[Tensor, ...]) -> list[Tensor]:
+        """x [..., pos, d_model] through several [head, d_model, d_head] maps in one matmul
+        (fused QKV) -> one [..., pos, head, d_head] tensor per map."""
+        H, D, Dh = Ws[0].shape
+        w = torch.cat(Ws, dim=0).transpose(0, 1).reshape(D, len(Ws) * H * Dh)
+        b = torch.cat(bs, dim=0).reshape(-1)
+        out = torch.addmm(b, x.reshape(-1, D), w)
+        return list(out.view(*x.shape[:-1], len(Ws), H, Dh).unbind(-3))
+
     def keys_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values of residual-space inputs x [..., pos, d_model] -> [..., pos, head, d_head]."""
-        k = torch.einsum("...pd,hde->...phe", x, self.W_K) + self.b_K
-        v = torch.einsum("...pd,hde->...phe", x, self.W_V) + self.b_V
+        k, v = self._project(x, (self.W_K, self.W_V), (self.b_K, self.b_V))
         return k, v
 
-    def forward(self, x: Tensor, prefix_k: Tensor | None, prefix_v: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, prefix_k: Tensor | None, prefix_v: Tensor | None,
+                fast: bool = False) -> Tensor:
+        """fast: scaled_dot_product_attention, which never forms the pattern, so hook_attn_scores
+        and hook_pattern do not fire; the model asks for it only when no hook is attached."""
         B, T, _ = x.shape
-        q = self.hook_q(torch.einsum("bpd,hde->bphe", x, self.W_Q) + self.b_Q)
-        k, v = self.keys_values(x)
+        q, k, v = self._project(x, (self.W_Q, self.W_K, self.W_V), (self.b_Q, self.b_K, self.b_V))
+        q = self.hook_q(q)
         P = 0
         if prefix_k is not None:
             P = prefix_k.shape[-2]
@@ -207,14 +218,36 @@ class Attention(nn.Module):
             k = torch.cat([pk.to(k.dtype), k], dim=1)
             v = torch.cat([pv.to(v.dtype), v], dim=1)
         k, v = self.hook_k(k), self.hook_v(v)
-        scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(self.cfg.d_head)
-        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-        if P:
-            causal = torch.cat([causal.new_ones(T, P), causal], dim=1)
-        scores = self.hook_attn_scores(scores.masked_fill(~causal, float("-inf")))
-        pattern = self.hook_pattern(scores.softmax(dim=-1))
-        z = self.hook_z(torch.einsum("bhqk,bkhe->bqhe", self.drop(pattern), v))
-        return torch.einsum("bqhe,hed->bqd", z, self.W_O) + self.b_O
+        if fast:
+            # the same attention without materialising the pattern (no hook reads it)
+            z = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                attn_mask=_causal_mask(T, P, x.device) if P else None, is_causal=not P,
+                dropout_p=self.drop.p if self.training else 0.0).transpose(1, 2)
+        else:
+            scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(self.cfg.d_head)
+            causal = _causal_mask(T, P, x.device)
+            scores = self.hook_attn_scores(scores.masked_fill(~causal, float("-inf")))
+            pattern = self.hook_pattern(scores.softmax(dim=-1))
+            z = torch.einsum("bhqk,bkhe->bqhe", self.drop(pattern), v)
+        z = self.hook_z(z)
+        H, Dh, D = self.W_O.shape
+        return torch.addmm(self.b_O, z.reshape(B * T, H * Dh), self.W_O.reshape(H * Dh, D)).view(B, T, D)
+
+
+_MASKS: dict[tuple, Tensor] = {}
+
+
+def _causal_mask(T: int, P: int, device) -> Tensor:
+    """[T, P + T] bool, True where query i may attend: every prefix key, content keys j <= i."""
+    key = (T, P, str(device))
+    m = _MASKS.get(key)
+    if m is None:
+        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        m = torch.cat([causal.new_ones(T, P), causal], dim=1) if P else causal
+        if len(_MASKS) < 256:
+            _MASKS[key] = m
+    return m
 
 
 class MLP(nn.Module):
@@ -228,8 +261,10 @@ class MLP(nn.Module):
         self.hook_post = HookPoint()  # [batch, pos, d_mlp]
 
     def forward(self, x: Tensor) -> Tensor:
-        pre = self.hook_pre(x @ self.W_in + self.b_in)
-        return self.hook_post(F.gelu(pre)) @ self.W_out + self.b_out
+        shape = x.shape[:-1]
+        pre = self.hook_pre(torch.addmm(self.b_in, x.reshape(-1, x.shape[-1]), self.W_in).view(*shape, -1))
+        post = self.hook_post(F.gelu(pre))
+        return torch.addmm(self.b_out, post.reshape(-1, post.shape[-1]), self.W_out).view(*shape, -1)
 
 
 class Block(nn.Module):
@@ -248,9 +283,10 @@ class Block(nn.Module):
         self.hook_mlp_out = HookPoint()  # [batch, pos, d_model]
         self.hook_resid_post = HookPoint()  # [batch, pos, d_model]
 
-    def forward(self, x: Tensor, prefix_k: Tensor | None, prefix_v: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, prefix_k: Tensor | None, prefix_v: Tensor | None,
+                fast: bool = False) -> Tensor:
         x = self.hook_resid_pre(x)
-        attn_out = self.hook_attn_out(self.drop(self.attn(self.ln1(x), prefix_k, prefix_v)))
+        attn_out = self.hook_attn_out(self.drop(self.attn(self.ln1(x), prefix_k, prefix_v, fast)))
         x = self.hook_resid_mid(x + attn_out)
         if not self.cfg.attn_only:
             x = x + self.hook_mlp_out(self.drop(self.mlp(self.ln2(x))))
@@ -284,6 +320,19 @@ class ToyTransformer(HookedRootModule):
         self.unembed.b_U = nn.Parameter(torch.zeros(cfg.d_vocab))
         self.reset_parameters()
         self.setup()
+        # fast path (SDPA) when no hook is attached; False forces the explicit softmax everywhere
+        self.fast_attention = True
+
+    def has_hooks(self) -> bool:
+        """Whether any hook point has a hook (run_with_hooks, run_with_cache, add_hook, or a
+        plain torch hook): then the forward takes the explicit path, where every hook fires."""
+        if torch.nn.modules.module._global_forward_hooks:
+            return True
+        for hp in self.hook_dict.values():
+            if hp._forward_hooks or hp._forward_pre_hooks or hp._backward_hooks or \
+                    hp._backward_pre_hooks or hp.fwd_hooks or hp.bwd_hooks:
+                return True
+        return False
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         for name, p in self.named_parameters():
@@ -326,14 +375,16 @@ class ToyTransformer(HookedRootModule):
         embed = self.hook_embed(embed)
         pos = self.hook_pos_embed(self.pos_embed.W_pos[start:cfg.n_prompt + T].expand(B, -1, -1))
         x = self.drop(embed + pos)
+        fast = self.fast_attention and not self.has_hooks()
         for layer, block in enumerate(self.blocks):
             pk = pv = None
             if state is not None and state.prefix_k is not None:
                 pk, pv = state.prefix_k[layer], state.prefix_v[layer]
                 if pk is not None and pk.shape[-2] == 0:
                     pk = pv = None
-            x = block(x, pk, pv)
-        return self.ln_final(x) @ self.unembed.W_U + self.unembed.b_U
+            x = block(x, pk, pv, fast)
+        x = self.ln_final(x)
+        return torch.addmm(self.unembed.b_U, x.reshape(-1, x.shape[-1]), self.unembed.W_U).view(*x.shape[:-1], -1)
 
     def content_logits(self, tokens: Tensor, state: MethodState | None = None) -> Tensor:
         """Logits at the content positions only: [batch, T, d_vocab]."""
