@@ -11,7 +11,7 @@ from toy_models.errors import UserError
 from toy_models.model import MethodState, ToyConfig, ToyTransformer, preset_config
 from toy_models.runs import MODEL_FILE, RunDir, load_tensors, provenance, save_tensors, sha256
 from toy_models.tasks import TaskSpec, resolve_task, fixed_test_set
-from toy_models.training import Progress, Trainable, TrainConfig, evaluate, fit
+from toy_models.training import Progress, Trainable, TrainConfig, device_info, evaluate, fit, resolve_device
 
 # [P]'s pretraining recipe (AdamW 0.9/0.95, wd 0.1, clip 1, batch 64) with a warmup + cosine
 # schedule and a larger peak lr, which reaches the same accuracy in far fewer steps on a CPU.
@@ -31,9 +31,11 @@ def build_model(cfg: ToyConfig, seed: int) -> ToyTransformer:
 def pretrain(out: str | Path, task: str = "mix4", preset: str = "default", spec: TaskSpec | None = None,
              train: TrainConfig | None = None, model_overrides: dict | None = None,
              overwrite: bool = False, resume: bool = False, progress: Progress | None = None,
-             slots: str | None = None) -> dict:
+             slots: str | None = None, device: str | torch.device | None = None) -> dict:
     """Pretrain a base model on `task` and write a run directory. Returns the final metrics.
-    slots: the slot protocol, "token" ([P]: SLOT tokens in the prompt slots) or "empty"."""
+    slots: the slot protocol, "token" ([P]: SLOT tokens in the prompt slots) or "empty".
+    device: None (cpu), "auto", "cpu", "cuda", "mps"; the checkpoint is saved from CPU tensors."""
+    dev = resolve_device(device)
     run = RunDir(out)
     spec = spec or TaskSpec()
     train = train or TrainConfig(**PRETRAIN_DEFAULTS)
@@ -49,8 +51,8 @@ def pretrain(out: str | Path, task: str = "mix4", preset: str = "default", spec:
     run.prepare(overwrite, resume)
     if not resume:
         run.write_json("config.json", config)
-        run.write_json("provenance.json", provenance(train.seed))
-    model = build_model(cfg, train.seed)
+        run.write_json("provenance.json", provenance(train.seed, **device_info(dev)))
+    model = build_model(cfg, train.seed).to(dev)  # initialised on the CPU: the same weights anywhere
     params = dict(model.named_parameters())
     tr = Trainable(params, lambda: None,
                    no_decay=lambda n, p: p.ndim < 2 or n.endswith(("W_E", "W_pos")))
@@ -82,8 +84,10 @@ class LoadedRun:
         return self.path.name
 
 
-def load_model(path: str | Path) -> tuple[ToyTransformer, dict]:
-    """The base model of a base run directory, checked against its config."""
+def load_model(path: str | Path, device: str | torch.device | None = None) -> tuple[ToyTransformer, dict]:
+    """The base model of a base run directory, checked against its config, on `device`
+    (default cpu)."""
+    dev = resolve_device(device)
     run = RunDir(path)
     config = run.config
     if config.get("kind") != "pretrain":
@@ -103,16 +107,17 @@ def load_model(path: str | Path) -> tuple[ToyTransformer, dict]:
         raise UserError(f"checkpoint {run.path / MODEL_FILE} does not match its config "
                         f"(first mismatch: {missing[0] if missing else sorted(set(got) - set(expected))[0]})")
     model.load_state_dict(tensors)
+    model.to(dev)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model, config
 
 
-def load_base_run(path: str | Path) -> LoadedRun:
+def load_base_run(path: str | Path, device: str | torch.device | None = None) -> LoadedRun:
     """A base run (state None). Tuned runs load through `tuning.load_run`, which sits above the
     method registry it needs, so this layer never imports the one above it."""
-    model, config = load_model(path)
+    model, config = load_model(path, device)
     return LoadedRun(RunDir(path).path, config, model, TaskSpec(**config["task_spec"]), None)
 
 

@@ -99,9 +99,11 @@ def versions() -> dict[str, str]:
     return out
 
 
-def provenance(seed: int) -> dict:
+def provenance(seed: int, **extra) -> dict:
+    """extra: e.g. the device a run trained on (kept out of config.json, so a run may resume on
+    another device)."""
     return {"argv": sys.argv, "command": " ".join(sys.argv), "seed": seed, "versions": versions(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cwd": os.getcwd()}
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cwd": os.getcwd(), **extra}
 
 
 class RunDir:

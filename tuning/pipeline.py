@@ -4,6 +4,7 @@ base runs through toy_models, tuned runs through the method registry), and match
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -11,9 +12,10 @@ import torch
 from toy_models.errors import UserError
 from toy_models.pipeline import LoadedRun, base_sha, load_base_run, load_model
 from toy_models.runs import METHOD_FILE, RunDir, load_tensors, provenance, save_tensors
-from toy_models.tasks import TaskSpec, resolve_task
-from toy_models.training import Progress, Trainable, TrainConfig, fit
+from toy_models.tasks import ResolvedTask, TaskSpec, resolve_task
+from toy_models.training import Progress, Trainable, TrainConfig, device_info, fit, resolve_device
 from tuning import METHODS, make_method
+from tuning.base import Method
 
 TUNE_DEFAULTS = dict(steps=1000, warmup=50, schedule="cosine", eval_every=100)
 
@@ -28,36 +30,72 @@ def method_train_config(method: str, overrides: dict) -> TrainConfig:
 
 def finetune(base: str | Path, method: str, task: str, out: str | Path, opts: dict | None = None,
              train: dict | None = None, overwrite: bool = False, resume: bool = False,
-             progress: Progress | None = None, slots: str | None = None) -> dict:
+             progress: Progress | None = None, slots: str | None = None,
+             device: str | torch.device | None = None) -> dict:
     """Tune `method` on `task` over the frozen base run; write a tuned run. Returns final metrics.
-    slots: the slot protocol the caller expects of the base; another one is refused."""
-    opts = dict(opts or {})
-    cfg = method_train_config(method, train or {})
+    slots: the slot protocol the caller expects of the base; another one is refused.
+    device: None (cpu), "auto", "cpu", "cuda", "mps" (recorded in provenance.json)."""
+    dev = resolve_device(device)
     model, base_config = load_model(base)
     check_slots(model, slots, base)
+    job = prepare_job(model, base_config, base, method, task, out, opts, train)
+    job.run.check_new(overwrite, resume)
+    if resume and job.run.config != job.config:
+        raise UserError(f"the options differ from those of the interrupted run at {job.run.path}")
+    start_job(job, overwrite, resume, dev)
+    model.to(dev)
+    job.method.to(dev)
+    metrics = fit(model, job.trainable(), job.task, job.spec, job.cfg, run=job.run, resume=resume,
+                  progress=progress)
+    return finish_job(job, metrics)
+
+
+@dataclass
+class Job:
+    """One tuned run, validated and ready to train: its directory, method, config, task."""
+
+    run: RunDir
+    method: Method
+    cfg: TrainConfig
+    task: ResolvedTask
+    spec: TaskSpec
+    config: dict  # what config.json holds
+
+    def trainable(self) -> Trainable:
+        return Trainable(dict(self.method.named_parameters()), self.method.state, self.method.no_decay)
+
+
+def prepare_job(model, base_config: dict, base, method: str, task: str, out, opts: dict | None,
+                train: dict | None) -> Job:
+    """Validate a finetune (method options, task, training options) and build its method on
+    `model` (on the CPU, so the initialisation is the same on every device). Writes nothing."""
+    opts = dict(opts or {})
+    cfg = method_train_config(method, train or {})
     spec = TaskSpec(**base_config["task_spec"])
     resolved = resolve_task(task, spec)
-    run = RunDir(out)
     g = torch.Generator().manual_seed(cfg.seed)
     m = make_method(method, model, generator=g, **opts)  # validates P, r, ... before any write
-    run.check_new(overwrite, resume)
     base_path = Path(base).resolve()
     config = {"kind": "finetune", "task": task, "method": m.config(), "task_spec": spec.to_dict(),
               "train": cfg.to_dict(), "seed": cfg.seed, "n_params": m.n_params,
               "slots": model.cfg.slots,
               "base": {"path": str(base_path), "sha256": base_sha(base_path),
                        "task": base_config["task"], "preset": base_config["preset"]}}
-    if resume and run.config != config:
-        raise UserError(f"the options differ from those of the interrupted run at {run.path}")
-    run.prepare(overwrite, resume)
+    return Job(RunDir(out), m, cfg, resolved, spec, config)
+
+
+def start_job(job: Job, overwrite: bool, resume: bool, device: torch.device) -> None:
+    """Create the run directory (config.json, provenance.json) unless resuming."""
+    job.run.prepare(overwrite, resume)
     if not resume:
-        run.write_json("config.json", config)
-        run.write_json("provenance.json", provenance(cfg.seed))
-    tr = Trainable(dict(m.named_parameters()), m.state, m.no_decay)
-    metrics = fit(model, tr, resolved, spec, cfg, run=run, resume=resume, progress=progress)
-    metrics["n_params"] = m.n_params
-    save_tensors(run.path / METHOD_FILE, m.export(), meta={"method": m.config()})
-    run.finish(metrics)
+        job.run.write_json("config.json", job.config)
+        job.run.write_json("provenance.json", provenance(job.cfg.seed, **device_info(device)))
+
+
+def finish_job(job: Job, metrics: dict) -> dict:
+    metrics["n_params"] = job.method.n_params
+    save_tensors(job.run.path / METHOD_FILE, job.method.export(), meta={"method": job.method.config()})
+    job.run.finish(metrics)
     return metrics
 
 
@@ -71,39 +109,54 @@ def check_slots(model, expected: str | None, base, tuned=None) -> None:
 
 
 def finetune_seeds(base, method, task, out, seeds: list[int], opts=None, train=None, overwrite=False,
-                   progress=None, on_seed=None) -> dict:
-    """Repeat a finetune per seed into out/seed{N}; returns per-seed metrics and mean ± std."""
+                   progress=None, on_seed=None, fuse: bool = True, device=None) -> dict:
+    """Repeat a finetune per seed into out/seed{N}; returns per-seed metrics and mean ± std.
+    fuse: train the seeds together (`tuning.fused.finetune_many`); False: one after another."""
     if not seeds:
         raise UserError("--seeds needs at least one seed, e.g. --seeds 0,1,2")
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds repeats a seed: {seeds}")
     root = RunDir(out)
     root.check_new(overwrite, False)
-    results = {}
-    for s in seeds:
-        if on_seed:
-            on_seed(s)
-        results[s] = finetune(base, method, task, Path(out) / f"seed{s}", opts,
-                              {**(train or {}), "seed": s}, overwrite=overwrite, progress=progress)
-    accs = [r["exact_acc"] for r in results.values()]
+    if fuse:
+        from tuning.fused import finetune_many
+        jobs = [dict(method=method, task=task, out=Path(out) / f"seed{s}", opts=opts, train=train, seed=s)
+                for s in seeds]
+        results = dict(zip(seeds, finetune_many(base, jobs, progress, device, overwrite=overwrite)))
+    else:
+        results = {}
+        for s in seeds:
+            if on_seed:
+                on_seed(s)
+            results[s] = finetune(base, method, task, Path(out) / f"seed{s}", opts,
+                                  {**(train or {}), "seed": s}, overwrite=overwrite, progress=progress,
+                                  device=device)
+    return seeds_summary(root, method, task, seeds, results)
+
+
+def seeds_summary(root: RunDir, method: str, task: str, seeds: list[int], results: dict) -> dict:
+    accs = [results[s]["exact_acc"] for s in seeds]
     summary = {"method": method, "task": task, "seeds": seeds, "runs": [f"seed{s}" for s in seeds],
-               "exact_acc": {str(s): r["exact_acc"] for s, r in results.items()},
+               "exact_acc": {str(s): results[s]["exact_acc"] for s in seeds},
                "exact_acc_mean": statistics.fmean(accs),
                "exact_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0}
     root.write_json("summary.json", summary)
     return summary
 
 
-def load_run(path: str | Path) -> LoadedRun:
-    """Any run: a base run (state None) or a tuned run (base model + its method state)."""
+def load_run(path: str | Path, device: str | torch.device | None = None) -> LoadedRun:
+    """Any run: a base run (state None) or a tuned run (base model + its method state), on
+    `device` (default cpu) wherever it was trained."""
     run = RunDir(path)
     kind = run.config.get("kind")
     if kind == "pretrain":
-        return load_base_run(path)
+        return load_base_run(path, device)
     if kind == "finetune":
-        return load_tuned(run.path, run.config)
+        return load_tuned(run.path, run.config, device)
     raise UserError(f"{run.path}/config.json has unknown run kind {kind!r}")
 
 
-def load_tuned(path: Path, config: dict) -> LoadedRun:
+def load_tuned(path: Path, config: dict, device: str | torch.device | None = None) -> LoadedRun:
     run = RunDir(path)
     if not run.complete:
         raise UserError(f"run {run.path} is not complete; finish it with --resume")
@@ -122,6 +175,9 @@ def load_tuned(path: Path, config: dict) -> LoadedRun:
     opts = {k: v for k, v in config["method"].items() if k != "name"}
     m = make_method(config["method"]["name"], model, **opts)
     m.load_export(load_tensors(run.path / METHOD_FILE))
+    dev = resolve_device(device)
+    model.to(dev)
+    m.to(dev)
     m.requires_grad_(False)
     with torch.no_grad():
         state = m.state()

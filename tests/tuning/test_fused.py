@@ -1,0 +1,175 @@
+"""Fused runs (tuning/fused.py, toy_models.training.fit_many): K runs trained in one forward and
+backward must end exactly where the same runs trained alone end, within fp32 rounding."""
+
+import json
+
+import pytest
+import torch
+
+from toy_models.errors import UserError
+from toy_models.model import MethodState
+from toy_models.pipeline import pretrain
+from toy_models.runs import load_tensors
+from toy_models.tasks import TaskSpec
+from toy_models.training import TrainConfig, fold_states, runs_logits
+from tuning.fused import _groups, finetune_grid, finetune_many
+from tuning.pipeline import finetune, load_run
+
+SPEC = TaskSpec(length=4, num_digits=4, prompt_len=3)
+TRAIN = {"steps": 6, "batch_size": 16, "eval_every": 2, "eval_size": 32, "warmup": 2}
+# runs of one group differ in task, seed, learning rate and clipping (the last one always clips,
+# so a norm taken over the group instead of per run would show)
+RUNS = [("add2", 0, {}), ("ascending", 1, {"lr": 3e-2}), ("add2", 2, {"lr": 2e-3, "grad_clip": 1e-3})]
+
+METHODS = [
+    ("prefix", {"length": 2, "share": "none"}),
+    ("prefix", {"length": 2, "share": "simple"}),
+    ("prefix", {"length": 2, "share": "deep", "hidden": 8}),
+    ("prefix", {"length": 1, "share": "simple", "depth": "shallow"}),
+    ("soft_prompt", {"length": 2}),
+    ("lora", {"rank": 1}),
+    ("lora", {"rank": 2, "targets": ["q", "k", "v", "o"]}),
+]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    path = tmp_path_factory.mktemp("base") / "add1"
+    pretrain(path, "add1", "micro", SPEC, TrainConfig(steps=60, batch_size=32, lr=1e-2, warmup=10,
+                                                      eval_every=60, eval_size=64))
+    return path
+
+
+def jobs_for(root, method, opts, train=TRAIN):
+    return [dict(method=method, task=t, out=root / f"{method}-{t}-s{s}", opts=opts,
+                 train={**train, **extra}, seed=s) for t, s, extra in RUNS]
+
+
+def alone(base, job, out):
+    return finetune(base, job["method"], job["task"], out, job["opts"], {**job["train"], "seed": job["seed"]})
+
+
+def strip(m):
+    return {k: v for k, v in m.items() if k != "timing"}
+
+
+def rows(path):
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(fused_dir, alone_dir):
+    a, b = rows(fused_dir), rows(alone_dir)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5, abs=1e-6)
+        assert {k: v for k, v in ra.items() if k != "loss"} == {k: v for k, v in rb.items() if k != "loss"}
+    ta, tb = load_tensors(fused_dir / "method.safetensors"), load_tensors(alone_dir / "method.safetensors")
+    assert set(ta) == set(tb)
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], rtol=1e-5, atol=1e-5)
+    assert json.loads((fused_dir / "config.json").read_text()) == json.loads((alone_dir / "config.json").read_text())
+
+
+@pytest.mark.parametrize("method,opts", METHODS, ids=lambda v: str(v))
+def test_fused_runs_equal_runs_alone(base, tmp_path, method, opts):
+    jobs = jobs_for(tmp_path / "fused", method, opts)
+    calls = []
+    fused = finetune_many(base, jobs, progress=lambda s, n, info: calls.append(info))
+    assert all(c.get("runs") == 3 for c in calls), "the three runs train as one group"
+    for job, m in zip(jobs, fused):
+        out = tmp_path / "alone" / job["out"].name
+        assert strip(m) == strip(alone(base, job, out))
+        assert_same_run(job["out"], out)
+        assert m["timing"]["fused_runs"] == 3
+        loaded = load_run(job["out"])  # load_run reads a fused run unchanged
+        assert loaded.config["task"] == job["task"] and loaded.state is not None
+
+
+def test_runs_logits_folds_and_vmaps_to_the_runs_alone(base):
+    run = load_run(base)
+    model = run.model
+    toks = torch.randint(0, SPEC.vocab_size - 1, (3, 5, SPEC.content_len))
+    g = torch.Generator().manual_seed(0)
+    prompts = [MethodState(prompt=torch.randn(2, model.cfg.d_model, generator=g)) for _ in range(3)]
+    alone_ = torch.stack([model(toks[k], s) for k, s in enumerate(prompts)])
+    torch.testing.assert_close(runs_logits(model, toks, prompts), alone_, rtol=1e-5, atol=1e-5)
+    weights = [MethodState(weights={"blocks.0.mlp.W_in": model.blocks[0].mlp.W_in + 0.1 * torch.randn(
+        model.blocks[0].mlp.W_in.shape, generator=g)}) for _ in range(3)]
+    alone_ = torch.stack([model(toks[k], s) for k, s in enumerate(weights)])
+    torch.testing.assert_close(runs_logits(model, toks, weights), alone_, rtol=1e-5, atol=1e-5)
+    # a wrong fold (the runs' rows swapped) is caught
+    assert not torch.allclose(runs_logits(model, toks.flip(0), prompts), alone_)
+    with pytest.raises(ValueError):
+        fold_states([prompts[0], MethodState(prompt=torch.zeros(1, model.cfg.d_model))], 5)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_group_resumes_to_the_uninterrupted_result(base, tmp_path):
+    method, opts = "prefix", {"length": 2, "share": "simple"}
+    full = finetune_many(base, jobs_for(tmp_path / "full", method, opts))
+
+    def stop_at_4(step, total, info):
+        if step == 4 and info.get("eval"):
+            raise Interrupt
+
+    cut = jobs_for(tmp_path / "cut", method, opts)
+    with pytest.raises(Interrupt):
+        finetune_many(base, cut, progress=stop_at_4)
+    assert all((j["out"] / "train_state.json").is_file() and not (j["out"] / "metrics.json").exists() for j in cut)
+    resumed = finetune_many(base, cut)
+    for a, b, j in zip(resumed, full, cut):
+        assert strip(a) == strip(b)
+        assert_same_run(j["out"], tmp_path / "full" / j["out"].name)
+    # complete runs are reused, not retrained
+    calls = []
+    again = finetune_many(base, cut, progress=lambda *a: calls.append(a))
+    assert not calls and [strip(a) for a in again] == [strip(a) for a in resumed]
+
+
+def test_bad_jobs_are_refused_before_anything_is_written(base, tmp_path):
+    good = jobs_for(tmp_path, "prefix", {"length": 2})
+    for bad, match in [(dict(good[0], opts={"length": 9}), "does not fit"),
+                       (dict(good[0], task="nope"), "unknown task"),
+                       (dict(good[0], colour="red"), "unknown keys"),
+                       (dict(good[1], out=good[0]["out"]), "same run directory")]:
+        with pytest.raises(UserError, match=match):
+            finetune_many(base, [good[0], bad])
+        assert not any(tmp_path.iterdir())
+    finetune_many(base, good[:1])
+    with pytest.raises(UserError, match="other options"):  # a complete run with other options
+        finetune_many(base, [dict(good[0], opts={"length": 1})])
+
+
+def test_grouping(base):
+    model = load_run(base).model
+    from tuning.pipeline import prepare_job
+    from toy_models.pipeline import load_model
+    m, bc = load_model(base)
+
+    def job(method, opts, **train):
+        return (0, prepare_job(m, bc, base, method, "add2", "/tmp/x", opts, {**TRAIN, **train}), False)
+
+    items = [job("prefix", {"length": 2}), job("prefix", {"length": 2}, lr=1.0, seed=3),
+             job("prefix", {"length": 1}), job("prefix", {"length": 2}, steps=8),
+             job("lora", {"rank": 1}), job("full", {})]
+    sizes = sorted(len(g) for g in _groups(items, model, True, None))
+    assert sizes == [1, 1, 1, 1, 2]  # same structure and schedule length fuse; full (dropout) alone
+    assert all(len(g) == 1 for g in _groups(items, model, False, None))
+    assert sorted(len(g) for g in _groups(items[:2], model, True, 1)) == [1, 1]
+
+
+def test_finetune_grid_writes_one_run_per_task_and_seed(base, tmp_path):
+    res = finetune_grid(base, "prefix", ["add2", "ascending"], tmp_path / "g", [0, 1], {"length": 1}, TRAIN)
+    assert set(res) == {"add2", "ascending"}
+    for t in res:
+        assert (tmp_path / "g" / t / "summary.json").is_file()
+        for s in (0, 1):
+            assert load_run(tmp_path / "g" / t / f"seed{s}").config["seed"] == s
+    one = finetune_grid(base, "prefix", ["add2", "ascending"], tmp_path / "h", None, {"length": 1}, TRAIN,
+                        fuse=False)
+    assert strip(one["add2"]) == strip(json.loads((tmp_path / "h" / "add2" / "metrics.json").read_text()))
+    with pytest.raises(UserError, match="already exists"):
+        finetune_grid(base, "prefix", ["add2"], tmp_path / "h", None, {"length": 1}, TRAIN)

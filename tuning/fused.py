@@ -1,0 +1,157 @@
+"""Fused runs: K tuned runs of one method structure over one frozen base, trained in one batched
+forward and backward (`toy_models.training.fit_many`).
+
+Each run keeps everything a run alone has: its task and data stream, seed, learning rate and
+schedule, optimizer state, gradient clipping, evaluation, checkpoints (train_state.*) and run
+directory, written exactly as `tuning.pipeline.finetune` writes it, so `load_run` and the study
+read fused runs unchanged. Only the forward and backward are shared: context methods (prompts,
+prefixes) fold into the batch as per-sequence method states; weight overrides (LoRA) stack along
+a run axis under torch.func.vmap. A fused run ends with the same metrics as the same run alone,
+within fp32 rounding (tests/tuning/test_fused.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from toy_models.errors import UserError
+from toy_models.pipeline import load_model
+from toy_models.runs import RunDir
+from toy_models.training import Member, Progress, fit_many, resolve_device
+from tuning.pipeline import Job, finish_job, prepare_job, start_job
+
+JOB_KEYS = ("method", "task", "out", "opts", "train", "seed")
+
+
+def finetune_many(base, jobs: list[dict], progress: Progress | None = None, device=None,
+                  overwrite: bool = False, fuse: bool = True, max_fused: int | None = None) -> list[dict]:
+    """Tune several runs over one base run. Each job is dict(method, task, out, opts, train,
+    seed) with the meaning of `tuning.pipeline.finetune(base, method, task, out, opts, train)`
+    (seed overrides train["seed"]). Complete runs with the same config are reused, interrupted
+    ones resumed, runs killed before their first checkpoint restarted; jobs that differ only in
+    task, seed and optimizer settings (lr, schedule, warmup, weight decay, clipping) are fused
+    into one group, others run alone. Returns each job's final metrics (what finetune returns).
+    progress: one callback (step, total, info) per group. overwrite: retrain every job afresh.
+    fuse=False trains every job alone; max_fused caps the runs of one group."""
+    dev = resolve_device(device)
+    if not jobs:
+        return []
+    model, base_config = load_model(base)  # methods are built on the CPU, then moved
+    prepared: list[Job] = []
+    for i, j in enumerate(jobs):
+        unknown = set(j) - set(JOB_KEYS)
+        missing = {"method", "task", "out"} - set(j)
+        if unknown or missing:
+            raise UserError(f"job {i}: {'unknown keys ' + str(sorted(unknown)) if unknown else 'missing ' + str(sorted(missing))}")
+        train = dict(j.get("train") or {})
+        if j.get("seed") is not None:
+            train["seed"] = j["seed"]
+        prepared.append(prepare_job(model, base_config, base, j["method"], j["task"], j["out"], j.get("opts"), train))
+    outs = [job.run.path.resolve() for job in prepared]
+    if len(set(outs)) != len(outs):
+        dup = next(o for o in outs if outs.count(o) > 1)
+        raise UserError(f"two jobs write the same run directory {dup}")
+
+    # what to do with each job's directory: decided for all before anything is written
+    results: list[dict | None] = [None] * len(prepared)
+    todo: list[tuple[int, Job, bool]] = []  # (index, job, resume)
+    for i, job in enumerate(prepared):
+        action = _action(job, overwrite)
+        if action == "reuse":
+            results[i] = job.run.read_json("metrics.json")
+        else:
+            todo.append((i, job, action == "resume"))
+
+    groups = _groups(todo, model, fuse, max_fused)
+    model.to(dev)
+    for group in groups:
+        for _, job, resume in group:
+            start_job(job, overwrite=not resume, resume=resume, device=dev)
+            job.method.to(dev)
+        members = [Member(job.trainable(), job.task, job.cfg, job.run, resume) for _, job, resume in group]
+        metrics = fit_many(model, members, prepared[0].spec, progress)
+        for (i, job, _), m in zip(group, metrics):
+            results[i] = finish_job(job, m)
+        for _, job, _ in group:  # free the group's tensors
+            job.method.to("cpu")
+    return results
+
+
+def _action(job: Job, overwrite: bool) -> str:
+    """'reuse' a complete run, 'resume' an interrupted one, else 'fresh' (writes afresh)."""
+    run = job.run
+    if overwrite or not run.path.exists():
+        return "fresh"
+    if not run.path.is_dir():
+        raise UserError(f"{run.path} exists and is not a run directory")
+    if not any(run.path.iterdir()):
+        return "fresh"
+    config = run.read_json("config.json") if (run.path / "config.json").is_file() else None
+    if config != job.config:
+        what = "a complete run" if run.complete else "another run"
+        raise UserError(f"{run.path} holds {what} with other options; pass --overwrite to replace it")
+    if run.complete:
+        return "reuse"
+    return "resume" if run.resumable else "fresh"  # killed before its first checkpoint: restart
+
+
+def _key(job: Job) -> str | None:
+    """Jobs with the same key train fused; None: this job trains alone."""
+    c = job.cfg
+    return json.dumps([job.config["method"], c.steps, c.batch_size, c.eval_every, c.eval_size, c.stop_at,
+                       c.train_mode], sort_keys=True, default=str)
+
+
+def _groups(todo, model, fuse: bool, max_fused: int | None) -> list[list]:
+    groups: dict[str, list] = {}
+    alone = []
+    for item in todo:
+        job = item[1]
+        # dropout masks of fused runs would differ from those of the runs alone
+        if not fuse or (job.cfg.train_mode and model.cfg.dropout > 0):
+            alone.append([item])
+        else:
+            groups.setdefault(_key(job), []).append(item)
+    out = []
+    cap = max_fused or 10 ** 9
+    for g in groups.values():
+        out.extend(g[i:i + cap] for i in range(0, len(g), cap))
+    return out + alone
+
+
+def finetune_grid(base, method: str, tasks: list[str], out, seeds: list[int] | None, opts=None, train=None,
+                  overwrite: bool = False, progress: Progress | None = None, fuse: bool = True,
+                  device=None) -> dict:
+    """`prefixlab finetune --task a,b,c [--seeds 0,1,2]`: one run directory per task under
+    `out` (out/<task>, or out/<task>/seed<N> with several seeds), fused by default. Returns
+    {task: metrics or the seeds' summary}."""
+    from tuning.pipeline import seeds_summary
+    if not tasks:
+        raise UserError("--task needs at least one task")
+    if len(set(tasks)) != len(tasks):
+        raise UserError(f"--task repeats a task: {','.join(tasks)}")
+    if seeds is not None and len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds repeats a seed: {seeds}")
+    root = RunDir(out)
+    root.check_new(overwrite, False)
+    jobs = []
+    for t in tasks:
+        for s in seeds or [None]:
+            path = Path(out) / t / f"seed{s}" if seeds else Path(out) / t
+            seed = s if s is not None else (train or {}).get("seed")
+            jobs.append(dict(method=method, task=t, out=path, opts=opts, train=train, seed=seed))
+    if fuse:
+        metrics = finetune_many(base, jobs, progress, device, overwrite=overwrite)
+    else:
+        from tuning.pipeline import finetune
+        metrics = [finetune(base, j["method"], j["task"], j["out"], j["opts"],
+                            {**(j["train"] or {}), **({"seed": j["seed"]} if j["seed"] is not None else {})},
+                            overwrite=overwrite, progress=progress, device=device) for j in jobs]
+    res: dict = {}
+    for t in tasks:
+        per = {j["seed"]: m for j, m in zip(jobs, metrics) if j["task"] == t}
+        res[t] = seeds_summary(RunDir(Path(out) / t), method, t, seeds, per) if seeds else per[next(iter(per))]
+    return res
