@@ -48,6 +48,15 @@ def _fail(msg: str):
     raise UserError(msg)
 
 
+DEVICE_HELP = "auto (a GPU when torch sees one), cpu, cuda or mps"
+
+
+def _device(name: str):
+    """Validate --device before anything is written (a device torch cannot use: exit 2)."""
+    from toy_models.training import resolve_device
+    return resolve_device(name)
+
+
 def _ints(text: Optional[str], what: str) -> Optional[List[int]]:
     if text is None or text == "":
         return None
@@ -123,9 +132,11 @@ def pretrain(task: str = typer.Option("mix4", help="task to pretrain on (see `pr
              seed: int = typer.Option(0, help="seed of init, data and dropout"),
              overwrite: bool = typer.Option(False, help="replace an existing run directory"),
              resume: bool = typer.Option(False, help="continue an interrupted run"),
+             device: str = typer.Option("cpu", help=DEVICE_HELP),
              json_out: bool = typer.Option(False, "--json", help="print the final metrics as JSON")):
     """Pretrain a toy model on a task and write a base run."""
     from toy_models.pipeline import PRETRAIN_DEFAULTS, pretrain as _pretrain
+    dev = _device(device)
     from toy_models.tasks import TaskSpec
     from toy_models.training import TrainConfig
     spec = TaskSpec(length=length, num_digits=num_digits, prompt_len=prompt_len)
@@ -134,7 +145,7 @@ def pretrain(task: str = typer.Option("mix4", help="task to pretrain on (see `pr
     train = TrainConfig(**{**PRETRAIN_DEFAULTS, **opts})
     with Progress(f"pretrain {task}") as prog:
         m = _pretrain(out, task, preset, spec, train, overwrite=overwrite, resume=resume, progress=prog,
-                      slots=slots)
+                      slots=slots, device=dev)
     if json_out:
         print(json.dumps(m, indent=2))
     else:
@@ -146,7 +157,7 @@ def pretrain(task: str = typer.Option("mix4", help="task to pretrain on (see `pr
 @command()
 def finetune(base: Path = typer.Argument(..., help="base (pretrained) run directory"),
              method: str = typer.Option(..., help="full, lora, soft_prompt or prefix"),
-             task: str = typer.Option(..., help="task to tune for"),
+             task: str = typer.Option(..., help="task to tune for; several (a,b,c): one run per task under --out"),
              out: Path = typer.Option(..., help="tuned run directory to write"),
              length: Optional[int] = typer.Option(None, "--length", "-P", help="prompt/prefix length P"),
              share: Optional[str] = typer.Option(None, help="prefix: none, simple (default) or deep"),
@@ -166,11 +177,15 @@ def finetune(base: Path = typer.Argument(..., help="base (pretrained) run direct
              eval_every: Optional[int] = typer.Option(None),
              seed: int = typer.Option(0),
              seeds: Optional[str] = typer.Option(None, help="repeat for these seeds, e.g. 0,1,2; reports mean ± std"),
+             fuse: bool = typer.Option(True, "--fuse/--no-fuse", help="train several seeds/tasks in one batched forward (default) or one by one"),
              overwrite: bool = typer.Option(False),
              resume: bool = typer.Option(False),
+             device: str = typer.Option("cpu", help=DEVICE_HELP),
              json_out: bool = typer.Option(False, "--json")):
     """Tune a method on a task over a frozen base run and write a tuned run."""
     from tuning.pipeline import finetune as _finetune, finetune_seeds
+    dev = _device(device)
+    task_list = [t.strip() for t in task.split(",") if t.strip()]
     raw = {"length": length, "share": share, "depth": depth, "hidden": hidden, "mlp": mlp, "rank": rank,
            "alpha": alpha, "targets": targets.split(",") if targets else None, "init": init,
            "tokens": _ints(tokens, "--tokens")}
@@ -181,16 +196,33 @@ def finetune(base: Path = typer.Argument(..., help="base (pretrained) run direct
         _fail(f"option --{sorted(set(opts) - allowed[method])[0]} does not apply to method {method}")
     train = _train_opts(steps, lr, batch_size, seed, schedule, warmup, eval_every)
     seed_list = _ints(seeds, "--seeds")
+    if (seed_list or len(task_list) > 1) and resume:
+        _fail("--resume applies to one run; with --seeds or several tasks, complete runs are reused "
+              "and interrupted ones resumed by `prefixlab reproduce` (rerun with --overwrite to start afresh)")
     with Progress(f"{method} on {task}") as prog:
+        if len(task_list) > 1:
+            from tuning.fused import finetune_grid
+            res = finetune_grid(base, method, task_list, out, seed_list, opts, train, overwrite=overwrite,
+                                progress=prog, fuse=fuse, device=dev)
+            if json_out:
+                print(json.dumps(res, indent=2))
+            else:
+                for t, r in res.items():
+                    acc = (f"{r['exact_acc_mean']:.2%} ± {r['exact_acc_std']:.2%} over seeds {seed_list}"
+                           if seed_list else f"{r['exact_acc']:.2%}")
+                    print(f"{out / t}: {method} on {t}: exact accuracy {acc}")
+            return
         if seed_list:
-            s = finetune_seeds(base, method, task, out, seed_list, opts, train, overwrite=overwrite, progress=prog)
+            s = finetune_seeds(base, method, task, out, seed_list, opts, train, overwrite=overwrite, progress=prog,
+                               fuse=fuse, device=dev)
             if json_out:
                 print(json.dumps(s, indent=2))
             else:
                 print(f"{out}: {method} on {task}: exact accuracy {s['exact_acc_mean']:.2%} ± "
                       f"{s['exact_acc_std']:.2%} over seeds {seed_list}")
             return
-        m = _finetune(base, method, task, out, opts, train, overwrite=overwrite, resume=resume, progress=prog)
+        m = _finetune(base, method, task, out, opts, train, overwrite=overwrite, resume=resume, progress=prog,
+                      device=dev)
     if json_out:
         print(json.dumps(m, indent=2))
     else:
@@ -202,13 +234,15 @@ def finetune(base: Path = typer.Argument(..., help="base (pretrained) run direct
 def evaluate(runs: List[Path] = typer.Argument(..., help="base or tuned run directories"),
              task: Optional[List[str]] = typer.Option(None, "--task", "-t", help="task(s); default: each run's own"),
              n: int = typer.Option(1000, help="size of the fixed test set"),
+             device: str = typer.Option("cpu", help=DEVICE_HELP),
              json_out: bool = typer.Option(False, "--json", help="print JSON instead of a table")):
     """Evaluate runs on tasks: a cross-task matrix of exact-sequence accuracy."""
     from toy_models.pipeline import evaluate_run
     from tuning.pipeline import load_run
+    dev = _device(device)
     if n <= 0:
         _fail(f"--n must be positive, got {n}")
-    loaded = [load_run(r) for r in runs]
+    loaded = [load_run(r, dev) for r in runs]
     from toy_models.tasks import resolve_task
     for t in task or []:
         for r in loaded:
@@ -242,11 +276,15 @@ def probe(runs: List[Path] = typer.Argument(..., help="tuned run directories (on
           inputs: int = typer.Option(1000, help="number of test inputs"),
           out: Path = typer.Option(..., help="directory for probe.json and probe.safetensors"),
           overwrite: bool = typer.Option(False),
+          device: str = typer.Option("cpu", help=DEVICE_HELP),
           json_out: bool = typer.Option(False, "--json")):
     """Probe tuned runs: attention invariance, bias decomposition, clusters, drift, hierarchy."""
     from probes.run import run_probes
+    dev = _device(device)
     report = run_probes(runs, [p.strip() for p in probe_.split(",") if p.strip()], out,
-                        _ints(layers, "--layers"), _ints(heads, "--heads"), inputs, overwrite)
+                        _ints(layers, "--layers"), _ints(heads, "--heads"), inputs, overwrite, device=dev)
+    if report.get("device_note"):
+        print(report["device_note"], file=sys.stderr)
     if json_out:
         print(json.dumps(report, indent=2))
         return
@@ -460,12 +498,14 @@ def report(runs: List[Path] = typer.Argument(..., help="run directories (base an
            out: Path = typer.Option(Path("report.html"), help="the HTML file to write"),
            png: Optional[Path] = typer.Option(None, help="also export every figure as PNG here (needs chromium)"),
            inputs: int = typer.Option(200, help="test inputs for the probes"),
-           overwrite: bool = typer.Option(False)):
+           overwrite: bool = typer.Option(False),
+           device: str = typer.Option("cpu", help=DEVICE_HELP)):
     """Write one self-contained interactive HTML report for a set of runs."""
     from reports.build import build_report
+    dev = _device(device)
     if out.exists() and not overwrite:
         _fail(f"{out} already exists; pass --overwrite to replace it")
-    res = build_report(runs, out, png_dir=png, n_inputs=inputs)
+    res = build_report(runs, out, png_dir=png, n_inputs=inputs, device=dev)
     for w in res.get("warnings", []):
         print(w, file=sys.stderr)
     print(f"wrote {out}")

@@ -17,6 +17,7 @@ from toy_models.pipeline import LoadedRun
 from tuning.pipeline import load_run
 from toy_models.runs import RunDir, save_tensors, write_json
 from toy_models.tasks import fixed_test_set, resolve_task
+from toy_models.training import resolve_device
 
 PROBES = ("invariance", "bias", "clusters", "drift")
 
@@ -50,15 +51,25 @@ def load_tuned_runs(paths: list[Path]) -> list[LoadedRun]:
     return runs
 
 
+# The probes' accumulators (probes/invariance.py, bias.py, drift.py, clusters.py, hierarchy.py)
+# keep their statistics in CPU tensors, so the probes compute on the CPU, in fp32, whatever
+# device is asked for; the device is validated and recorded.
+PROBE_DEVICE = torch.device("cpu")
+
+
 def run_probes(paths: list[Path], probes: list[str], out: Path, layers: list[int] | None = None,
-               heads: list[int] | None = None, n_inputs: int = 1000, overwrite: bool = False) -> dict:
+               heads: list[int] | None = None, n_inputs: int = 1000, overwrite: bool = False,
+               device=None) -> dict:
     bad = [p for p in probes if p not in PROBES]
     if bad or not probes:
         raise UserError(f"unknown probe {bad[0] if bad else ''!r}; known: {', '.join(PROBES)}")
+    asked = resolve_device(device)
     runs = load_tuned_runs(paths)
     out_dir = RunDir(out)
     out_dir.check_new(overwrite, False)
-    report: dict = {"runs": {}, "verdicts": []}
+    report: dict = {"runs": {}, "verdicts": [], "device": str(PROBE_DEVICE)}
+    if asked != PROBE_DEVICE:
+        report["device_note"] = f"--device {asked} asked; the probes compute on the CPU in fp32"
     tensors: dict[str, torch.Tensor] = {}
     for r in runs:
         tokens = probe_inputs(r, n_inputs)

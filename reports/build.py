@@ -26,12 +26,12 @@ from toy_models.pipeline import LoadedRun, base_sha
 from tuning.pipeline import load_run
 from toy_models.runs import RunDir
 from toy_models.tasks import MIX4, fixed_test_set, resolve_task
-from toy_models.training import evaluate
+from toy_models.training import evaluate, resolve_device
 
 
 def build_report(runs: list[Path], out: Path, png_dir: Path | None = None, n_inputs: int = 200,
                  extra_sections: list | None = None, title: str = "prefixlab report",
-                 extras_first: bool = False) -> dict:
+                 extras_first: bool = False, device=None) -> dict:
     """Write a report on `runs` (base and/or tuned runs of one base model) to `out`.
 
     extra_sections: Sections, or (title, item) / (title, [items]) / (title, items, intro)
@@ -48,6 +48,8 @@ def build_report(runs: list[Path], out: Path, png_dir: Path | None = None, n_inp
     if n_inputs <= 0:
         raise UserError(f"--inputs must be positive, got {n_inputs}")
     extras = [as_section(s) for s in (extra_sections or [])]  # validated before the slow part
+    # validated and recorded; the probe sections compute on the CPU in fp32 (probes/run.py)
+    asked = resolve_device(device)
 
     loaded = _load(runs)
     tuned = [r for r in loaded if r.state is not None]
@@ -68,7 +70,10 @@ def build_report(runs: list[Path], out: Path, png_dir: Path | None = None, n_inp
     doc, figures = render_report(title, sections, subtitle)
     write_report(out, doc)
     result = {"out": str(out), "bytes": out.stat().st_size, "runs": [labels[id(r)] for r in loaded],
-              "sections": [s.title for s in sections], "figures": len(figures), "png": [], "warnings": []}
+              "sections": [s.title for s in sections], "figures": len(figures), "png": [], "warnings": [],
+              "device": "cpu"}
+    if asked.type != "cpu":
+        result["warnings"].append(f"--device {asked} asked; the report's probes and evaluations ran on the CPU")
     if png_dir is not None:
         paths, warning = export_pngs(figures, Path(png_dir))
         result["png"] = [str(p) for p in paths]

@@ -173,3 +173,20 @@ def test_finetune_grid_writes_one_run_per_task_and_seed(base, tmp_path):
     assert strip(one["add2"]) == strip(json.loads((tmp_path / "h" / "add2" / "metrics.json").read_text()))
     with pytest.raises(UserError, match="already exists"):
         finetune_grid(base, "prefix", ["add2"], tmp_path / "h", None, {"length": 1}, TRAIN)
+
+
+def test_cli_finetune_several_tasks_and_seeds(base, tmp_path):
+    from typer.testing import CliRunner
+    from cli import app
+    common = ["finetune", str(base), "--method", "prefix", "-P", "1", "--steps", "4", "--batch-size", "8",
+              "--eval-every", "2"]
+    r = CliRunner().invoke(app, common + ["--task", "add2,ascending", "--seeds", "0,1", "--out", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    assert all((tmp_path / "a" / t / f"seed{s}" / "metrics.json").is_file() for t in ("add2", "ascending") for s in (0, 1))
+    r = CliRunner().invoke(app, common + ["--task", "add2", "--seeds", "0,1", "--no-fuse", "--out", str(tmp_path / "b")])
+    assert r.exit_code == 0, r.output
+    fused = json.loads((tmp_path / "a" / "add2" / "summary.json").read_text())
+    alone_ = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert fused["exact_acc"] == alone_["exact_acc"]
+    r = CliRunner().invoke(app, common + ["--task", "add2", "--seeds", "0,1", "--resume", "--out", str(tmp_path / "c")])
+    assert r.exit_code == 2 and not (tmp_path / "c").exists()

@@ -1,0 +1,123 @@
+"""Devices: --device auto|cpu|cuda|mps, runs that record where they trained, checkpoints that load
+anywhere, and the attention fast path (SDPA) against the explicit softmax that hooks read."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli import app
+from tests.conftest import micro_model
+from toy_models.errors import UserError
+from toy_models.model import MethodState
+from toy_models.pipeline import load_model, pretrain
+from toy_models.tasks import TaskSpec
+from toy_models.training import TrainConfig, resolve_device
+from tuning.pipeline import finetune, load_run
+
+SPEC = TaskSpec(length=4, num_digits=4, prompt_len=3)
+TINY = TrainConfig(steps=6, batch_size=8, lr=3e-3, warmup=2, eval_every=3, eval_size=16)
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+
+
+def test_resolve_device():
+    assert resolve_device(None) == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    auto = resolve_device("auto")
+    assert auto.type == ("cuda" if torch.cuda.is_available() else auto.type)
+    for bad in ("tpu", "cuda:x", "gpu", ""):
+        with pytest.raises(UserError):
+            resolve_device(bad)
+
+
+@no_cuda
+def test_cuda_without_a_gpu_is_a_user_error():
+    with pytest.raises(UserError, match="cuda is not available"):
+        resolve_device("cuda")
+
+
+@no_cuda
+@pytest.mark.parametrize("argv", [["pretrain", "--preset", "micro", "--steps", "2", "--out", "OUT"],
+                                  ["finetune", "RUN", "--method", "prefix", "--task", "add1", "--out", "OUT"],
+                                  ["evaluate", "RUN"], ["probe", "RUN", "--out", "OUT"],
+                                  ["report", "RUN", "--out", "OUT"]])
+def test_cli_bad_device_is_one_line_exit_2_nothing_written(tmp_path, argv):
+    out = tmp_path / "out"
+    names = {"RUN": str(tmp_path / "missing"), "OUT": str(out)}
+    argv = [names.get(a, a) for a in argv] + ["--device", "cuda"]
+    res = CliRunner().invoke(app, argv)
+    assert res.exit_code == 2, res.output
+    assert "cuda is not available" in res.output and len(res.output.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def keys(d) -> set:
+    return set(d) | {k for v in d.values() if isinstance(v, dict) for k in keys(v)} if isinstance(d, dict) else set()
+
+
+def test_runs_record_the_device_outside_config(tmp_path):
+    pretrain(tmp_path / "b", "add1", "micro", SPEC, TINY, device="cpu")
+    prov = json.loads((tmp_path / "b" / "provenance.json").read_text())
+    assert prov["device"] == "cpu" and prov["autocast"] is None
+    assert "device" not in keys(json.loads((tmp_path / "b" / "config.json").read_text()))
+    finetune(tmp_path / "b", "prefix", "add2", tmp_path / "t", {"length": 1},
+             {"steps": 3, "batch_size": 8, "eval_every": 3, "eval_size": 16}, device="auto")
+    prov = json.loads((tmp_path / "t" / "provenance.json").read_text())
+    assert prov["device"] == str(resolve_device("auto"))
+    assert "device" not in keys(json.loads((tmp_path / "t" / "config.json").read_text()))
+
+
+def test_fast_attention_equals_the_explicit_path_and_hooks_force_the_explicit_one(spec):
+    model = micro_model(spec)
+    toks = torch.randint(0, spec.vocab_size - 1, (4, spec.content_len))
+    g = torch.Generator().manual_seed(0)
+    cfg = model.cfg
+    states = [None, MethodState(prompt=torch.randn(2, cfg.d_model, generator=g)),
+              MethodState(prefix_k=[torch.randn(cfg.n_heads, 2, cfg.d_head, generator=g) for _ in range(cfg.n_layers)],
+                          prefix_v=[torch.randn(cfg.n_heads, 2, cfg.d_head, generator=g) for _ in range(cfg.n_layers)])]
+    for st in states:
+        assert not model.has_hooks()
+        fast = model(toks, st)
+        model.fast_attention = False
+        explicit = model(toks, st)
+        model.fast_attention = True
+        torch.testing.assert_close(fast, explicit, rtol=1e-5, atol=1e-5)
+        logits, cache = model.run_with_cache(toks, state=st)  # hooks attached: the explicit path
+        assert torch.equal(logits, explicit)
+        P = 0 if st is None or st.prefix_k is None else 2
+        slots = model.cfg.n_prompt if model.cfg.slots == "token" else (st.prompt_len if st else 0)
+        T = toks.shape[1] + slots
+        assert cache["blocks.0.attn.hook_pattern"].shape == (4, cfg.n_heads, T, P + T)
+        assert not model.has_hooks()
+    seen = []
+    model.blocks[0].attn.hook_pattern.add_hook(lambda x, hook: seen.append(x.shape))
+    assert model.has_hooks()
+    model(toks)
+    model.reset_hooks()
+    assert seen and not model.has_hooks()
+
+
+def test_checkpoints_are_cpu_tensors_and_load_on_the_cpu(tmp_path):
+    from toy_models.runs import load_tensors
+    pretrain(tmp_path / "b", "add1", "micro", SPEC, TINY)
+    assert all(t.device.type == "cpu" for t in load_tensors(tmp_path / "b" / "model.safetensors").values())
+    model, _ = load_model(tmp_path / "b", device="cpu")
+    assert next(model.parameters()).device.type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_run_loads_on_the_cpu_and_resumes_across_devices(tmp_path):
+    m = pretrain(tmp_path / "b", "add1", "micro", SPEC, TINY, device="cuda")
+    assert json.loads((tmp_path / "b" / "provenance.json").read_text())["device"].startswith("cuda")
+    model, _ = load_model(tmp_path / "b")  # trained on the GPU, loads on the CPU
+    assert next(model.parameters()).device.type == "cpu"
+    finetune(tmp_path / "b", "prefix", "add2", tmp_path / "t", {"length": 1},
+             {"steps": 4, "batch_size": 8, "eval_every": 2, "eval_size": 16}, device="cuda")
+    run = load_run(tmp_path / "t")  # on the CPU
+    assert run.state.prefix_k[0].device.type == "cpu"
+    gpu = load_run(tmp_path / "t", device="cuda")
+    toks = torch.randint(0, SPEC.vocab_size - 1, (2, SPEC.content_len))
+    torch.testing.assert_close(gpu.model(toks.cuda(), gpu.state).cpu(), run.model(toks, run.state),
+                               rtol=1e-4, atol=1e-4)
+    assert 0.0 <= m["exact_acc"] <= 1.0
