@@ -512,14 +512,25 @@ def report(runs: List[Path] = typer.Argument(..., help="run directories (base an
 
 
 @command()
-def reproduce(preset: str = typer.Option("quick", help="quick (<= 10 min on 2 CPU cores) or paper (the papers' model sizes)"),
+def reproduce(preset: str = typer.Option("quick", help="quick (what make demo runs) or paper (the papers' model sizes)"),
               out: Path = typer.Option(Path("runs/reproduce"), help="study directory (stages are cached here)"),
-              stage: Optional[str] = typer.Option(None, help="run only these stages, e.g. E1,probes")):
+              stage: Optional[str] = typer.Option(None, help="run only these stages, e.g. E1,probes"),
+              workers: int = typer.Option(1, help="run independent stages in parallel on a local Ray with N workers "
+                                                  "(each pins its torch threads to cores/N)"),
+              ray: Optional[str] = typer.Option(None, "--ray", envvar="RAY_ADDRESS",
+                                                help="run the stages on an existing Ray cluster (out must be shared)")):
     """Run the whole study as cached stages and write one report (paper vs lab first)."""
     from reports.study import render_study
     from study.reproduce import reproduce as _reproduce
-    with StageProgress() as sp:
-        res = _reproduce(out, preset, sp.factory, only=[s for s in stage.split(",")] if stage else None)
+    only = [s for s in stage.split(",")] if stage else None
+    if workers > 1 or ray:
+        def done(name, rec, i, n):
+            what = "cached" if rec.get("cached") else f"{rec['status']} in {rec.get('seconds', 0):.0f} s"
+            print(f"[{i}/{n}] {name}: {what}", file=sys.stderr, flush=True)
+        res = _reproduce(out, preset, None, only, workers, ray, done)
+    else:
+        with StageProgress() as sp:
+            res = _reproduce(out, preset, sp.factory, only)
     report = render_study(out, res)
     failed = [n for n, r in res["records"].items() if r["status"] != "done"]
     for row in res["table"]:
@@ -532,9 +543,10 @@ def reproduce(preset: str = typer.Option("quick", help="quick (<= 10 min on 2 CP
 
 
 @command()
-def demo(out: Path = typer.Option(Path("runs/demo"), help="where the study goes")):
+def demo(out: Path = typer.Option(Path("runs/demo"), help="where the study goes"),
+         workers: int = typer.Option(2, help="parallel stage workers (local Ray)")):
     """The main job on its built-in default: `reproduce --preset quick`."""
-    reproduce(preset="quick", out=out, stage=None)
+    reproduce(preset="quick", out=out, stage=None, workers=workers, ray=None)
 
 
 class StageProgress:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from study.stages import run_stages
 from study.table import paper_vs_lab
+from toy_models.errors import UserError
 from toy_models.runs import write_json
 
 
@@ -25,10 +26,14 @@ def _content(records: dict) -> dict:
     return strip(records)
 
 
-def reproduce(out: Path, preset: str = "quick", progress_factory=None, only: list[str] | None = None) -> dict:
-    """Run every stage (cached), then write report.json (the table and each stage's content)."""
+def reproduce(out: Path, preset: str = "quick", progress_factory=None, only: list[str] | None = None,
+              workers: int = 1, ray_address: str | None = None, on_done=None, threads: int | None = None) -> dict:
+    """Run every stage (cached; in parallel on Ray with workers > 1 or a Ray address), then write
+    report.json (the table and each stage's content, identical whichever way the stages ran)."""
     out = Path(out)
-    records = run_stages(out, preset, progress_factory, only)
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    records = run_stages(out, preset, progress_factory, only, workers, ray_address, on_done, threads)
     table = paper_vs_lab(records)
     content = {"preset": preset, "table": table, "stages": _content(records)}
     write_json(out / "report.json", content)

@@ -114,7 +114,7 @@ def _thm1(d: Path, cfg: dict, up: dict, progress) -> dict:
 def _thm2(d: Path, cfg: dict, up: dict, progress) -> dict:
     from theory.constructions import capacity_count, thm2_check
     return {"thm2": [thm2_check(V, None, n_maps=cfg["n_maps"], seed=0).to_json() for V in cfg["V"]],
-            "capacity": capacity_count().to_json()}
+            "capacity": capacity_count(n_virtual=cfg.get("n_virtual", 10000)).to_json()}
 
 
 def _reparam(d: Path, cfg: dict, up: dict, progress) -> dict:
@@ -162,7 +162,8 @@ def stages_for(preset: str, out: Path) -> list[Stage]:
                     {"sizes": [[5, 4]] if micro else [[10, 10], [94, 20]], "n_targets": 50 if micro else 1000,
                      "text": "I love transformers!"}, _thm1))
     st.append(Stage("thm2", "Theorem 2 and the capacity count", {"V": [4] if micro else [10, 30],
-                                                                 "n_maps": 5 if micro else 100}, _thm2))
+                                                                 "n_maps": 5 if micro else 100,
+                                                                 **({"n_virtual": 500} if micro else {})}, _thm2))
     st.append(Stage("reparam", "Reparameterization sample-efficiency study ([L])",
                     {"mode": "micro" if micro else ("quick" if preset == "quick" else "full"),
                      "overrides": {"ns": [100, 300], "replicates": 2, "steps": 50, "restarts": 1,
@@ -174,54 +175,72 @@ def stages_for(preset: str, out: Path) -> list[Stage]:
 # Running.
 
 
-@dataclass
-class StageOutcome:
-    name: str
-    status: str  # done | failed | cached
-    seconds: float
-    result: dict | None
-    error: str | None = None
+def _run_stage(out: Path, stage: Stage, key: str, upstream: dict, prog) -> dict:
+    """Run one stage into out/stages/<name>-<key>/ and write its record (result.json)."""
+    d = out / "stages" / f"{stage.name}-{key}"
+    d.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    try:
+        result = stage.fn(d, stage.config, upstream, prog)
+        rec = {"name": stage.name, "title": stage.title, "status": "done", "config": stage.config,
+               "key": key, "seconds": time.perf_counter() - t0, "result": result}
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # a failed stage is reported; the others still run
+        rec = {"name": stage.name, "title": stage.title, "status": "failed", "config": stage.config,
+               "key": key, "seconds": time.perf_counter() - t0,
+               "error": f"{e.__class__.__name__}: {e}".splitlines()[0][:300],
+               "traceback": traceback.format_exc()[-3000:]}
+    write_json(d / "result.json", rec)
+    # the record as it reads back from disk (sorted keys): a fresh, a resumed and a parallel study
+    # hand the table and the report exactly the same data
+    return {**read_json(d / "result.json"), "cached": False}
 
 
-def run_stages(out: Path, preset: str = "quick", progress_factory=None, only: list[str] | None = None) -> dict:
-    """Run (or reuse) every stage; returns {name: stage record}. progress_factory(i, n, stage)
-    returns a Progress callback for that stage (or None)."""
-    out = Path(out)
+def _cached(out: Path, stage: Stage, key: str) -> dict | None:
+    marker = out / "stages" / f"{stage.name}-{key}" / "result.json"
+    if marker.is_file():
+        rec = read_json(marker)
+        if rec.get("status") == "done":
+            return {**rec, "cached": True}
+    return None
+
+
+def _plan(out: Path, preset: str, only: list[str] | None) -> tuple[list[Stage], dict[str, str]]:
     stages = stages_for(preset, out)
     if only:
         unknown = [s for s in only if s not in {x.name for x in stages}]
         if unknown:
             raise UserError(f"unknown stage {unknown[0]!r}; stages: {', '.join(s.name for s in stages)}")
-    (out / "stages").mkdir(parents=True, exist_ok=True)
     keys: dict[str, str] = {}
+    for stage in stages:
+        keys[stage.name] = stage.key(keys)
+    return stages, keys
+
+
+def run_stages(out: Path, preset: str = "quick", progress_factory=None, only: list[str] | None = None,
+               workers: int = 1, ray_address: str | None = None, on_done=None, threads: int | None = None) -> dict:
+    """Run (or reuse) every stage; returns {name: stage record} in stage order.
+    progress_factory(i, n, stage) returns a Progress callback for that stage (or None).
+    workers > 1 or a Ray address: independent stages run in parallel as Ray tasks (`study.parallel`);
+    on_done(name, record, n_done, n_total) is called as each stage finishes there; threads: torch
+    threads per Ray task (default: the cores divided among the workers)."""
+    out = Path(out)
+    stages, keys = _plan(out, preset, only)
+    (out / "stages").mkdir(parents=True, exist_ok=True)
+    if workers > 1 or ray_address:
+        from study.parallel import run_parallel
+        return run_parallel(out, preset, stages, keys, only, workers, ray_address, on_done, threads)
     records: dict[str, dict] = {}
     for i, stage in enumerate(stages):
-        keys[stage.name] = stage.key(keys)
         if only and stage.name not in only:
             continue
-        d = out / "stages" / f"{stage.name}-{keys[stage.name]}"
-        marker = d / "result.json"
         prog = progress_factory(i, len(stages), stage) if progress_factory else None
-        if marker.is_file():
-            rec = read_json(marker)
-            if rec.get("status") == "done":
-                records[stage.name] = {**rec, "cached": True}
-                if prog:
-                    prog(1, 1, {"cached": True})
-                continue
-        d.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        try:
-            result = stage.fn(d, stage.config, records, prog)
-            rec = {"name": stage.name, "title": stage.title, "status": "done", "config": stage.config,
-                   "key": keys[stage.name], "seconds": time.perf_counter() - t0, "result": result}
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:  # a failed stage is reported; the others still run
-            rec = {"name": stage.name, "title": stage.title, "status": "failed", "config": stage.config,
-                   "key": keys[stage.name], "seconds": time.perf_counter() - t0,
-                   "error": f"{e.__class__.__name__}: {e}".splitlines()[0][:300],
-                   "traceback": traceback.format_exc()[-3000:]}
-        write_json(marker, rec)
-        records[stage.name] = {**rec, "cached": False}
+        rec = _cached(out, stage, keys[stage.name])
+        if rec is not None:
+            if prog:
+                prog(1, 1, {"cached": True})
+        else:
+            rec = _run_stage(out, stage, keys[stage.name], records, prog)
+        records[stage.name] = rec
     return records

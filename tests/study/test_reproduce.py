@@ -20,31 +20,51 @@ def stage_markers(out: Path) -> dict[str, float]:
     return {p.parent.name: p.stat().st_mtime_ns for p in (out / "stages").glob("*/result.json")}
 
 
-def test_reproduce_micro_caches_and_resumes_after_kill(tmp_path):
+@pytest.fixture(scope="module")
+def sequential(tmp_path_factory):
+    """An uninterrupted micro study, run stage after stage in this process (one torch thread)."""
+    path = tmp_path_factory.mktemp("seq") / "full"
+    full = reproduce(path, "micro")
+    render_study(path, full)
+    return path, full
+
+
+def same_content(a: Path, b: Path) -> None:
+    ca, cb = (json.loads((p / "report.json").read_text()) for p in (a, b))
+    assert ca["table"] == cb["table"]
+    strip = lambda s, p: json.loads(json.dumps(s).replace(str(p), "X"))
+    assert strip(ca["stages"], a) == strip(cb["stages"], b)
+
+
+def kill_after_first_stage(cmd: str, out: Path) -> dict:
+    """Start a study in a new process group, SIGKILL the group once a stage has finished."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", cmd, str(out)], cwd=ROOT, env=env, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not stage_markers(out) and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = stage_markers(out)
+    assert done, "the first stage should have finished before the kill"
+    assert not (out / "report.json").exists()
+    return done
+
+
+def test_reproduce_micro_caches_and_resumes_after_kill(tmp_path, sequential):
     # 1. an uninterrupted study
-    full = reproduce(tmp_path / "full", "micro")
-    render_study(tmp_path / "full", full)
+    full_path, full = sequential
     failed = {n: r.get("error") for n, r in full["records"].items() if r["status"] != "done"}
     assert not failed, failed
-    content_full = json.loads((tmp_path / "full" / "report.json").read_text())
-    assert (tmp_path / "full" / "report.html").stat().st_size > 100_000
+    content_full = json.loads((full_path / "report.json").read_text())
+    assert (full_path / "report.html").stat().st_size > 100_000
     assert content_full["table"][0]["source"] == "[P] E1"
 
     # 2. a study killed (SIGKILL) once its first stage has finished, then rerun
     cut = tmp_path / "cut"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     # same thread count as this process: float results are bitwise equal only for equal threads
-    proc = subprocess.Popen([sys.executable, "-c", "import sys, torch; torch.set_num_threads(1); "
-                             "from study.reproduce import reproduce; "
-                             "reproduce(sys.argv[1], 'micro')", str(cut)], cwd=ROOT, env=env)
-    deadline = time.time() + 300
-    while time.time() < deadline and not stage_markers(cut) and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done_before = stage_markers(cut)
-    assert done_before, "the first stage should have finished before the kill"
-    assert not (cut / "report.json").exists()
+    done_before = kill_after_first_stage("import sys, torch; torch.set_num_threads(1); "
+                                         "from study.reproduce import reproduce; reproduce(sys.argv[1], 'micro')", cut)
     resumed = reproduce(cut, "micro")
     # finished stages were not recomputed
     after = stage_markers(cut)
@@ -52,15 +72,28 @@ def test_reproduce_micro_caches_and_resumes_after_kill(tmp_path):
         assert after[name] == mtime, f"stage {name} was recomputed"
     assert any(r.get("cached") for r in resumed["records"].values())
     # and the final report says the same as the uninterrupted one
-    content_cut = json.loads((cut / "report.json").read_text())
-    assert content_cut["table"] == content_full["table"]
-    strip_paths = lambda s: json.loads(json.dumps(s).replace(str(cut), "X").replace(str(tmp_path / "full"), "X"))
-    assert strip_paths(content_cut["stages"]) == strip_paths(content_full["stages"])
+    same_content(cut, full_path)
 
     # 3. a third run recomputes nothing
     again = reproduce(cut, "micro")
     assert all(r.get("cached") for r in again["records"].values())
 
+
+
+@pytest.mark.slow
+def test_parallel_study_on_ray_resumes_and_matches_the_sequential_one(tmp_path, sequential):
+    """`--workers 2` on a local Ray (num_cpus=2), one thread per task: killed (driver and workers)
+    after its first stage, then rerun, its report content equals the sequential study's."""
+    pytest.importorskip("ray")
+    cut = tmp_path / "ray"
+    done_before = kill_after_first_stage(
+        "import sys; from study.reproduce import reproduce; "
+        "reproduce(sys.argv[1], 'micro', workers=2, threads=1)", cut)
+    res = reproduce(cut, "micro", workers=2, threads=1)
+    assert all(r["status"] == "done" for r in res["records"].values())
+    for name, mtime in done_before.items():
+        assert stage_markers(cut)[name] == mtime, f"stage {name} was recomputed"
+    same_content(cut, sequential[0])
 
 
 def test_report_opens_with_the_paper_vs_lab_table(tmp_path):

@@ -1,0 +1,88 @@
+"""Independent stages in parallel on Ray (`prefixlab reproduce --workers N` / `--ray ADDRESS`).
+
+Each uncached stage is one Ray task; its upstream stages' tasks are passed as arguments, so Ray
+starts it once they are done: the graph is Ray's, not a scheduler of ours. Every task pins its
+torch threads (the machine's cores divided among the workers), so 2 workers x 1 thread on 2
+cores do not oversubscribe. Stages stay cached and resumable exactly as in a sequential study:
+a task writes the same out/stages/<name>-<key>/result.json, and a worker killed mid-stage loses
+nothing, because its runs resume from their last checkpoint when the stage runs again (Ray
+retries it, or the next `reproduce` does). On a cluster, `out` must be a path every node sees.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from toy_models.errors import UserError
+
+
+def _stage_task(out: str, preset: str, name: str, key: str, threads: int, *upstream: dict) -> dict:
+    import torch
+    from study.stages import _run_stage, stages_for
+    torch.set_num_threads(threads)
+    stage = next(s for s in stages_for(preset, Path(out)) if s.name == name)
+    return _run_stage(Path(out), stage, key, {u["name"]: u for u in upstream}, None)
+
+
+def _init_ray(workers: int, ray_address: str | None):
+    try:
+        import ray
+    except ImportError:  # pragma: no cover - ray is a dependency
+        raise UserError("--workers/--ray need Ray: pip install -c constraints.txt 'ray>=2,<3'") from None
+    if ray.is_initialized():
+        return ray, False
+    address = ray_address or os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": {"OMP_NUM_THREADS": str(_threads(workers))}})
+    except ConnectionError as e:
+        raise UserError(f"cannot reach the Ray cluster at {address}: {e}") from None
+    return ray, True
+
+
+def _threads(workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+def run_parallel(out: Path, preset: str, stages: list, keys: dict[str, str], only, workers: int,
+                 ray_address: str | None, on_done=None, threads: int | None = None) -> dict:
+    from study.stages import _cached
+    ray, started = _init_ray(workers, ray_address)
+    task = ray.remote(num_cpus=1, max_retries=2)(_stage_task)
+    if threads is None:
+        threads = _threads(workers) if not (ray_address or os.environ.get("RAY_ADDRESS")) else 1
+    records: dict[str, dict] = {}
+    refs: dict[str, object] = {}
+    try:
+        for stage in stages:
+            if only and stage.name not in only:
+                continue
+            rec = _cached(out, stage, keys[stage.name])
+            if rec is not None:
+                records[stage.name] = rec
+                continue
+            upstream = [refs.get(n, records.get(n)) for n in stage.needs if n in refs or n in records]
+            refs[stage.name] = task.remote(str(out), preset, stage.name, keys[stage.name], threads, *upstream)
+        names = {ref: n for n, ref in refs.items()}
+        pending, n_total = list(refs.values()), len(records) + len(refs)
+        for n, rec in records.items():
+            if on_done:
+                on_done(n, rec, list(records).index(n) + 1, n_total)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            name = names[ready[0]]
+            try:
+                records[name] = ray.get(ready[0])
+            except Exception as e:  # the task died past its retries (or an upstream one did)
+                records[name] = {"name": name, "status": "failed", "key": keys[name], "seconds": 0.0, "cached": False,
+                                 "error": f"{e.__class__.__name__}: {e}".splitlines()[0][:300]}
+            if on_done:
+                on_done(name, records[name], n_total - len(pending), n_total)
+    finally:
+        if started:
+            ray.shutdown()
+    return {s.name: records[s.name] for s in stages if s.name in records}
