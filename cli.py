@@ -518,7 +518,8 @@ def reproduce(preset: str = typer.Option("quick", help="quick (what make demo ru
               workers: int = typer.Option(1, help="run independent stages in parallel on a local Ray with N workers "
                                                   "(each pins its torch threads to cores/N)"),
               ray: Optional[str] = typer.Option(None, "--ray", envvar="RAY_ADDRESS",
-                                                help="run the stages on an existing Ray cluster (out must be shared)")):
+                                                help="run the stages on an existing Ray cluster (out must be shared)"),
+              device: str = typer.Option("cpu", help="where the toy runs train: auto, cpu, cuda or mps (probes stay fp32 on the CPU)")):
     """Run the whole study as cached stages and write one report (paper vs lab first)."""
     from reports.study import render_study
     from study.reproduce import reproduce as _reproduce
@@ -527,10 +528,10 @@ def reproduce(preset: str = typer.Option("quick", help="quick (what make demo ru
         def done(name, rec, i, n):
             what = "cached" if rec.get("cached") else f"{rec['status']} in {rec.get('seconds', 0):.0f} s"
             print(f"[{i}/{n}] {name}: {what}", file=sys.stderr, flush=True)
-        res = _reproduce(out, preset, None, only, workers, ray, done)
+        res = _reproduce(out, preset, None, only, workers, ray, done, device=device)
     else:
         with StageProgress() as sp:
-            res = _reproduce(out, preset, sp.factory, only)
+            res = _reproduce(out, preset, sp.factory, only, device=device)
     report = render_study(out, res)
     failed = [n for n, r in res["records"].items() if r["status"] != "done"]
     for row in res["table"]:
@@ -546,7 +547,7 @@ def reproduce(preset: str = typer.Option("quick", help="quick (what make demo ru
 def demo(out: Path = typer.Option(Path("runs/demo"), help="where the study goes"),
          workers: int = typer.Option(2, help="parallel stage workers (local Ray)")):
     """The main job on its built-in default: `reproduce --preset quick`."""
-    reproduce(preset="quick", out=out, stage=None, workers=workers, ray=None)
+    reproduce(preset="quick", out=out, stage=None, workers=workers, ray=None, device="cpu")
 
 
 class StageProgress:

