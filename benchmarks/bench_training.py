@@ -1,9 +1,12 @@
 """Training throughput and model FLOP utilization on the petrov-e3 configuration (P=10, batch 64),
+the single-run ratio against [P]'s own loop side by side, the avenues of issue 12 one at a time,
 tuning steps/s per method, and the time for the `default` preset to reach 99 % on mix4.
 
-    python benchmarks/bench_training.py [--runs 3] [--skip-time-to-99]
-Target: throughput >= 1.5 x 119 seq/s ([P]'s own loop here); prefix and soft-prompt steps/s
->= full fine-tuning's; time to 99 % <= 180 s.
+    python benchmarks/bench_training.py [--runs 3] [--iters 20] [--skip-time-to-99] [--skip-petrov]
+        [--petrov-dir ../shared/bench/petrov_mingpt] [--threads N]
+Target: lab >= 2 x [P]'s loop (measured side by side, rounds alternating, so machine noise hits
+both); prefix and soft-prompt steps/s >= full fine-tuning's; time to 99 % <= 180 s.
+[P]'s loop is their minGPT package, imported from --petrov-dir as the baseline (never copied).
 """
 
 import argparse
@@ -12,6 +15,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 from common import machine, matmul_peak_gflops, stats
 
@@ -47,6 +51,69 @@ def steps_per_s(model, method, task, spec, steps=40, warm=5):
     return steps / (time.perf_counter() - t0)
 
 
+def fit_seqs_per_s(cfg, spec, task, iters: int, fast: bool = True, optimizer: str = "foreach", trim: bool = True,
+                   amp: bool | None = None) -> float:
+    """Sequences/s of the real loop (`fit`: data, forward, backward, clip, AdamW), pretraining
+    the petrov-e3 model from scratch with dropout on; evaluation excluded (it runs at the end)."""
+    import toy_models.training as training
+    torch.manual_seed(0)
+    model = ToyTransformer(cfg)
+    model.fast_attention = fast
+    tr = Trainable(dict(model.named_parameters()), lambda: None)
+    steps = iters + 3
+    tc = TrainConfig(steps=steps, batch_size=64, lr=5e-4, schedule="constant", warmup=0, eval_every=steps,
+                     eval_size=16)
+    marks = []
+    make = training._optimizer
+    if optimizer != "foreach":  # the avenue's baseline: torch's default (a Python loop per tensor on CPU)
+        training._optimizer = lambda tr_, c: torch.optim.AdamW(
+            [p for p in tr_.params.values()], lr=c.lr, betas=(c.beta1, c.beta2), weight_decay=c.weight_decay,
+            **({"fused": True} if optimizer == "fused" else {"foreach": False}))
+    logits = training.output_logits
+    if not trim:  # the avenue's baseline: every position through the final block, then sliced
+        training.output_logits = lambda m, b, st: m(b.content, st)[:, -b.x.shape[1]:]
+    try:
+        training.fit(model, tr, task, spec, tc, progress=lambda s, n, info: marks.append(time.perf_counter()),
+                     amp=amp)
+    finally:
+        training._optimizer, training.output_logits = make, logits
+    gaps = [b - a for a, b in zip(marks[2:-2], marks[3:-1])]  # warm-up and the evaluating last step excluded
+    return 64 / statistics.median(gaps)
+
+
+def petrov_loop(petrov_dir: Path, iters: int):
+    """[P]'s own training loop (their minGPT GPT + Trainer, 4/4/256, P=10 pads, mix of 4 tasks,
+    batch 64, lr 5e-4), imported from their package; returns a function -> sequences/s."""
+    import sys
+    import types
+    for name in ("matplotlib", "matplotlib.pyplot", "seaborn", "minlora"):  # imported, unused in training
+        sys.modules.setdefault(name, types.ModuleType(name))
+    sys.modules["matplotlib"].pyplot = sys.modules["matplotlib.pyplot"]
+    for fn in ("LoRAParametrization", "add_lora", "apply_to_lora", "get_lora_params", "get_lora_state_dict"):
+        setattr(sys.modules["minlora"], fn, getattr(sys.modules["minlora"], fn, None))
+    sys.path.insert(0, str(petrov_dir))
+    from mingpt.data_tools import CustomDataset
+    from mingpt.model import GPT
+    from mingpt.trainer import Trainer
+
+    def run(num_workers: int) -> float:
+        ds = CustomDataset("train", mode="random", prefix_padding=10)
+        c = GPT.get_default_config()
+        c.model_type = None
+        c.n_layer, c.n_head, c.n_embd = 4, 4, 256
+        c.vocab_size, c.block_size = ds.get_vocab_size(), ds.get_block_size()
+        torch.manual_seed(0)
+        model = GPT(c)
+        tc = Trainer.get_default_config()
+        tc.learning_rate, tc.max_iters, tc.num_workers, tc.batch_size, tc.device = 5e-4, iters + 5, num_workers, 64, "cpu"
+        t = Trainer(tc, model, ds)
+        marks = []
+        t.add_callback("on_batch_end", lambda tr: marks.append(time.perf_counter()))
+        t.run()
+        return 64 * iters / (marks[-1] - marks[4])
+    return run
+
+
 def model_flops_per_seq(cfg, T):
     n = cfg.n_layers * (4 * cfg.d_model ** 2 + 2 * cfg.d_model * cfg.mlp_width)  # weights per token
     attn = cfg.n_layers * 2 * T * T * cfg.d_model  # scores + weighted sum, per sequence
@@ -58,11 +125,47 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--skip-time-to-99", action="store_true")
     ap.add_argument("--ttn-runs", type=int, default=None, help="runs of the time-to-99 %% figure (default --runs)")
+    ap.add_argument("--iters", type=int, default=20, help="timed steps per throughput measurement")
+    ap.add_argument("--skip-petrov", action="store_true", help="skip the side-by-side ratio against [P]'s loop")
+    ap.add_argument("--skip-avenues", action="store_true")
+    ap.add_argument("--petrov-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "bench" / "petrov_mingpt")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = {"machine": machine()}
     spec = TaskSpec(prompt_len=10)
     task = resolve_task("mix4", spec)
     cfg = preset_config("petrov-e3", d_vocab=spec.vocab_size, n_ctx=spec.n_ctx, n_prompt=10)
+    if not args.skip_petrov:
+        if not args.petrov_dir.is_dir():
+            out["vs_petrov"] = {"skipped": f"{args.petrov_dir} missing"}
+        else:
+            petrov = petrov_loop(args.petrov_dir, args.iters)
+            res = {"petrov_w0": [], "petrov_w2": [], "lab_fit": [], "lab_fit_bf16_autocast": []}
+            for _ in range(args.runs):  # alternating, so machine noise hits both loops
+                res["petrov_w0"].append(petrov(0))
+                res["petrov_w2"].append(petrov(2))
+                res["lab_fit"].append(fit_seqs_per_s(cfg, spec, task, args.iters))
+                res["lab_fit_bf16_autocast"].append(fit_seqs_per_s(cfg, spec, task, args.iters, amp=True))
+            med = {k: statistics.median(v) for k, v in res.items()}
+            best = max(med["petrov_w0"], med["petrov_w2"])
+            out["vs_petrov"] = {"seqs_per_s": {k: stats(v) for k, v in res.items()},
+                                "ratio_lab_fit_vs_best_petrov": med["lab_fit"] / best,
+                                "ratio_lab_fit_bf16_vs_best_petrov (opt-in amp=True)": med["lab_fit_bf16_autocast"] / best,
+                                "target": 2.0}
+    if not args.skip_avenues:
+        variants = {"explicit_attention, all positions, loop AdamW": dict(fast=False, optimizer="loop", trim=False),
+                    "+sdpa": dict(fast=True, optimizer="loop", trim=False),
+                    "+last block on output positions only": dict(fast=True, optimizer="loop"),
+                    "+foreach AdamW (= fit)": dict(fast=True, optimizer="foreach"),
+                    "fit with fused AdamW instead": dict(fast=True, optimizer="fused"),
+                    "fit + bf16 autocast (opt-in)": dict(fast=True, optimizer="foreach", amp=True)}
+        res = {k: [] for k in variants}
+        for _ in range(args.runs):
+            for k, kw in variants.items():
+                res[k].append(fit_seqs_per_s(cfg, spec, task, args.iters, **kw))
+        out["avenues_fit_seqs_per_s"] = {k: stats(v) for k, v in res.items()}
     torch.manual_seed(0)
     model = ToyTransformer(cfg)
     peak = matmul_peak_gflops()

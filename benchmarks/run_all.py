@@ -16,6 +16,7 @@ HERE = Path(__file__).resolve().parent
 BENCHES = {
     "cli": ["bench_cli.py"],
     "training": ["bench_training.py"],
+    "fused": ["bench_fused.py"],
     "e1": ["bench_e1.py"],
     "probes": ["bench_probes.py"],
     "report": ["bench_report.py"],
@@ -24,7 +25,8 @@ BENCHES = {
     "constructions": ["bench_constructions.py"],
     "reproduce": ["bench_reproduce.py"],
 }
-QUICK_ARGS = {"training": ["--runs", "1", "--skip-time-to-99"], "e1": ["--runs", "1"], "probes": ["--runs", "1"],
+QUICK_ARGS = {"training": ["--runs", "1", "--skip-time-to-99", "--iters", "5", "--skip-avenues"],
+              "fused": ["--runs", "1", "--steps", "4", "--sweep-steps", "4"], "e1": ["--runs", "1"], "probes": ["--runs", "1"],
               "reparam": ["--runs", "1"]}
 
 

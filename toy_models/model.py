@@ -203,12 +203,15 @@ class Attention(nn.Module):
         return k, v
 
     def forward(self, x: Tensor, prefix_k: Tensor | None, prefix_v: Tensor | None,
-                fast: bool = False) -> Tensor:
+                fast: bool = False, last: int | None = None) -> Tensor:
         """fast: scaled_dot_product_attention, which never forms the pattern, so hook_attn_scores
-        and hook_pattern do not fire; the model asks for it only when no hook is attached."""
+        and hook_pattern do not fire; the model asks for it only when no hook is attached.
+        last: only the last `last` query positions (their keys/values still span everything)."""
         B, T, _ = x.shape
         q, k, v = self._project(x, (self.W_Q, self.W_K, self.W_V), (self.b_Q, self.b_K, self.b_V))
         q = self.hook_q(q)
+        if last is not None:
+            q = q[:, T - last:]
         P = 0
         if prefix_k is not None:
             P = prefix_k.shape[-2]
@@ -218,21 +221,23 @@ class Attention(nn.Module):
             k = torch.cat([pk.to(k.dtype), k], dim=1)
             v = torch.cat([pv.to(v.dtype), v], dim=1)
         k, v = self.hook_k(k), self.hook_v(v)
+        Tq = q.shape[1]
         if fast:
             # the same attention without materialising the pattern (no hook reads it)
+            square = not P and Tq == T
             z = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                attn_mask=_causal_mask(T, P, x.device) if P else None, is_causal=not P,
+                attn_mask=None if square else _causal_mask(T, P, x.device)[T - Tq:], is_causal=square,
                 dropout_p=self.drop.p if self.training else 0.0).transpose(1, 2)
         else:
             scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(self.cfg.d_head)
-            causal = _causal_mask(T, P, x.device)
+            causal = _causal_mask(T, P, x.device)[T - Tq:]
             scores = self.hook_attn_scores(scores.masked_fill(~causal, float("-inf")))
             pattern = self.hook_pattern(scores.softmax(dim=-1))
             z = torch.einsum("bhqk,bkhe->bqhe", self.drop(pattern), v)
         z = self.hook_z(z)
         H, Dh, D = self.W_O.shape
-        return torch.addmm(self.b_O, z.reshape(B * T, H * Dh), self.W_O.reshape(H * Dh, D)).view(B, T, D)
+        return torch.addmm(self.b_O, z.reshape(B * Tq, H * Dh), self.W_O.reshape(H * Dh, D)).view(B, Tq, D)
 
 
 _MASKS: dict[tuple, Tensor] = {}
@@ -284,9 +289,13 @@ class Block(nn.Module):
         self.hook_resid_post = HookPoint()  # [batch, pos, d_model]
 
     def forward(self, x: Tensor, prefix_k: Tensor | None, prefix_v: Tensor | None,
-                fast: bool = False) -> Tensor:
+                fast: bool = False, last: int | None = None) -> Tensor:
+        """last: compute only the last `last` positions' outputs (the model's final block, when
+        only those logits are wanted and no hook reads the others)."""
         x = self.hook_resid_pre(x)
-        attn_out = self.hook_attn_out(self.drop(self.attn(self.ln1(x), prefix_k, prefix_v, fast)))
+        attn_out = self.hook_attn_out(self.drop(self.attn(self.ln1(x), prefix_k, prefix_v, fast, last)))
+        if last is not None:
+            x = x[:, x.shape[1] - last:]
         x = self.hook_resid_mid(x + attn_out)
         if not self.cfg.attn_only:
             x = x + self.hook_mlp_out(self.drop(self.mlp(self.ln2(x))))
@@ -342,11 +351,14 @@ class ToyTransformer(HookedRootModule):
                 nn.init.normal_(p, std=self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers),
                                 generator=generator)
 
-    def forward(self, tokens: Tensor, state: MethodState | None = None) -> Tensor:
-        """tokens: content [batch, T] -> logits [batch, prompt + T, d_vocab]."""
+    def forward(self, tokens: Tensor, state: MethodState | None = None, last: int | None = None) -> Tensor:
+        """tokens: content [batch, T] -> logits [batch, prompt + T, d_vocab].
+        last: only the logits of the last `last` positions, [batch, last, d_vocab] (the loss and
+        teacher-forced evaluation need no others); without hooks the final block then skips the
+        other positions' queries, MLP and unembedding."""
         if state is not None and state.weights:
             inner = MethodState(state.prompt, state.prefix_k, state.prefix_v, vacant=state.vacant)
-            return torch.func.functional_call(self, state.weights, (tokens,), {"state": inner},
+            return torch.func.functional_call(self, state.weights, (tokens,), {"state": inner, "last": last},
                                               strict=False)
         cfg = self.cfg
         B, T = tokens.shape
@@ -375,14 +387,20 @@ class ToyTransformer(HookedRootModule):
         embed = self.hook_embed(embed)
         pos = self.hook_pos_embed(self.pos_embed.W_pos[start:cfg.n_prompt + T].expand(B, -1, -1))
         x = self.drop(embed + pos)
-        fast = self.fast_attention and not self.has_hooks()
+        hooked = self.has_hooks()
+        fast = self.fast_attention and not hooked
+        if last is not None and not 0 < last <= x.shape[1]:
+            raise ValueError(f"last={last} is not in 1..{x.shape[1]}")
+        trim = None if hooked else last  # with hooks, every position runs (the hook contract)
         for layer, block in enumerate(self.blocks):
             pk = pv = None
             if state is not None and state.prefix_k is not None:
                 pk, pv = state.prefix_k[layer], state.prefix_v[layer]
                 if pk is not None and pk.shape[-2] == 0:
                     pk = pv = None
-            x = block(x, pk, pv, fast)
+            x = block(x, pk, pv, fast, trim if layer == len(self.blocks) - 1 else None)
+        if last is not None and trim is None:
+            x = x[:, x.shape[1] - last:]
         x = self.ln_final(x)
         return torch.addmm(self.unembed.b_U, x.reshape(-1, x.shape[-1]), self.unembed.W_U).view(*x.shape[:-1], -1)
 

@@ -31,10 +31,12 @@ def build_model(cfg: ToyConfig, seed: int) -> ToyTransformer:
 def pretrain(out: str | Path, task: str = "mix4", preset: str = "default", spec: TaskSpec | None = None,
              train: TrainConfig | None = None, model_overrides: dict | None = None,
              overwrite: bool = False, resume: bool = False, progress: Progress | None = None,
-             slots: str | None = None, device: str | torch.device | None = None) -> dict:
+             slots: str | None = None, device: str | torch.device | None = None,
+             amp: bool | None = None) -> dict:
     """Pretrain a base model on `task` and write a run directory. Returns the final metrics.
     slots: the slot protocol, "token" ([P]: SLOT tokens in the prompt slots) or "empty".
-    device: None (cpu), "auto", "cpu", "cuda", "mps"; the checkpoint is saved from CPU tensors."""
+    device: None (cpu), "auto", "cpu", "cuda", "mps"; the checkpoint is saved from CPU tensors.
+    amp: bf16 autocast of the training forward (None: on CUDA only; see training._use_amp)."""
     dev = resolve_device(device)
     run = RunDir(out)
     spec = spec or TaskSpec()
@@ -51,12 +53,12 @@ def pretrain(out: str | Path, task: str = "mix4", preset: str = "default", spec:
     run.prepare(overwrite, resume)
     if not resume:
         run.write_json("config.json", config)
-        run.write_json("provenance.json", provenance(train.seed, **device_info(dev)))
+        run.write_json("provenance.json", provenance(train.seed, **device_info(dev, amp)))
     model = build_model(cfg, train.seed).to(dev)  # initialised on the CPU: the same weights anywhere
     params = dict(model.named_parameters())
     tr = Trainable(params, lambda: None,
                    no_decay=lambda n, p: p.ndim < 2 or n.endswith(("W_E", "W_pos")))
-    metrics = fit(model, tr, resolved, spec, train, run=run, resume=resume, progress=progress)
+    metrics = fit(model, tr, resolved, spec, train, run=run, resume=resume, progress=progress, amp=amp)
     save_tensors(run.path / MODEL_FILE, model.state_dict(), meta={"config": cfg.to_dict()})
     run.finish(metrics)
     return metrics

@@ -119,10 +119,12 @@ def device_info(device: torch.device, amp: bool | None = None) -> dict:
 
 
 def _use_amp(device: torch.device, amp: bool | None) -> bool:
-    """bf16 autocast of the training forward: by default on CUDA GPUs that support bf16."""
-    if device.type != "cuda":
-        return False
-    return torch.cuda.is_bf16_supported() if amp is None else bool(amp)
+    """bf16 autocast of the training forward (matmuls in bf16, weights, optimizer, loss and every
+    evaluation in fp32): by default on CUDA GPUs that support bf16; on the CPU only when asked
+    (amp=True: about 1.7x faster on a CPU with AVX512-BF16, at bf16's precision)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported() if amp is None else bool(amp)
+    return device.type == "cpu" and bool(amp)
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -136,9 +138,7 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 def output_logits(model: ToyTransformer, batch: Batch, state: MethodState | None) -> torch.Tensor:
     """Logits that predict Y: [batch, L, vocab] (from the last X position on)."""
-    L = batch.x.shape[1]
-    logits = model.content_logits(batch.content, state)
-    return logits[:, L - 1:]
+    return model(batch.content, state, last=batch.x.shape[1])
 
 
 def loss_on(model: ToyTransformer, batch: Batch, state: MethodState | None) -> torch.Tensor:
@@ -298,13 +298,13 @@ def fold_states(states: list[MethodState], batch: int) -> MethodState:
                        prefix_v=fold_layers([s.prefix_v for s in states]), vacant=s0.vacant)
 
 
-def runs_logits(model: ToyTransformer, tokens: Tensor, states: list[MethodState]) -> Tensor:
+def runs_logits(model: ToyTransformer, tokens: Tensor, states: list[MethodState], last: int | None = None) -> Tensor:
     """Logits of K runs in one forward: tokens [K, batch, T], one state per run ->
-    [K, batch, slots + T, vocab]. Context methods fold into the batch (`fold_states`); weight
-    overrides (LoRA) go through torch.func.vmap over the unchanged forward."""
+    [K, batch, slots + T (or last), vocab]. Context methods fold into the batch (`fold_states`);
+    weight overrides (LoRA) go through torch.func.vmap over the unchanged forward."""
     K, B, T = tokens.shape
     if not any(s.weights for s in states):
-        logits = model(tokens.reshape(K * B, T), fold_states(states, B))
+        logits = model(tokens.reshape(K * B, T), fold_states(states, B), last=last)
         return logits.view(K, B, *logits.shape[1:])
     names = list(states[0].weights)
     if any(list(s.weights) != names for s in states):
@@ -325,7 +325,7 @@ def runs_logits(model: ToyTransformer, tokens: Tensor, states: list[MethodState]
     def one(w, prompt_, pk_, pv_, toks):
         ks = [pk_.get(i) for i in range(n_layers)] if pk_ else None
         vs = [pv_.get(i) for i in range(n_layers)] if pv_ else None
-        return model(toks, MethodState(prompt_, ks, vs, w, vacant=vacant))
+        return model(toks, MethodState(prompt_, ks, vs, w, vacant=vacant), last=last)
 
     in_dims = (0, None if prompt is None else 0, 0, 0, 0)
     # SDPA has no vmap batching rule on the CPU (a slow per-sample fallback): explicit softmax
@@ -342,9 +342,7 @@ def _group_losses(model: ToyTransformer, trs: list[Trainable], batches: list[Bat
         return loss_on(model, batches[0], trs[0].to_state()).reshape(1)
     tokens = torch.stack([b.content for b in batches])
     y = torch.stack([b.y for b in batches])  # [K, B, L]
-    logits = runs_logits(model, tokens, [tr.to_state() for tr in trs])
-    L = y.shape[-1]
-    out = logits[:, :, logits.shape[2] - tokens.shape[2] + L - 1:]  # [K, B, L, vocab]
+    out = runs_logits(model, tokens, [tr.to_state() for tr in trs], last=y.shape[-1])  # [K, B, L, vocab]
     ce = F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), y.reshape(-1), reduction="none")
     return ce.view(len(trs), -1).mean(1)
 

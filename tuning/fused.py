@@ -27,7 +27,8 @@ JOB_KEYS = ("method", "task", "out", "opts", "train", "seed")
 
 
 def finetune_many(base, jobs: list[dict], progress: Progress | None = None, device=None,
-                  overwrite: bool = False, fuse: bool = True, max_fused: int | None = None) -> list[dict]:
+                  overwrite: bool = False, fuse: bool = True, max_fused: int | None = None,
+                  amp: bool | None = None) -> list[dict]:
     """Tune several runs over one base run. Each job is dict(method, task, out, opts, train,
     seed) with the meaning of `tuning.pipeline.finetune(base, method, task, out, opts, train)`
     (seed overrides train["seed"]). Complete runs with the same config are reused, interrupted
@@ -35,7 +36,8 @@ def finetune_many(base, jobs: list[dict], progress: Progress | None = None, devi
     task, seed and optimizer settings (lr, schedule, warmup, weight decay, clipping) are fused
     into one group, others run alone. Returns each job's final metrics (what finetune returns).
     progress: one callback (step, total, info) per group. overwrite: retrain every job afresh.
-    fuse=False trains every job alone; max_fused caps the runs of one group."""
+    fuse=False trains every job alone; max_fused caps the runs of one group; amp: bf16 autocast
+    of the training forward (None: on CUDA only)."""
     dev = resolve_device(device)
     if not jobs:
         return []
@@ -69,10 +71,10 @@ def finetune_many(base, jobs: list[dict], progress: Progress | None = None, devi
     model.to(dev)
     for group in groups:
         for _, job, resume in group:
-            start_job(job, overwrite=not resume, resume=resume, device=dev)
+            start_job(job, overwrite=not resume, resume=resume, device=dev, amp=amp)
             job.method.to(dev)
         members = [Member(job.trainable(), job.task, job.cfg, job.run, resume) for _, job, resume in group]
-        metrics = fit_many(model, members, prepared[0].spec, progress)
+        metrics = fit_many(model, members, prepared[0].spec, progress, amp)
         for (i, job, _), m in zip(group, metrics):
             results[i] = finish_job(job, m)
         for _, job, _ in group:  # free the group's tensors

@@ -31,10 +31,11 @@ def method_train_config(method: str, overrides: dict) -> TrainConfig:
 def finetune(base: str | Path, method: str, task: str, out: str | Path, opts: dict | None = None,
              train: dict | None = None, overwrite: bool = False, resume: bool = False,
              progress: Progress | None = None, slots: str | None = None,
-             device: str | torch.device | None = None) -> dict:
+             device: str | torch.device | None = None, amp: bool | None = None) -> dict:
     """Tune `method` on `task` over the frozen base run; write a tuned run. Returns final metrics.
     slots: the slot protocol the caller expects of the base; another one is refused.
-    device: None (cpu), "auto", "cpu", "cuda", "mps" (recorded in provenance.json)."""
+    device: None (cpu), "auto", "cpu", "cuda", "mps" (recorded in provenance.json).
+    amp: bf16 autocast of the training forward (None: on CUDA only)."""
     dev = resolve_device(device)
     model, base_config = load_model(base)
     check_slots(model, slots, base)
@@ -42,11 +43,11 @@ def finetune(base: str | Path, method: str, task: str, out: str | Path, opts: di
     job.run.check_new(overwrite, resume)
     if resume and job.run.config != job.config:
         raise UserError(f"the options differ from those of the interrupted run at {job.run.path}")
-    start_job(job, overwrite, resume, dev)
+    start_job(job, overwrite, resume, dev, amp)
     model.to(dev)
     job.method.to(dev)
     metrics = fit(model, job.trainable(), job.task, job.spec, job.cfg, run=job.run, resume=resume,
-                  progress=progress)
+                  progress=progress, amp=amp)
     return finish_job(job, metrics)
 
 
@@ -84,12 +85,12 @@ def prepare_job(model, base_config: dict, base, method: str, task: str, out, opt
     return Job(RunDir(out), m, cfg, resolved, spec, config)
 
 
-def start_job(job: Job, overwrite: bool, resume: bool, device: torch.device) -> None:
+def start_job(job: Job, overwrite: bool, resume: bool, device: torch.device, amp: bool | None = None) -> None:
     """Create the run directory (config.json, provenance.json) unless resuming."""
     job.run.prepare(overwrite, resume)
     if not resume:
         job.run.write_json("config.json", job.config)
-        job.run.write_json("provenance.json", provenance(job.cfg.seed, **device_info(device)))
+        job.run.write_json("provenance.json", provenance(job.cfg.seed, **device_info(device, amp)))
 
 
 def finish_job(job: Job, metrics: dict) -> dict:

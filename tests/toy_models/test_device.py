@@ -121,3 +121,14 @@ def test_gpu_run_loads_on_the_cpu_and_resumes_across_devices(tmp_path):
     torch.testing.assert_close(gpu.model(toks.cuda(), gpu.state).cpu(), run.model(toks, run.state),
                                rtol=1e-4, atol=1e-4)
     assert 0.0 <= m["exact_acc"] <= 1.0
+
+
+def test_bf16_autocast_on_the_cpu_is_opt_in_and_trains(tmp_path):
+    base = pretrain(tmp_path / "fp32", "add1", "micro", SPEC, TINY)
+    bf16 = pretrain(tmp_path / "bf16", "add1", "micro", SPEC, TINY, amp=True)
+    assert json.loads((tmp_path / "fp32" / "provenance.json").read_text())["autocast"] is None
+    assert json.loads((tmp_path / "bf16" / "provenance.json").read_text())["autocast"] == "bf16"
+    rows = [json.loads(line) for line in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
+    fp = [json.loads(line) for line in (tmp_path / "fp32" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] < rows[0]["loss"] * 1.5 and rows[-1]["loss"] != fp[-1]["loss"]  # bf16 really ran
+    assert 0.0 <= bf16["exact_acc"] <= 1.0 and base["steps"] == bf16["steps"]
