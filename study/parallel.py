@@ -37,8 +37,9 @@ def _init_ray(workers: int, ray_address: str | None):
         if address:
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
         else:
-            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": {"OMP_NUM_THREADS": str(_threads(workers))}})
+            # workers inherit this environment; a runtime_env would start Ray's agent (slower)
+            os.environ["OMP_NUM_THREADS"] = str(_threads(workers))
+            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
     except ConnectionError as e:
         raise UserError(f"cannot reach the Ray cluster at {address}: {e}") from None
     return ray, True
