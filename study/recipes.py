@@ -41,18 +41,20 @@ RECIPES: dict[str, dict[str, Recipe]] = {
         e: Recipe("micro", {}, 30, 1e-2, 10, eval_size=64, batch_size=16, length=4, num_digits=4, eval_points=2)
         for e in ("E1", "E2", "E3", "E4")
     },
-    # quick: what `make demo` runs; the sizes and steps are the cheapest found that still reproduce
-    # each row (docs/experiments.md). E1 keeps the paper's 1/1/96 model.
+    # quick: what `make demo` runs; the cheapest recipes found that still reproduce each row
+    # (docs/experiments.md has every configuration tried). [P]'s slot protocol (token) and
+    # prefixes started from the base's SLOT inputs (init "slot"); E1 and E2 keep the paper's
+    # model sizes, E3/E4 the paper's depth and heads at d=128 (d=48 lost E4's LoRA).
     "quick": {
-        "E1": Recipe("petrov-e1", {}, 2000, 3e-3, 400),
-        "E2": Recipe("petrov-e2", {"d_model": 128}, 3000, 3e-3, 400),
-        "E3": Recipe("petrov-e3", {"d_model": 128}, 4000, 2e-3, 500, long_steps=3000),
-        "E4": Recipe("petrov-e3", {"d_model": 128}, 4000, 2e-3, 500, long_steps=3000),
+        "E1": Recipe("petrov-e1", {}, 2000, 3e-3, 400, prefix_init="slot"),
+        "E2": Recipe("petrov-e2", {}, 4000, 1e-3, 1000, prefix_init="slot"),
+        "E3": Recipe("petrov-e3", {"d_model": 128}, 4000, 2e-3, 500, long_steps=5000, prefix_init="slot"),
+        "E4": Recipe("petrov-e3", {"d_model": 128}, 4000, 2e-3, 500, long_steps=5000, prefix_init="slot"),
     },
     "paper": {
-        "E1": Recipe("petrov-e1", {}, 6000, 2e-3, 2000, seeds=(0, 1, 2)),
-        "E2": Recipe("petrov-e2", {}, 8000, 1e-3, 2000, seeds=(0, 1, 2)),
-        "E3": Recipe("petrov-e3", {}, 12000, 1e-3, 2000, long_steps=4000, seeds=(0, 1, 2)),
-        "E4": Recipe("petrov-e3", {}, 12000, 1e-3, 2000, long_steps=4000, seeds=(0, 1, 2)),
+        "E1": Recipe("petrov-e1", {}, 6000, 2e-3, 2000, prefix_init="slot", seeds=(0, 1, 2)),
+        "E2": Recipe("petrov-e2", {}, 8000, 1e-3, 2000, prefix_init="slot", seeds=(0, 1, 2)),
+        "E3": Recipe("petrov-e3", {}, 12000, 1e-3, 2000, long_steps=6000, prefix_init="slot", seeds=(0, 1, 2)),
+        "E4": Recipe("petrov-e3", {}, 12000, 1e-3, 2000, long_steps=6000, prefix_init="slot", seeds=(0, 1, 2)),
     },
 }

@@ -136,7 +136,9 @@ def stages_for(preset: str, out: Path) -> list[Stage]:
     recipes = RECIPES[preset]
     recipe = lambda e: {"preset": preset, "recipe": recipes[e].to_dict()}
     st, base_of = [], {}
-    for e, what in (("E1", "ascending, 1 slot"), ("E2", "mix4, 1 slot"), ("E3", "mix4, 12 slots"), ("E4", "")):
+    # the longest chain first (E3/E4's deeper base, then E4's and E3's long runs), so that parallel
+    # workers start on it at once; stage order is also the order of a sequential study
+    for e, what in (("E3", "mix4, 12 slots"), ("E4", ""), ("E2", "mix4, 1 slot"), ("E1", "ascending, 1 slot")):
         key = base_key(e, recipes[e])
         if key not in base_of:  # E4 shares E3's base, whose recipe it must match
             base_of[key] = f"base-{e}"
@@ -145,10 +147,10 @@ def stages_for(preset: str, out: Path) -> list[Stage]:
     if base_of["E4"] != base_of["E3"]:
         raise UserError(f"preset {preset!r}: E3 and E4 must share one base (same model and pretraining)")
     st += [Stage(e, f"{e}: " + t, recipe(e), _experiment(e), needs=(base_of[e],)) for e, t in (
-        ("E1", "pretrained on ascending, tuned for descending"),
-        ("E2", "extracting pretrained tasks from mix4 with P=1 prefixes"),
+        ("E4", "prefix vs rank-1 LoRA at equal budget on double_hist"),
         ("E3", "new tasks on a deeper mix4 model"),
-        ("E4", "prefix vs rank-1 LoRA at equal budget on double_hist"))]
+        ("E2", "extracting pretrained tasks from mix4 with P=1 prefixes"),
+        ("E1", "pretrained on ascending, tuned for descending"))]
     st.append(Stage("sample_eff", "Toy sample efficiency of No/Simple/Deep-share prefixes ([L], real training)",
                     {**recipe("E2"), "task": "add1", "sizes": [8, 64] if micro else [32, 256, 2048]},
                     _sample_efficiency, needs=(base_of["E2"],)))
