@@ -185,21 +185,28 @@ def save_prefix(prefix: Prefix, path: str | Path, model: str = "", source: str |
     return path
 
 
-def load_prefix(path: str | Path) -> Prefix:
-    """Read a prefixlab prefix file; UserError if it is missing, corrupt or not one."""
+def read_tagged(path: Path, fmt: str, what: str, give: str, saver: str) -> tuple[dict, dict]:
+    """(metadata, tensors) of a prefixlab safetensors file whose metadata says format=`fmt`;
+    a one-line UserError if it is missing, corrupt or another kind of file."""
     from safetensors import safe_open
-
-    path = Path(path)
     if not path.is_file():
-        raise UserError(f"prefix file {path} does not exist; give 'random', 'train' or a .safetensors prefix file")
+        raise UserError(f"{what} file {path} does not exist; give {give}")
     try:
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except Exception as err:
-        raise UserError(f"{path} is not a readable safetensors file ({type(err).__name__}); the prefix file is corrupt") from None
-    if meta.get("format") != FORMAT:
-        raise UserError(f"{path} is not a prefixlab prefix file (metadata format={meta.get('format')!r}); save prefixes with save_prefix")
+        raise UserError(f"{path} is not a readable safetensors file ({type(err).__name__}); the {what} file is corrupt") from None
+    if meta.get("format") != fmt:
+        raise UserError(f"{path} is not a prefixlab {what} file (metadata format={meta.get('format')!r}); "
+                        f"save it with {saver}")
+    return meta, tensors
+
+
+def load_prefix(path: str | Path) -> Prefix:
+    """Read a prefixlab prefix file; UserError if it is missing, corrupt or not one."""
+    path = Path(path)
+    meta, tensors = read_tagged(path, FORMAT, "prefix", "'random', 'train' or a .safetensors prefix file", "save_prefix")
     try:
         info = json.loads(meta["prefixlab"])
         n = int(info["n_layers"])

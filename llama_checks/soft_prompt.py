@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from llama_checks.prefix import Prefix
+from llama_checks.prefix import Prefix, read_tagged
 from toy_models.errors import UserError
 
 FORMAT = "prefixlab.soft_prompt"
@@ -96,19 +96,8 @@ def save_soft_prompt(prompt: SoftPrompt, path: str | Path, model: str = "", sour
 
 def load_soft_prompt(path: str | Path) -> SoftPrompt:
     """Read a prefixlab soft-prompt file; UserError if it is missing, corrupt or not one."""
-    from safetensors import safe_open
-
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"soft-prompt file {path} does not exist; give 'random' or a .safetensors soft-prompt file")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    except Exception as err:
-        raise UserError(f"{path} is not a readable safetensors file ({type(err).__name__}); the soft-prompt file is corrupt") from None
-    if meta.get("format") != FORMAT:
-        raise UserError(f"{path} is not a prefixlab soft-prompt file (metadata format={meta.get('format')!r}); save soft prompts with save_soft_prompt")
+    meta, tensors = read_tagged(path, FORMAT, "soft-prompt", "'random' or a .safetensors soft-prompt file", "save_soft_prompt")
     if "embeddings" not in tensors:
         raise UserError(f"{path} has no 'embeddings' tensor; re-save it with save_soft_prompt")
     try:
