@@ -213,8 +213,9 @@ def _optimizer(tr: Trainable, cfg: TrainConfig) -> torch.optim.AdamW:
     no_decay = [p for n, p in tr.params.items() if tr.no_decay(n, p)]
     groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    # foreach: one kernel per op over all tensors instead of a Python loop per tensor
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
+    # torch's default implementation (foreach and fused variants measured no faster here:
+    # benchmarks/bench_training.py, avenues)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
 def _save_train_state(run: RunDir, step: int, tr: Trainable, opt: torch.optim.Optimizer) -> None:
