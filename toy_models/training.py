@@ -412,7 +412,8 @@ def fit_many(model: ToyTransformer, members: list[Member], spec: TaskSpec, progr
             raise ValueError("fused runs must share train_mode")
         if train_mode and model.cfg.dropout > 0:
             raise ValueError("fused runs cannot use dropout (train_mode=True): run them alone")
-        if len({m.cfg.batch_size for m in members}) > 1:
+        sizes = {min(m.cfg.batch_size, m.cfg.train_size or m.cfg.batch_size) for m in members}
+        if len(sizes) > 1:  # what next_batch draws: a pool smaller than the batch gives the pool's size
             raise ValueError("fused runs must share the batch size")
     device = _model_device(model)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if _use_amp(device, amp)
