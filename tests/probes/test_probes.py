@@ -83,7 +83,7 @@ def test_token_protocol_prefix_takes_the_place_of_slots(seed, P, n_layers):
 
 def test_token_protocol_base_reads_the_slot_tokens(spec):
     """With `token` the SLOT embedding enters every base forward; with `empty` it never does."""
-    toks = torch.randint(0, spec.vocab_size - 1, (3, spec.content_len))
+    toks = torch.randint(0, spec.vocab_size - 1, (3, spec.content_len), generator=torch.Generator().manual_seed(0))
     for slots, changes in (("token", True), ("empty", False)):
         model = micro_model(spec, slots=slots)
         before = model.content_logits(toks)
