@@ -47,7 +47,7 @@ RECIPES: dict[str, dict[str, Recipe]] = {
     # model sizes, E3/E4 the paper's depth and heads at d=128 (d=48 lost E4's LoRA).
     "quick": {
         "E1": Recipe("petrov-e1", {}, 2000, 3e-3, 400, prefix_init="slot"),
-        "E2": Recipe("petrov-e2", {}, 4000, 1e-3, 1000, prefix_init="slot"),
+        "E2": Recipe("petrov-e2", {}, 4000, 2e-3, 1000, prefix_init="slot"),
         "E3": Recipe("petrov-e3", {"d_model": 128}, 4000, 2e-3, 500, long_steps=5000, prefix_init="slot"),
         "E4": Recipe("petrov-e3", {"d_model": 128}, 4000, 2e-3, 500, long_steps=5000, prefix_init="slot"),
     },
