@@ -1,4 +1,6 @@
 """One generic training loop, used by pretraining and by every tuning method.
+(521 lines, just over the ~500 guide: `fit` is `fit_many` with one run, and the fused runs'
+folding, per-run optimizers and checkpoints belong to the same loop.)
 
 nothing here knows which method is trained: a method is a set of trainable tensors and a function
 that turns them into a `MethodState` for the frozen model's forward (minGPT's "generic trainer").
