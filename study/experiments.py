@@ -100,7 +100,7 @@ def _mean_std(xs: list[float]) -> dict:
 
 def _prefix(P: int, r: Recipe, share: str = "simple") -> dict:
     opts = {"length": P, "share": share}
-    if r.prefix_init != "normal" and share != "deep":
+    if r.prefix_init != "normal":
         opts["init"] = r.prefix_init
     return opts
 

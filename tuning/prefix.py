@@ -59,9 +59,9 @@ class Prefix(Method):
                             f"prompt slots (pretrain with a larger --prompt-len)")
         if init not in INITS:
             raise UserError(f"unknown prefix init {init!r}; use one of {', '.join(INITS)}")
-        if init == "slot" and (share == "deep" or cfg.slots != "token"):
+        if init == "slot" and cfg.slots != "token":
             raise UserError("prefix init 'slot' starts from the base's own SLOT positions: it needs a base "
-                            "pretrained with --slots token and --share none or simple")
+                            "pretrained with --slots token")
         super().__init__(model, length=length, share=share, depth=depth,
                          hidden=hidden if share == "deep" else None,
                          mlp=mlp if share == "deep" else None, init_scale=init_scale,
@@ -71,8 +71,8 @@ class Prefix(Method):
         D, H, Dh = cfg.d_model, cfg.n_heads, cfg.d_head
         # [P]'s init: residual vectors ~ N(0, 1) (scaled by init_scale); or the base's own
         # attention inputs at the slots it replaces, so training starts from the base model
-        p = slot_residuals(model, L, length) if init == "slot" else \
-            torch.randn(L, length, D, generator=generator) * init_scale
+        slot = slot_residuals(model, L, length) if init == "slot" else None
+        p = slot if slot is not None and share != "deep" else torch.randn(L, length, D, generator=generator) * init_scale
         if share == "simple":
             self.p = nn.Parameter(p)
         elif share == "none":
@@ -92,6 +92,15 @@ class Prefix(Method):
                     for lin in (m[0], m[2]):
                         nn.init.normal_(lin.weight, std=lin.in_features ** -0.5, generator=generator)
                         nn.init.zeros_(lin.bias)
+            if slot is not None:
+                # start at the base: g(p') = MLP(p') + the SLOT keys/values, output layer zero
+                # (as LoRA's B = 0); the offset is a fixed part of the reparameterization
+                for m in self.mlps:
+                    nn.init.zeros_(m[2].weight)
+                    nn.init.zeros_(m[2].bias)
+                with torch.no_grad():
+                    kv = [model.blocks[l].prefix_from_residual(slot[l]) for l in range(L)]
+                self.register_buffer("kv0", torch.stack([torch.stack(x) for x in kv]))  # [L, 2, H, P, Dh]
         self.shape = (H, Dh)
 
     def keys_values(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -109,6 +118,8 @@ class Prefix(Method):
         else:
             out = torch.stack([m(self.p[l]) for l, m in enumerate(self.mlps)])  # [L, P, 2D]
             out = einops.rearrange(out, "l p (two h e) -> l two h p e", two=2, h=H)
+        if hasattr(self, "kv0"):
+            out = out + self.kv0
         return list(out[:, 0].unbind(0)), list(out[:, 1].unbind(0))
 
     def state(self) -> MethodState:

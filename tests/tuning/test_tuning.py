@@ -26,6 +26,7 @@ VARIANTS = [
     ("prefix", {"length": 2, "share": "simple", "depth": "shallow"}),
     ("prefix", {"length": 2, "share": "simple", "init": "slot"}),
     ("prefix", {"length": 3, "share": "none", "init": "slot"}),
+    ("prefix", {"length": 2, "share": "deep", "hidden": 8, "init": "slot"}),
 ]
 
 
@@ -140,7 +141,7 @@ def test_mismatched_or_changed_base_is_refused(base_run, tmp_path):
         load_run(tmp_path / "t")
 
 
-@pytest.mark.parametrize("share", ["simple", "none"])
+@pytest.mark.parametrize("share", ["simple", "none", "deep"])
 def test_slot_init_prefix_starts_as_the_base(share):
     """Under the token protocol, a prefix started from the base's own slot inputs is a no-op,
     with any P up to the slots; the [P] N(0,1) init is not."""
@@ -149,8 +150,11 @@ def test_slot_init_prefix_starts_as_the_base(share):
     toks = torch.randint(0, spec.vocab_size - 1, (4, spec.content_len))
     base = model.content_logits(toks)
     for P in (1, 3, 5):
-        m = make_method("prefix", model, length=P, share=share, init="slot")
+        m = make_method("prefix", model, length=P, share=share, init="slot", hidden=8)
         assert (model.content_logits(toks, m.state()) - base).abs().max() <= 1e-5
+        if share == "deep":  # the start is exact, and training moves it (the output layer gets gradients)
+            m.state().prefix_k[0].sum().backward()
+            assert m.mlps[0][2].weight.grad.abs().max() > 0
     m = make_method("prefix", model, length=3, share=share, generator=torch.Generator().manual_seed(0))
     assert (model.content_logits(toks, m.state()) - base).abs().max() > 1e-3
 
@@ -159,8 +163,6 @@ def test_slot_init_and_protocol_mismatch_are_refused(base_run, tmp_path):
     empty = micro_model(SPEC, slots="empty")
     with pytest.raises(UserError, match="--slots token"):
         make_method("prefix", empty, length=1, init="slot")
-    with pytest.raises(UserError, match="share none or simple"):
-        make_method("prefix", load_run(base_run).model, length=1, share="deep", init="slot")
     with pytest.raises(UserError, match="slot protocol"):
         finetune(base_run, "prefix", "add2", tmp_path / "x", {"length": 1}, {"steps": 2}, slots="empty")
     assert not (tmp_path / "x").exists()
