@@ -524,6 +524,8 @@ def reproduce(preset: str = typer.Option("quick", help="quick (what make demo ru
     from reports.study import render_study
     from study.reproduce import reproduce as _reproduce
     only = [s for s in stage.split(",")] if stage else None
+    if workers < 1:
+        _fail(f"--workers must be at least 1, got {workers}")
     if workers > 1 or ray:
         def done(name, rec, i, n):
             what = "cached" if rec.get("cached") else f"{rec['status']} in {rec.get('seconds', 0):.0f} s"
