@@ -16,26 +16,6 @@ from toy_models.errors import UserError
 FP32 = TOLERANCES["float32"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny models are far too small for intra-op threads; on a busy 2-core box two OpenMP
-    # threads make every small matmul ~100x slower. Restored after this module.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_llama(seed=0, gqa=False)
-
-
-@pytest.fixture(scope="module")
-def tiny_gqa():
-    return tiny_llama(seed=0, gqa=True)
-
-
 @pytest.mark.parametrize("gqa", [False, True], ids=["mha", "gqa"])
 @pytest.mark.parametrize("P", [1, 5])
 def test_layer0_identities_exact(gqa, P, tiny, tiny_gqa):

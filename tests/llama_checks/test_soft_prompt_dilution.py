@@ -19,24 +19,6 @@ from toy_models.errors import UserError
 FP32 = TOLERANCES["float32"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_llama(seed=0, gqa=False)
-
-
-@pytest.fixture(scope="module")
-def tiny_gqa():
-    return tiny_llama(seed=0, gqa=True)
-
-
 def _peft_prompt_adapter(path: Path, gqa: bool, P: int = 3, n_layers: int = 2):
     """A PEFT prompt-tuning adapter with non-trivial embeddings, saved as safetensors; returns the PeftModel."""
     peft = pytest.importorskip("peft")
