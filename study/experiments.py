@@ -5,6 +5,7 @@ interrupted ones, and returns a JSON-serializable result (accuracies, and the pa
 
 from __future__ import annotations
 
+import contextvars
 import statistics
 from pathlib import Path
 from typing import Callable
@@ -71,12 +72,25 @@ def _job(out: Path, name: str, method: str, task: str, opts: dict, r: Recipe, se
             "train": _train(r, method, seed, long), "seed": seed}
 
 
+# Set by `study.parallel` inside a Ray stage task: runs a stage's independent groups of runs as
+# tasks of their own. runner(base, [jobs of one group, ...], device) trains every group and returns
+# when all are done; None (a sequential study): the groups train here, one after another.
+GROUP_RUNNER: contextvars.ContextVar = contextvars.ContextVar("group_runner", default=None)
+
+
 def run_jobs(base: Path, jobs: list[dict], progress: Progress | None = None, device=None) -> list[dict]:
     """Each job's final metrics. Complete runs are reused, interrupted ones resumed; the jobs
     that share a method structure and a step count train fused, in one batched forward
-    (`tuning.fused.finetune_many`)."""
-    from tuning.fused import finetune_many
-    return finetune_many(base, [{k: v for k, v in j.items() if k != "name"} for j in jobs], progress, device)
+    (`tuning.fused.finetune_many`). In a parallel study the stage's groups train as parallel
+    tasks first (`GROUP_RUNNER`); the call below then finds every run complete and reads it."""
+    from tuning.fused import finetune_many, plan_groups
+    jobs = [{k: v for k, v in j.items() if k != "name"} for j in jobs]
+    runner = GROUP_RUNNER.get()
+    if runner is not None:
+        groups = plan_groups(base, jobs, device)
+        if len(groups) > 1:
+            runner(base, [[jobs[i] for i in g] for g in groups], device)
+    return finetune_many(base, jobs, progress, device)
 
 
 def curve(path: str | Path) -> list[list[float]]:

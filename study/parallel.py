@@ -6,7 +6,9 @@ torch threads (the machine's cores divided among the workers), so 2 workers x 1 
 cores do not oversubscribe. Stages stay cached and resumable exactly as in a sequential study:
 a task writes the same out/stages/<name>-<key>/result.json, and a worker killed mid-stage loses
 nothing, because its runs resume from their last checkpoint when the stage runs again (Ray
-retries it, or the next `reproduce` does). On a cluster, `out` must be a path every node sees.
+retries it, or the next `reproduce` does). Inside a stage, independent groups of runs (a stage's
+fused groups, `tuning.fused.plan_groups`) are Ray tasks too, so E4's LoRA and prefix, or E3's
+short and long runs, train in parallel. On a cluster, `out` must be a path every node sees.
 """
 
 from __future__ import annotations
@@ -19,10 +21,35 @@ from toy_models.errors import UserError
 
 def _stage_task(out: str, preset: str, name: str, key: str, threads: int, device, *upstream: dict) -> dict:
     import torch
+    from study.experiments import GROUP_RUNNER
     from study.stages import _run_stage, stages_for
     torch.set_num_threads(threads)
     stage = next(s for s in stages_for(preset, Path(out)) if s.name == name)
-    return _run_stage(Path(out), stage, key, {u["name"]: u for u in upstream}, None, device)
+    token = GROUP_RUNNER.set(_group_runner(threads))
+    try:
+        return _run_stage(Path(out), stage, key, {u["name"]: u for u in upstream}, None, device)
+    finally:
+        GROUP_RUNNER.reset(token)
+
+
+def _group_task(base: str, jobs: list[dict], threads: int, device) -> int:
+    """One group of a stage's runs (`tuning.fused.plan_groups`), trained in a task of its own."""
+    import torch
+    from tuning.fused import finetune_many
+    torch.set_num_threads(threads)
+    finetune_many(base, jobs, None, device)
+    return len(jobs)
+
+
+def _group_runner(threads: int):
+    """Inside a stage task: train the stage's independent groups of runs as Ray tasks. The stage
+    task waits in ray.get, which hands its CPU back to Ray, so the groups take the free workers
+    (and no more: 2 workers never run more than 2 tasks at once)."""
+    def run(base, groups: list[list[dict]], device) -> None:
+        import ray
+        task = ray.remote(num_cpus=1, max_retries=2)(_group_task)
+        ray.get([task.remote(str(base), g, threads, device) for g in groups])
+    return run
 
 
 def _init_ray(workers: int, ray_address: str | None):

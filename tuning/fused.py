@@ -26,6 +26,14 @@ from tuning.pipeline import Job, finish_job, prepare_job, start_job
 JOB_KEYS = ("method", "task", "out", "opts", "train", "seed")
 
 
+# Fusing pays where a step is bound by per-op overhead (GPUs). On this project's 2-core CPU a
+# batch-64 step of the study's models is already bound by compute: K fused runs are one batch of
+# 64*K, which costs as much as K steps or more (docs/benchmarks.md, bench_fused.py and
+# bench_ceiling.py: 0.91-1.09x for K <= 4, 0.72-0.82x for K = 8-16). On the CPU a group is
+# therefore capped at CPU_MAX_FUSED runs; on an accelerator groups are not capped.
+CPU_MAX_FUSED = 4
+
+
 def finetune_many(base, jobs: list[dict], progress: Progress | None = None, device=None,
                   overwrite: bool = False, fuse: bool = True, max_fused: int | None = None,
                   amp: bool | None = None) -> list[dict]:
@@ -36,11 +44,50 @@ def finetune_many(base, jobs: list[dict], progress: Progress | None = None, devi
     task, seed and optimizer settings (lr, schedule, warmup, weight decay, clipping) are fused
     into one group, others run alone. Returns each job's final metrics (what finetune returns).
     progress: one callback (step, total, info) per group. overwrite: retrain every job afresh.
-    fuse=False trains every job alone; max_fused caps the runs of one group; amp: bf16 autocast
-    of the training forward (None: on CUDA only)."""
+    fuse=False trains every job alone; max_fused caps the runs of one group (default: 4 on the
+    CPU, none on an accelerator); amp: bf16 autocast of the training forward (None: on CUDA only)."""
     dev = resolve_device(device)
     if not jobs:
         return []
+    model, prepared, results, todo = _prepare(base, jobs, overwrite)
+    groups = _groups(todo, model, fuse, _cap(max_fused, dev))
+    model.to(dev)
+    for group in groups:
+        for _, job, resume in group:
+            start_job(job, overwrite=not resume, resume=resume, device=dev, amp=amp)
+            job.method.to(dev)
+        members = [Member(job.trainable(), job.task, job.cfg, job.run, resume) for _, job, resume in group]
+        metrics = fit_many(model, members, prepared[0].spec, progress, amp)
+        for (i, job, _), m in zip(group, metrics):
+            results[i] = finish_job(job, m)
+        for _, job, _ in group:  # free the group's tensors
+            job.method.to("cpu")
+    return results
+
+
+def plan_groups(base, jobs: list[dict], device=None, overwrite: bool = False, fuse: bool = True,
+                max_fused: int | None = None) -> list[list[int]]:
+    """The groups `finetune_many(base, jobs, ...)` would train, as lists of job indices (complete
+    runs, which it reuses, are in none). Groups are independent: `finetune_many` on one group's
+    jobs trains exactly that group, so a scheduler may run them in parallel (`study.parallel`)
+    and then collect every job's metrics with one more `finetune_many` call, which reuses them."""
+    if not jobs:
+        return []
+    model, _, _, todo = _prepare(base, jobs, overwrite)
+    return [[i for i, _, _ in g] for g in _groups(todo, model, fuse, _cap(max_fused, resolve_device(device)))]
+
+
+def _cap(max_fused: int | None, dev: torch.device) -> int | None:
+    if max_fused is not None:
+        if max_fused < 1:
+            raise UserError(f"max_fused must be at least 1, got {max_fused}")
+        return max_fused
+    return CPU_MAX_FUSED if dev.type == "cpu" else None
+
+
+def _prepare(base, jobs: list[dict], overwrite: bool):
+    """Validate and prepare every job; decide for each, before anything is written, whether its
+    run is reused (its metrics are in `results`) or trained (`todo`: index, job, resume)."""
     model, base_config = load_model(base)  # methods are built on the CPU, then moved
     prepared: list[Job] = []
     for i, j in enumerate(jobs):
@@ -56,30 +103,15 @@ def finetune_many(base, jobs: list[dict], progress: Progress | None = None, devi
     if len(set(outs)) != len(outs):
         dup = next(o for o in outs if outs.count(o) > 1)
         raise UserError(f"two jobs write the same run directory {dup}")
-
-    # what to do with each job's directory: decided for all before anything is written
     results: list[dict | None] = [None] * len(prepared)
-    todo: list[tuple[int, Job, bool]] = []  # (index, job, resume)
+    todo: list[tuple[int, Job, bool]] = []
     for i, job in enumerate(prepared):
         action = _action(job, overwrite)
         if action == "reuse":
             results[i] = job.run.read_json("metrics.json")
         else:
             todo.append((i, job, action == "resume"))
-
-    groups = _groups(todo, model, fuse, max_fused)
-    model.to(dev)
-    for group in groups:
-        for _, job, resume in group:
-            start_job(job, overwrite=not resume, resume=resume, device=dev, amp=amp)
-            job.method.to(dev)
-        members = [Member(job.trainable(), job.task, job.cfg, job.run, resume) for _, job, resume in group]
-        metrics = fit_many(model, members, prepared[0].spec, progress, amp)
-        for (i, job, _), m in zip(group, metrics):
-            results[i] = finish_job(job, m)
-        for _, job, _ in group:  # free the group's tensors
-            job.method.to("cpu")
-    return results
+    return model, prepared, results, todo
 
 
 def _action(job: Job, overwrite: bool) -> str:

@@ -190,3 +190,33 @@ def test_cli_finetune_several_tasks_and_seeds(base, tmp_path):
     assert fused["exact_acc"] == alone_["exact_acc"]
     r = CliRunner().invoke(app, common + ["--task", "add2", "--seeds", "0,1", "--resume", "--out", str(tmp_path / "c")])
     assert r.exit_code == 2 and not (tmp_path / "c").exists()
+
+
+def test_planned_groups_trained_apart_equal_one_call(base, tmp_path):
+    """plan_groups names the groups finetune_many trains; each trained by a call of its own (as a
+    parallel study does), then one call over all jobs reuses them and returns the same metrics."""
+    from tuning.fused import plan_groups
+    jobs = (jobs_for(tmp_path / "a" / "p2", "prefix", {"length": 2}) + jobs_for(tmp_path / "a" / "lora", "lora", {"rank": 1})
+            + jobs_for(tmp_path / "a" / "p1", "prefix", {"length": 1}, {**TRAIN, "steps": 4}))
+    groups = plan_groups(base, jobs)
+    assert sorted(map(sorted, groups)) == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    for g in groups:
+        finetune_many(base, [jobs[i] for i in g])
+    calls = []
+    apart = finetune_many(base, jobs, progress=lambda *a: calls.append(a))
+    assert not calls, "the collecting call retrained a run"
+    together = finetune_many(base, [dict(j, out=tmp_path / "b" / j["out"].parent.name / j["out"].name) for j in jobs])
+    assert [strip(m) for m in apart] == [strip(m) for m in together]
+    assert plan_groups(base, jobs) == []  # every run complete: nothing left to train
+
+
+def test_cpu_caps_fused_groups(base, tmp_path):
+    """On the CPU a group holds at most CPU_MAX_FUSED runs (fusing more was slower there); an
+    explicit max_fused wins, and one below 1 is refused."""
+    from tuning.fused import CPU_MAX_FUSED, plan_groups
+    jobs = [dict(method="prefix", task="add2", out=tmp_path / f"s{s}", opts={"length": 1}, train=TRAIN, seed=s)
+            for s in range(CPU_MAX_FUSED + 2)]
+    assert [len(g) for g in plan_groups(base, jobs)] == [CPU_MAX_FUSED, 2]
+    assert [len(g) for g in plan_groups(base, jobs, max_fused=100)] == [CPU_MAX_FUSED + 2]
+    with pytest.raises(UserError, match="max_fused"):
+        plan_groups(base, jobs, max_fused=0)
