@@ -102,7 +102,7 @@ def main():
         for _ in range(args.runs):
             step64 += measure("prefix", d, 64, args.steps, 2)
             for K in Ks:
-                fb[K] += measure("prefix_fwdbwd", d, 64 * K, max(3, args.steps // K), 2)
+                fb[K] += measure("prefix_fwdbwd", d, 64 * K, max(4, args.steps // 2), 2)
         t1 = statistics.median(step64)
         out["batching"][f"4/4/{d}"] = {
             "step_s_batch64": stats(step64),
