@@ -8,7 +8,8 @@
    included). Target: fused >= 3x faster, with the same metrics. The base is a 1-step pretrain
    (the speed does not depend on what it learned).
 2. Sweep: training throughput (sequences/s of the loop's steps, evaluations excluded) of K fused
-   prefix runs, K = 1, 2, 4, 8, 16, at the quick width (4/4/128) and the paper width (4/4/256).
+   prefix runs, K = 1, 2, 4, 8, 16, at the quick width (4/4/128) and the paper width (4/4/256),
+   and on E1's and E2's base shapes with P=1.
 The machine is shared: medians over --runs, fused and sequential interleaved within each run.
 """
 
@@ -35,11 +36,11 @@ E3_TASKS = list(MIX4) + ["ascending_add1", "double_hist"]
 SPEC = TaskSpec(prompt_len=12)
 
 
-def make_base(root: Path, d_model: int) -> Path:
-    path = root / f"base-{d_model}"
+def make_base(root: Path, d_model: int, preset: str = "petrov-e3", spec: TaskSpec = SPEC) -> Path:
+    path = root / f"base-{preset}-{d_model}-{spec.prompt_len}"
     if not path.exists():
-        pretrain(path, "mix4", "petrov-e3", SPEC, TrainConfig(steps=1, eval_every=1, eval_size=16),
-                 model_overrides={"d_model": d_model})
+        pretrain(path, "mix4", preset, spec, TrainConfig(steps=1, eval_every=1, eval_size=16),
+                 model_overrides={"d_model": d_model}, slots="token")
     return path
 
 
@@ -66,34 +67,41 @@ def e3(root: Path, runs: int, steps: int) -> dict:
             "same_metrics_all_runs": all(same)}
 
 
-def step_throughput(model, K: int, steps: int) -> float:
+def step_throughput(model, K: int, steps: int, P: int = 10, spec: TaskSpec = SPEC) -> float:
     """Sequences/s of K fused prefix runs (the loop's own steps; the last step's evaluation and
     the first step's warm-up excluded)."""
+    from toy_models.tasks import resolve_task
+    from toy_models.training import Trainable
     members = []
     for k in range(K):
         cfg = method_train_config("prefix", {"steps": steps, "eval_every": steps, "eval_size": 16, "seed": k})
-        m = make_method("prefix", model, length=10, share="simple", generator=torch.Generator().manual_seed(k))
-        from toy_models.tasks import resolve_task
-        from toy_models.training import Trainable
+        m = make_method("prefix", model, length=P, share="simple", generator=torch.Generator().manual_seed(k))
         members.append(Member(Trainable(dict(m.named_parameters()), m.state, m.no_decay),
-                              resolve_task(E3_TASKS[k % len(E3_TASKS)], SPEC), cfg))
+                              resolve_task(E3_TASKS[k % len(E3_TASKS)], spec), cfg))
     marks = []
-    fit_many(model, members, SPEC, progress=lambda s, n, info: marks.append(time.perf_counter()))
+    fit_many(model, members, spec, progress=lambda s, n, info: marks.append(time.perf_counter()))
     gaps = [b - a for a, b in zip(marks[:-2], marks[1:-1])]  # step 2 .. steps-1
     return K * 64 / statistics.median(gaps)
 
 
+# (name, preset, d_model, slots, P): E3/E4's quick and paper widths with E3's P=10 prefixes, and
+# E1's and E2's bases (1 slot) with their P=1 prefixes
+SHAPES = [("4/4/128, P=10", "petrov-e3", 128, 12, 10), ("4/4/256, P=10", "petrov-e3", 256, 12, 10),
+          ("E1 1/1/96, P=1", "petrov-e1", 96, 1, 1), ("E2 1/4/256, P=1", "petrov-e2", 256, 1, 1)]
+
+
 def sweep(root: Path, runs: int, steps: int) -> dict:
     out = {}
-    for d in (128, 256):
-        model, _ = load_model(make_base(root, d))
+    for name, preset, d, slots, P in SHAPES:
+        spec = TaskSpec(prompt_len=slots)
+        model, _ = load_model(make_base(root, d, preset, spec))
         per = {K: [] for K in (1, 2, 4, 8, 16)}
         for _ in range(runs):
             for K in per:
-                per[K].append(step_throughput(model, K, steps))
+                per[K].append(step_throughput(model, K, steps, P, spec))
         single = statistics.median(per[1])
-        out[f"4/4/{d}"] = {str(K): {"seqs_per_s": stats(v), "speedup_vs_runs_alone": statistics.median(v) / single}
-                           for K, v in per.items()}
+        out[name] = {str(K): {"seqs_per_s": stats(v), "speedup_vs_runs_alone": statistics.median(v) / single}
+                     for K, v in per.items()}
     return out
 
 

@@ -87,7 +87,9 @@ def run_jobs(base: Path, jobs: list[dict], progress: Progress | None = None, dev
     jobs = [{k: v for k, v in j.items() if k != "name"} for j in jobs]
     runner = GROUP_RUNNER.get()
     if runner is not None:
-        groups = plan_groups(base, jobs, device)
+        # the longest groups first (steps x runs), so that they do not start last on a free worker
+        groups = sorted(plan_groups(base, jobs, device),
+                        key=lambda g: -sum((jobs[i].get("train") or {}).get("steps", 0) for i in g))
         if len(groups) > 1:
             runner(base, [[jobs[i] for i in g] for g in groups], device)
     return finetune_many(base, jobs, progress, device)

@@ -392,29 +392,73 @@ class ToyTransformer(HookedRootModule):
         if last is not None and not 0 < last <= x.shape[1]:
             raise ValueError(f"last={last} is not in 1..{x.shape[1]}")
         trim = None if hooked else last  # with hooks, every position runs (the hook contract)
+        prefixes = [self._layer_prefix(state, layer) for layer in range(cfg.n_layers)]
+        S = self._shared_head(state, x, prefixes, T, last) if fast else 0
+        if S:
+            return self._forward_shared_head(x, prefixes, S, last)
         for layer, block in enumerate(self.blocks):
-            pk = pv = None
-            if state is not None and state.prefix_k is not None:
-                pk, pv = state.prefix_k[layer], state.prefix_v[layer]
-                if pk is not None and pk.shape[-2] == 0:
-                    pk = pv = None
+            pk, pv = prefixes[layer]
             x = block(x, pk, pv, fast, trim if layer == len(self.blocks) - 1 else None)
         if last is not None and trim is None:
             x = x[:, x.shape[1] - last:]
+        return self._unembed(x)
+
+    @staticmethod
+    def _layer_prefix(state: MethodState | None, layer: int) -> tuple[Tensor | None, Tensor | None]:
+        if state is None or state.prefix_k is None or state.prefix_k[layer] is None:
+            return None, None
+        pk, pv = state.prefix_k[layer], state.prefix_v[layer]
+        return (None, None) if pk.shape[-2] == 0 else (pk, pv)
+
+    def _unembed(self, x: Tensor) -> Tensor:
         x = self.ln_final(x)
         return torch.addmm(self.unembed.b_U, x.reshape(-1, x.shape[-1]), self.unembed.W_U).view(*x.shape[:-1], -1)
 
+    def _shared_head(self, state: MethodState | None, x: Tensor, prefixes, T: int, last: int | None) -> int:
+        """How many leading positions (a soft prompt, SLOT tokens) are the same for every sequence
+        of the batch: causal attention then makes their residual streams the same in every layer,
+        so the fast path computes them once (0: the ordinary forward). They must be dropout-free,
+        with a prompt and prefix shared by the batch (not per-sequence, as in fused runs)."""
+        S = x.shape[1] - T
+        if not S or x.shape[0] == 1 or (self.training and self.cfg.dropout > 0):
+            return 0
+        if last is None or last > T:
+            return 0  # the head's own logits are wanted: the ordinary forward
+        if state is not None and state.prompt is not None and state.prompt.dim() > 2:
+            return 0
+        if any(pk is not None and pk.dim() > 3 for pk, _ in prefixes):
+            return 0
+        return S
+
+    def _forward_shared_head(self, x: Tensor, prefixes, S: int, last: int) -> Tensor:
+        """The forward with the first S positions computed once, at batch 1. In every layer their
+        keys and values are exactly a prefix for the other positions (papers.md §1: a prefix is
+        the keys and values of earlier positions), so the content attends to [prefix, head,
+        content] as before. Only the last `last` logits are returned."""
+        head, x = x[:1, :S], x[:, S:]
+        n = len(self.blocks)
+        for layer, block in enumerate(self.blocks):
+            pk, pv = prefixes[layer]
+            kh, vh = block.attn.keys_values(block.ln1(head))  # [1, S, head, d_head]
+            kh = einops.rearrange(kh[0], "p h e -> h p e")
+            vh = einops.rearrange(vh[0], "p h e -> h p e")
+            tk = kh if pk is None else torch.cat([pk.to(kh.dtype), kh], dim=-2)
+            tv = vh if pv is None else torch.cat([pv.to(vh.dtype), vh], dim=-2)
+            x = block(x, tk, tv, True, last if layer == n - 1 else None)
+            if layer < n - 1:
+                head = block(head, pk, pv, True)
+        return self._unembed(x)
+
     def content_logits(self, tokens: Tensor, state: MethodState | None = None) -> Tensor:
         """Logits at the content positions only: [batch, T, d_vocab]."""
-        logits = self(tokens, state)
-        return logits[:, logits.shape[1] - tokens.shape[1]:]
+        return self(tokens, state, last=tokens.shape[1])
 
     @torch.no_grad()
     def generate(self, x: Tensor, n_new: int, state: MethodState | None = None) -> Tensor:
         """Greedy decoding of n_new tokens after x [batch, L] -> [batch, n_new]."""
         seq = x
         for _ in range(n_new):
-            nxt = self.content_logits(seq, state)[:, -1].argmax(-1, keepdim=True)
+            nxt = self(seq, state, last=1)[:, -1].argmax(-1, keepdim=True)
             seq = torch.cat([seq, nxt], dim=1)
         return seq[:, x.shape[1]:]
 

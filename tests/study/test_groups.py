@@ -15,8 +15,8 @@ def test_run_jobs_hands_its_groups_to_the_runner(tmp_path):
     base = tmp_path / "base"
     pretrain(base, "add1", "micro", SPEC, TrainConfig(steps=10, batch_size=16, eval_every=10, eval_size=16))
     jobs = [{"name": f"{m}{s}", "method": m, "task": "add2", "out": tmp_path / "runs" / f"{m}-{s}",
-             "opts": o, "train": TRAIN, "seed": s}
-            for m, o in (("prefix", {"length": 1}), ("lora", {"rank": 1})) for s in (0, 1)]
+             "opts": o, "train": {**TRAIN, "steps": n}, "seed": s}
+            for m, o, n in (("prefix", {"length": 1}, 4), ("lora", {"rank": 1}, 6)) for s in (0, 1)]
     seen = []
 
     def runner(base_, groups, device):  # what a Ray study does, here in-process
@@ -29,7 +29,8 @@ def test_run_jobs_hands_its_groups_to_the_runner(tmp_path):
         metrics = run_jobs(base, jobs)
     finally:
         GROUP_RUNNER.reset(token)
-    assert [sorted(g) for g in seen[0]] == [["prefix-0", "prefix-1"], ["lora-0", "lora-1"]]
+    # the longest group first
+    assert [sorted(g) for g in seen[0]] == [["lora-0", "lora-1"], ["prefix-0", "prefix-1"]]
     alone = run_jobs(base, [dict(j, out=tmp_path / "seq" / j["out"].name) for j in jobs])
     strip = lambda m: {k: v for k, v in m.items() if k != "timing"}  # noqa: E731
     assert [strip(m) for m in metrics] == [strip(m) for m in alone]

@@ -132,3 +132,57 @@ def test_bf16_autocast_on_the_cpu_is_opt_in_and_trains(tmp_path):
     fp = [json.loads(line) for line in (tmp_path / "fp32" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["loss"] < rows[0]["loss"] * 1.5 and rows[-1]["loss"] != fp[-1]["loss"]  # bf16 really ran
     assert 0.0 <= bf16["exact_acc"] <= 1.0 and base["steps"] == bf16["steps"]
+
+
+@pytest.mark.parametrize("slots,ln,attn_only", [("token", True, False), ("token", False, False),
+                                                ("token", True, True), ("empty", True, False)])
+def test_shared_head_is_computed_once_and_equals_the_explicit_path(slots, ln, attn_only, monkeypatch):
+    """Leading positions that are the same in every sequence (SLOT tokens, a shared soft prompt)
+    run once at batch 1 in the fast path, their keys/values a prefix for the content: logits and
+    gradients equal the explicit path's. Per-sequence prompts, dropout in training and wanting
+    the head's own logits take the ordinary forward."""
+    from toy_models.model import ToyConfig, ToyTransformer
+    cfg = ToyConfig(n_layers=3, n_heads=2, d_model=16, d_vocab=12, n_ctx=20, n_prompt=5, slots=slots,
+                    ln_before_attn=ln, attn_only=attn_only)
+    torch.manual_seed(0)
+    model = ToyTransformer(cfg).eval()
+    shared = []
+    real = model._forward_shared_head
+    monkeypatch.setattr(model, "_forward_shared_head", lambda *a: shared.append(a[2]) or real(*a))
+    toks = torch.randint(0, 11, (6, 9))
+    g = torch.Generator().manual_seed(1)
+    pk = [torch.randn(2, 2, 8, generator=g, requires_grad=True) for _ in range(3)]
+    pv = [torch.randn(2, 2, 8, generator=g, requires_grad=True) for _ in range(3)]
+    pr = torch.randn(2, 16, generator=g, requires_grad=True)
+    name = "blocks.1.attn.W_Q"
+    w = (model.get_parameter(name) + 0.1 * torch.randn(model.get_parameter(name).shape, generator=g)).requires_grad_()
+    leaves = [pr, *pk, *pv, w]
+    states = {"none": None, "prompt": MethodState(prompt=pr), "prefix": MethodState(prefix_k=pk, prefix_v=pv),
+              "prompt+prefix": MethodState(prompt=pr, prefix_k=pk, prefix_v=pv),
+              "weights": MethodState(weights={name: w}),
+              "per-sequence prompt": MethodState(prompt=pr.expand(6, 2, 16))}
+    for label, st in states.items():
+        for last in (9, 2, None):
+            outs = []
+            for fast in (True, False):
+                model.fast_attention = fast
+                shared.clear()
+                y = model(toks, st, last=last)
+                outs.append((y, torch.autograd.grad(y.square().sum(), leaves, allow_unused=True), list(shared)))
+            model.fast_attention = True
+            (a, ga, sa), (b, gb, sb) = outs
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            for x, y in zip(ga, gb):
+                assert (x is None) == (y is None)
+                if x is not None:
+                    torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+            # token: the slots a prefix does not take (its keys/values replace them); empty: the prompt
+            taken = st.max_prefix_len if st is not None else 0
+            head = cfg.n_prompt - taken if slots == "token" else (2 if st is not None and st.prompt is not None else 0)
+            expect = head if last is not None and label != "per-sequence prompt" and head else None
+            assert sa == ([expect] if expect else []), (label, last)
+            assert not sb
+    model.train()  # dropout on: every sequence has its own masks, so nothing is shared
+    shared.clear()
+    model(toks, None, last=9)
+    assert not shared

@@ -125,3 +125,19 @@ def test_finite_training_set_draws_only_from_its_pool():
     assert next_batch(task, SPEC, cfg, 3, pool).x.tolist() == next_batch(task, SPEC, cfg, 3, pool).x.tolist()
     with pytest.raises(UserError, match="train-size"):
         TrainConfig(train_size=0)
+
+
+def test_written_files_follow_the_umask_not_mkstemps_0600(tmp_path):
+    """Results are written atomically through a temporary file; they end up as readable as any
+    file the user writes (0644 under the usual umask 022), not 0600."""
+    import os
+    import stat
+    from toy_models.runs import save_tensors, write_json
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+        save_tensors(tmp_path / "a.safetensors", {"t": torch.zeros(2)})
+    finally:
+        os.umask(old)
+    for name in ("a.json", "a.safetensors"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
