@@ -108,8 +108,10 @@ def versions() -> dict[str, str]:
 
 def provenance(seed: int, **extra) -> dict:
     """extra: e.g. the device a run trained on (kept out of config.json, so a run may resume on
-    another device)."""
+    another device). torch_threads: the CPU's float summation order depends on it, so the same
+    run at 1 and 2 threads ends in different bits (a study's --workers 1 and 2 differ this way)."""
     return {"argv": sys.argv, "command": " ".join(sys.argv), "seed": seed, "versions": versions(),
+            "torch_threads": torch.get_num_threads(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cwd": os.getcwd(), **extra}
 
 

@@ -398,6 +398,24 @@ def fit(model: ToyTransformer, tr: Trainable, task: ResolvedTask, spec: TaskSpec
     return fit_many(model, [Member(tr, task, cfg, run, resume, test)], spec, progress, amp)[0]
 
 
+@contextlib.contextmanager
+def cpu_deterministic(device: torch.device):
+    """Training on the CPU uses torch's deterministic kernels. With 2 threads some backward kernels
+    otherwise sum in a different order on every call, so the same run ended in different bits
+    each time (a 1-step d=32 run: 4 hashes in 4 tries; benchmarks/bench_threads.py). At 1 thread
+    the bits are the same either way, and the cost at 2 threads is within noise
+    (docs/benchmarks.md). Accelerators are left alone: there it needs CUBLAS_WORKSPACE_CONFIG and
+    can be slow. The caller's setting is restored."""
+    if device.type != "cpu" or torch.are_deterministic_algorithms_enabled():
+        yield
+        return
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 def fit_many(model: ToyTransformer, members: list[Member], spec: TaskSpec, progress: Progress | None = None,
              amp: bool | None = None) -> list[dict]:
     """The one loop, for one run or K fused runs over the same frozen model: each step draws
@@ -407,6 +425,12 @@ def fit_many(model: ToyTransformer, members: list[Member], spec: TaskSpec, progr
     (K > 1) must not use dropout (train_mode False), whose masks would differ from a run alone."""
     if not members:
         return []
+    with cpu_deterministic(_model_device(model)):
+        return _fit_many(model, members, spec, progress, amp)
+
+
+def _fit_many(model: ToyTransformer, members: list[Member], spec: TaskSpec, progress: Progress | None,
+              amp: bool | None) -> list[dict]:
     K = len(members)
     train_mode = members[0].cfg.train_mode
     if K > 1:

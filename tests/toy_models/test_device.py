@@ -60,6 +60,7 @@ def test_runs_record_the_device_outside_config(tmp_path):
     pretrain(tmp_path / "b", "add1", "micro", SPEC, TINY, device="cpu")
     prov = json.loads((tmp_path / "b" / "provenance.json").read_text())
     assert prov["device"] == "cpu" and prov["autocast"] is None
+    assert prov["torch_threads"] == torch.get_num_threads()  # float order depends on it
     assert "device" not in keys(json.loads((tmp_path / "b" / "config.json").read_text()))
     finetune(tmp_path / "b", "prefix", "add2", tmp_path / "t", {"length": 1},
              {"steps": 3, "batch_size": 8, "eval_every": 3, "eval_size": 16}, device="auto")

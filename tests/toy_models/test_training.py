@@ -141,3 +141,21 @@ def test_written_files_follow_the_umask_not_mkstemps_0600(tmp_path):
         os.umask(old)
     for name in ("a.json", "a.safetensors"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+
+
+def test_training_at_two_threads_ends_in_the_same_bits_every_time(tmp_path):
+    """At 2 threads some CPU backward kernels sum in a varying order; training takes torch's
+    deterministic kernels, so a run repeats bit for bit (and the caller's setting comes back)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for i in range(3):
+            pretrain(tmp_path / f"r{i}", "mix4", "petrov-e3", TaskSpec(prompt_len=12),
+                     tiny_train(steps=2, batch_size=64, eval_every=2, eval_size=16),
+                     {"d_model": 32, "n_layers": 2})
+    finally:
+        torch.set_num_threads(threads)
+    runs = [load_tensors(tmp_path / f"r{i}" / "model.safetensors") for i in range(3)]
+    for other in runs[1:]:
+        assert all(torch.equal(runs[0][k], other[k]) for k in runs[0])
+    assert not torch.are_deterministic_algorithms_enabled()
