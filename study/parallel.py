@@ -22,12 +22,13 @@ from toy_models.errors import UserError
 def _stage_task(out: str, preset: str, name: str, key: str, threads: int, device, *upstream: dict) -> dict:
     import torch
     from study.experiments import GROUP_RUNNER
-    from study.stages import _run_stage, stages_for
+    from study.runner import run_stage
+    from study.stages import stages_for
     torch.set_num_threads(threads)
     stage = next(s for s in stages_for(preset, Path(out)) if s.name == name)
     token = GROUP_RUNNER.set(_group_runner(threads))
     try:
-        return _run_stage(Path(out), stage, key, {u["name"]: u for u in upstream}, None, device)
+        return run_stage(Path(out), stage, key, {u["name"]: u for u in upstream}, None, device)
     finally:
         GROUP_RUNNER.reset(token)
 
@@ -78,7 +79,7 @@ def _threads(workers: int) -> int:
 
 def run_parallel(out: Path, preset: str, stages: list, keys: dict[str, str], only, workers: int,
                  ray_address: str | None, on_done=None, threads: int | None = None, device=None) -> dict:
-    from study.stages import _cached
+    from study.runner import cached
     ray, started = _init_ray(workers, ray_address)
     task = ray.remote(num_cpus=1, max_retries=2)(_stage_task)
     if threads is None:
@@ -89,7 +90,7 @@ def run_parallel(out: Path, preset: str, stages: list, keys: dict[str, str], onl
         for stage in stages:
             if only and stage.name not in only:
                 continue
-            rec = _cached(out, stage, keys[stage.name])
+            rec = cached(out, stage, keys[stage.name])
             if rec is not None:
                 records[stage.name] = rec
                 continue

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from study.stages import run_stages
+from study.runner import run_stages
 from study.table import paper_vs_lab
 from toy_models.errors import UserError
 from toy_models.runs import write_json
