@@ -557,7 +557,7 @@ def loglog_slope(ns, values: np.ndarray, n_boot: int, seed: int) -> dict[str, fl
     point = float(slope(means))
     lo, hi = np.percentile(slope(boot), [2.5, 97.5])
     return {"slope": point, "ci_low": float(lo), "ci_high": float(hi),
-            "intercept": float(means.mean() - point * x.mean()), "n_used": [int(len(rows[i])) for i in keep]}
+            "intercept": float(means.mean() - point * x.mean())}
 
 
 # ----------------------------------------------------------------------------- the study
@@ -580,6 +580,7 @@ class ReparamResult:
     truth: dict = field(default_factory=dict)
     certified: dict[str, list[int]] = field(default_factory=dict)  # model -> certified fits per n
     checkpoints: list[int] = field(default_factory=list)  # iterations of each fit's D_at
+    diagnostics: dict[str, dict] = field(default_factory=dict)  # model -> per-n checks (`_diagnostics`)
 
     def to_json(self) -> dict:
         """A JSON-serializable dict (non-finite numbers become None)."""
@@ -591,6 +592,7 @@ class ReparamResult:
                 "train_loss": {m: clean(v) for m, v in self.train_loss.items()},
                 "metrics": {m: {k: clean(v) for k, v in mm.items()} for m, mm in self.metrics.items()},
                 "slopes": self.slopes, "certified": self.certified, "checkpoints": self.checkpoints,
+                "diagnostics": self.diagnostics,
                 "fits": self.fits, "fit_seconds": self.fit_seconds,
                 "total_seconds": self.total_seconds}
 
@@ -603,7 +605,7 @@ class ReparamResult:
                    arr(data["train_loss"]), data["slopes"], data["fit_seconds"],
                    data["total_seconds"], {m: arr(mm) for m, mm in data.get("metrics", {}).items()},
                    data.get("fits", {}), data.get("truth", {}), data.get("certified", {}),
-                   data.get("checkpoints", []))
+                   data.get("checkpoints", []), data.get("diagnostics", {}))
 
 
 def run_reparam_study(cfg: ReparamConfig, progress: Progress | None = None) -> ReparamResult:
@@ -630,6 +632,20 @@ def _fit_records(fit: dict[str, Tensor], ev: dict[str, Tensor]) -> list[dict]:
                     "D_at": _finite(ev["D_at"][r]), "D_multi_at": _finite(ev["D_multi_at"][r]),
                     **{k: _finite(ev[k][r:r + 1])[0] for k in METRICS}})
     return out
+
+
+def _diagnostics(cfg: ReparamConfig, ns: list[int], fits: list[list[dict]],
+                 metrics: dict[str, np.ndarray]) -> dict:
+    """Per n: fits used by each slope (certified, cell type present), fits with a multi-atom cell,
+    fits stopped by the iteration cap, the median drift of D_multi over the budget's second half,
+    and the median loss gain over the truth in units of σ² (≈ −(effective parameters fitted))."""
+    ok = np.array([[f["certified"] for f in row] for row in fits])
+    return {"n_used": {k: [int(c) for c in (ok & np.isfinite(metrics[k])).sum(1)] for k in METRICS},
+            "with_multi_cell": [sum(max(f["cell_size"]) > 1 for f in row) for row in fits],
+            "at_step_cap": [sum(f["iters"] >= cfg.steps for f in row) for row in fits],
+            "drift_D_multi": [_median_drift(row) for row in fits],
+            "excess_dof": [float(np.median([(f["train_loss"] / f["truth_loss"] - 1) * n * cfg.d
+                                            for f in row])) for n, row in zip(ns, fits)]}
 
 
 def _median_drift(row: list[dict]) -> float | None:
@@ -678,10 +694,7 @@ def _run_study(cfg: ReparamConfig, progress: Progress | None) -> ReparamResult:
                                         derived_seed(cfg.seed, _PURPOSE_BOOT, k, j))
                      for j, name in enumerate(METRICS)}
         certified[m] = [int(c) for c in ok.sum(1)]
-    for m in cfg.models:  # relative change of D_multi over the second half of the budget
-        slopes[m]["drift_D_multi"] = [_median_drift(row) for row in fits[m]]
-        slopes[m]["excess_dof"] = [float(np.median([(f["train_loss"] / f["truth_loss"] - 1) * n * cfg.d
-                                                    for f in row])) for n, row in zip(ns, fits[m])]
+    diagnostics = {m: _diagnostics(cfg, ns, fits[m], metrics[m]) for m in cfg.models}
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
     truth_json = {r: {"key": truth.prompts(r)[0].tolist(), "value": truth.prompts(r)[1].tolist()}
                   for r in ("linear", "tanh")}
@@ -690,7 +703,7 @@ def _run_study(cfg: ReparamConfig, progress: Progress | None) -> ReparamResult:
     return ReparamResult(config, ns, {m: metrics[m]["D"] for m in cfg.models},
                          {m: metrics[m]["L2"] for m in cfg.models}, train, slopes, seconds,
                          time.perf_counter() - begin, metrics, fits, truth_json, certified,
-                         list(checkpoints(cfg)))
+                         list(checkpoints(cfg)), diagnostics)
 
 
 # ----------------------------------------------------------------------------- paper vs lab

@@ -222,9 +222,7 @@ def test_uncertified_fits_are_flagged_and_left_out_of_slopes():
     assert not all(flags)
     for m in MODELS:
         assert res["certified"][m] == [sum(f["certified"] for f in row) for row in res["fits"][m]]
-        s = res["slopes"][m]["L2"]
-        if s is not None:
-            assert s["n_used"] == [c for c in res["certified"][m] if c]
+        assert res["diagnostics"][m]["n_used"]["L2"] == res["certified"][m]
 
 
 def test_loglog_slope_recovers_known_rate_and_skips_missing():
@@ -237,7 +235,8 @@ def test_loglog_slope_recovers_known_rate_and_skips_missing():
     assert loglog_slope(ns, values, 500, seed=1) == s
     holes = values.copy()
     holes[1, :5] = np.nan
-    assert loglog_slope(ns, holes, 100, seed=1)["n_used"] == [12, 7, 12, 12]
+    part = loglog_slope(ns, holes, 100, seed=1)
+    assert part["slope"] != s["slope"] and part["slope"] == pytest.approx(-0.5, abs=0.08)
     holes[1:] = np.nan
     assert loglog_slope(ns, holes, 100, seed=1) is None
 
@@ -251,10 +250,13 @@ def test_micro_study_structure_json_and_progress():
     assert payload == result.to_json()
     assert ReparamResult.from_json(payload).to_json() == result.to_json()
     assert set(payload) >= {"config", "ns", "truth", "voronoi", "l2_error", "metrics", "slopes",
-                            "certified", "fits", "checkpoints", "total_seconds"}
+                            "certified", "fits", "checkpoints", "diagnostics", "total_seconds"}
     for m in MODELS:
         assert result.voronoi[m].shape == (2, 2) and set(payload["metrics"][m]) == set(METRICS)
-        assert set(payload["slopes"][m]) >= set(METRICS) | {"drift_D_multi", "excess_dof"}
+        assert set(payload["slopes"][m]) == set(METRICS)
+        diag = payload["diagnostics"][m]
+        assert set(diag) == {"n_used", "with_multi_cell", "at_step_cap", "drift_D_multi", "excess_dof"}
+        assert all(len(v) == 2 for v in diag.values() if isinstance(v, list))
         assert len(payload["fits"][m]) == 2 and all(len(row) == 2 for row in payload["fits"][m])
         for row in payload["fits"][m]:
             for f in row:
@@ -271,7 +273,7 @@ def test_micro_study_structure_json_and_progress():
 
 
 def _slope(s, lo, hi):
-    return {"slope": s, "ci_low": lo, "ci_high": hi, "intercept": 0.0, "n_used": [20, 20]}
+    return {"slope": s, "ci_low": lo, "ci_high": hi, "intercept": 0.0}
 
 
 def _result(ns_multi, shared_d=(-0.5, -0.6, -0.4)):
