@@ -285,6 +285,21 @@ def check_inputs(shares, sizes, steps, prefix_len, seeds, batch_size, lrs, n_val
     return grid
 
 
+def parse_lrs(items) -> dict:
+    """``["none=1e-2,3e-2", "deep=3e-4"]`` (the CLI's --lr) -> {share: (lr, ...)}; UserError if malformed."""
+    out = {}
+    for item in items or ():
+        share, eq, values = str(item).partition("=")
+        share = share.strip()
+        if not eq or share not in SHARES:
+            raise UserError(f"--lr takes SHARE=LR[,LR...] with SHARE one of {', '.join(SHARES)}, got {item!r}")
+        try:
+            out[share] = tuple(float(v) for v in values.split(",") if v.strip())
+        except ValueError:
+            raise UserError(f"--lr {item!r}: the learning rates must be numbers, e.g. deep=1e-4,3e-4") from None
+    return out
+
+
 def pick_device(device) -> str:
     """cpu, cuda, cuda:N, mps or auto (toy_models.training's rule); a device torch lacks is a UserError."""
     from toy_models.training import resolve_device

@@ -150,3 +150,10 @@ def test_cost_estimate_counts_every_run():
     est = d2t.estimate_seconds("micro", 1.0)
     assert est["runs"] == 16 and est["train_steps"] == 16 * d2t.PRESETS["micro"]["steps"]
     assert est["seconds"] > est["train_steps"]
+
+
+def test_lr_option_parsing():
+    assert d2t.parse_lrs(["none=1e-2,3e-2", "deep=3e-4"]) == {"none": (1e-2, 3e-2), "deep": (3e-4,)}
+    for bad in (["wide=1e-3"], ["deep"], ["deep=fast"]):
+        with pytest.raises(UserError):
+            d2t.parse_lrs(bad)
