@@ -6,16 +6,23 @@ interrupted ones, and returns a JSON-serializable result (accuracies, and the pa
 from __future__ import annotations
 
 import contextvars
+import hashlib
+import json
 import statistics
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+import torch
+
 from study.recipes import Recipe
 from toy_models.pipeline import pretrain, evaluate_run
 from toy_models.runs import RunDir
-from toy_models.tasks import MIX4, TaskSpec, exact_ceiling, fixed_test_set, resolve_task
-from toy_models.training import TrainConfig
-from tuning.pipeline import load_run
+from toy_models.tasks import MIX4, TaskSpec, exact_ceiling, fixed_test_set, resolve_task, sample_batch
+from toy_models.training import TrainConfig, evaluate, loss_on
+from tuning import make_method
+from tuning.fused import finetune_many, plan_groups
+from tuning.pipeline import budget_match, load_run
 
 Progress = Callable[[int, int, dict], None]
 
@@ -27,8 +34,6 @@ BASES = {"E1": ("ascending", 1), "E2": ("mix4", 1), "E3": ("mix4", 12), "E4": ("
 
 def base_key(experiment: str, r: Recipe) -> str:
     """What identifies the base of `experiment` under recipe `r` (its directory name's hash)."""
-    import hashlib
-    import json
     task, prompt_len = BASES[experiment]
     key = json.dumps([task, r.preset, r.model, r.pretrain_steps, r.pretrain_lr, r.batch_size, r.length,
                       r.num_digits, r.eval_size, prompt_len, r.slots], sort_keys=True)
@@ -83,7 +88,6 @@ def run_jobs(base: Path, jobs: list[dict], progress: Progress | None = None, dev
     that share a method structure and a step count train fused, in one batched forward
     (`tuning.fused.finetune_many`). In a parallel study the stage's groups train as parallel
     tasks first (`GROUP_RUNNER`); the call below then finds every run complete and reads it."""
-    from tuning.fused import finetune_many, plan_groups
     jobs = [{k: v for k, v in j.items() if k != "name"} for j in jobs]
     runner = GROUP_RUNNER.get()
     if runner is not None:
@@ -171,8 +175,6 @@ def run_e3(out: Path, bases: Path, r: Recipe, progress: Progress | None = None, 
 def run_e4(out: Path, bases: Path, r: Recipe, progress: Progress | None = None, device=None) -> dict:
     """E4, prefix vs LoRA at equal budget on double_hist: rank-1 LoRA vs a prefix of equal size,
     both trained for `long_steps`."""
-    from tuning import make_method
-    from tuning.pipeline import budget_match
     base = _ensure_pretrain(bases, "E4", r, progress, device)
     model = load_run(base).model
     lora_n = make_method("lora", model, rank=1).n_params
@@ -199,19 +201,91 @@ def base_accuracy(base: Path, r: Recipe) -> dict:
             "y1_given": task.ambiguous_first}
 
 
-def run_sample_efficiency(out: Path, bases: Path, r: Recipe, sizes: tuple[int, ...], task: str = "add1",
-                          shares: tuple[str, ...] = ("none", "simple", "deep"), P: int = 1,
-                          progress: Progress | None = None, device=None) -> dict:
-    """The toy counterpart of [L]'s study (papers.md §6): accuracy of No-/Simple-/Deep-share
-    prefixes on `task` against the number of training examples, on a mix4-pretrained base."""
-    base = _ensure_pretrain(bases, "E2", r, progress, device)
-    jobs = [{"name": f"{share}/{n}", "method": "prefix", "task": task, "seed": seed,
-             "out": out / f"prefix-{share}-{task}-n{n}-s{seed}", "opts": _prefix(P, r, share),
-             "train": {**_train(r, "prefix", seed), "train_size": n, "eval_every": r.tune_steps}}
-            for seed in r.seeds for share in shares for n in sizes]
-    acc = {}
-    for j, m in zip(jobs, run_jobs(base, jobs, progress, device)):
-        share, n = j["name"].split("/")
-        acc.setdefault(share, {}).setdefault(n, []).append(m["exact_acc"])
-    return {"experiment": "sample_efficiency", "task": task, "P": P, "sizes": list(sizes), "base": str(base),
-            "acc": {s: {n: _mean_std(v) for n, v in by.items()} for s, by in acc.items()}}
+# [L]'s prefix parameterizations (papers.md §1): Deep-share as [L]'s vision code built it (one MLP
+# per layer, hidden 48) and as Li & Liang built it (one MLP shared across layers, hidden 512)
+SAMPLE_EFF_VARIANTS = {
+    "none": {"share": "none"},
+    "simple": {"share": "simple"},
+    "deep48": {"share": "deep", "mlp": "per_layer", "hidden": 48},
+    "deep512": {"share": "deep", "mlp": "shared", "hidden": 512},
+}
+SHARED_VARIANTS = ("simple", "deep48", "deep512")
+
+
+def _size_name(n: int | None) -> str:
+    return "fresh" if n is None else str(n)
+
+
+def held_out_losses(path: str | Path, val, test) -> dict:
+    """A tuned run's teacher-forced loss on the validation and test sets, and its exact accuracy
+    on the validation set (the test accuracy is in its metrics)."""
+    run = load_run(path)
+    run.model.eval()
+    with torch.no_grad():
+        out = {"val_loss": loss_on(run.model, val, run.state).item(),
+               "test_loss": loss_on(run.model, test, run.state).item()}
+    out["val_acc"] = evaluate(run.model, run.state, val, greedy=False)["exact_acc"]
+    return out
+
+
+def validation_set(task_name: str, spec: TaskSpec, n: int, seed: int = 4321):
+    """Inputs of the *train* split (never the test split) drawn on a stream no training pool uses:
+    learning rates are chosen here, never on the test set ([L] grid-searched on a validation split)."""
+    return sample_batch(resolve_task(task_name, spec), spec, n, np.random.default_rng([seed, 0x7A1]), split="train")
+
+
+def run_sample_efficiency(out: Path, bases: Path, r: Recipe, cfg: dict, progress: Progress | None = None,
+                          device=None) -> dict:
+    """The toy counterpart of [L]'s claim (papers.md §6): No-, Simple- and Deep-share prefixes
+    learning a task the base cannot do (E3's ascending_add1 on the E3/E4 base), each on a fixed
+    pool of n training examples, n from tens to thousands, plus fresh data (n = None).
+
+    Each variant gets its own learning rate, chosen from its grid by the validation loss at the
+    smallest n (first seed), as [L] grid-searched per method; every variant starts at the base
+    (init 'slot'). cfg: task, P, variants (names of SAMPLE_EFF_VARIANTS), sizes (null: fresh),
+    seeds, steps, lr_grid {variant: [lr, ...]}, val_size."""
+    base = _ensure_pretrain(bases, cfg["experiment"], r, progress, device)
+    task, P, steps = cfg["task"], cfg["P"], cfg["steps"]
+    sizes, seeds = list(cfg["sizes"]), list(cfg["seeds"])
+    spec = load_run(base).spec
+    val = validation_set(task, spec, cfg["val_size"])
+    test = fixed_test_set(resolve_task(task, spec), spec, r.eval_size)
+
+    def job(v: str, n: int | None, lr: float, seed: int) -> dict:
+        train = {**_train(r, "prefix", seed), "steps": steps, "lr": lr, "schedule": "constant", "warmup": 0,
+                 "eval_every": max(1, steps // 4), "train_size": n}
+        return {"name": f"{v}|{_size_name(n)}|{lr:g}", "method": "prefix", "task": task, "seed": seed,
+                "out": out / f"prefix-{v}-{task}-n{_size_name(n)}-lr{lr:g}-s{seed}",
+                "opts": {"length": P, "init": "slot", **SAMPLE_EFF_VARIANTS[v]}, "train": train}
+
+    def measure(jobs: list[dict]) -> list[dict]:
+        metrics = run_jobs(base, jobs, progress, device)
+        return [{"acc": m["exact_acc"], **held_out_losses(j["out"], val, test)} for j, m in zip(jobs, metrics)]
+
+    # 1. each variant's learning rate, on the validation split at the smallest n (first seed)
+    grid_jobs = [job(v, sizes[0], lr, seeds[0]) for v in cfg["variants"] for lr in cfg["lr_grid"][v]]
+    grid: dict[str, dict[str, dict]] = {}
+    for j, m in zip(grid_jobs, measure(grid_jobs)):
+        v, _, lr = j["name"].split("|")
+        grid.setdefault(v, {})[lr] = {"val_loss": m["val_loss"], "val_acc": m["val_acc"]}
+    chosen = {v: float(min(g, key=lambda lr: g[lr]["val_loss"])) for v, g in grid.items()}
+    # 2. every size and seed at the chosen rate (the selection runs are reused, not retrained)
+    jobs = [job(v, n, chosen[v], seed) for seed in seeds for v in cfg["variants"] for n in sizes]
+    by: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for j, m in zip(jobs, measure(jobs)):
+        v, n, _ = j["name"].split("|")
+        cell = by.setdefault(v, {}).setdefault(n, {})
+        for k in ("acc", "test_loss", "val_loss"):
+            cell.setdefault(k, []).append(m[k])
+    stats = {v: {n: {k: _mean_std(xs) for k, xs in cell.items()} for n, cell in per.items()} for v, per in by.items()}
+    model = load_run(base).model
+    n_params = {v: make_method("prefix", model, **{**SAMPLE_EFF_VARIANTS[v], "length": P}).n_params
+                for v in cfg["variants"]}
+    return {"experiment": "sample_efficiency", "task": task, "P": P, "steps": steps, "base": str(base),
+            "base_acc": base_accuracy(base, r), "sizes": [_size_name(n) for n in sizes], "seeds": seeds,
+            "variants": {v: SAMPLE_EFF_VARIANTS[v] for v in cfg["variants"]}, "n_params": n_params,
+            "lr_grid": grid, "lr": chosen, "val_size": cfg["val_size"], "test_size": len(test),
+            "acc": {v: {n: c["acc"] for n, c in per.items()} for v, per in stats.items()},
+            "test_loss": {v: {n: c["test_loss"] for n, c in per.items()} for v, per in stats.items()},
+            "runs": {f"{v}/{_size_name(n)}": str(job(v, n, chosen[v], seeds[0])["out"])
+                     for v in cfg["variants"] for n in sizes}}

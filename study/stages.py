@@ -16,6 +16,23 @@ from typing import Callable
 from toy_models.errors import UserError
 
 PRESETS = ("quick", "paper", "micro")
+
+# [L]'s toy (study.experiments.run_sample_efficiency): E3's new composition on the E3/E4 base,
+# which a P=10 prefix can reach but must learn from its samples (docs/experiments.md). Learning-rate
+# grids per variant, as [L]'s and Li & Liang's code use: the MLP (deep) about 100x lower than the
+# direct parameterizations (papers.md §6b); each is chosen on a validation split.
+_DIRECT, _MLP = [3e-3, 1e-2, 3e-2], [1e-4, 3e-4, 1e-3]
+SAMPLE_EFF = {
+    "micro": {"task": "ascending_add1", "P": 2, "variants": ["none", "simple", "deep48", "deep512"],
+              "sizes": [8, 32, None], "seeds": [0, 1], "steps": 10, "val_size": 64,
+              "lr_grid": {"none": [1e-2, 3e-2], "simple": [1e-2], "deep48": [3e-4], "deep512": [1e-4, 3e-4]}},
+    "quick": {"task": "ascending_add1", "P": 10, "variants": ["none", "simple", "deep512"],
+              "sizes": [64, 1024], "seeds": [0, 1], "steps": 1500, "val_size": 1000,
+              "lr_grid": {"none": [1e-2, 3e-2], "simple": [1e-2, 3e-2], "deep512": [3e-4, 1e-3]}},
+    "paper": {"task": "ascending_add1", "P": 10, "variants": ["none", "simple", "deep48", "deep512"],
+              "sizes": [32, 128, 512, 2048, None], "seeds": [0, 1, 2], "steps": 3000, "val_size": 1000,
+              "lr_grid": {"none": _DIRECT, "simple": _DIRECT, "deep48": _MLP, "deep512": _MLP}},
+}
 Progress = Callable[[int, int, dict], None]
 
 
@@ -59,8 +76,8 @@ def _experiment(name: str):
 def _sample_efficiency(d: Path, cfg: dict, up: dict, progress, device=None) -> dict:
     from study.experiments import run_sample_efficiency
     from study.recipes import RECIPES
-    return run_sample_efficiency(d, _bases(d), RECIPES[cfg["preset"]]["E2"], tuple(cfg["sizes"]),
-                                 cfg["task"], progress=progress, device=device)
+    return run_sample_efficiency(d, _bases(d), RECIPES[cfg["preset"]][cfg["experiment"]], cfg,
+                                 progress=progress, device=device)
 
 
 def _probes(d: Path, cfg: dict, up: dict, progress, device=None) -> dict:
@@ -145,9 +162,9 @@ def stages_for(preset: str, out: Path) -> list[Stage]:
         ("E3", "new tasks on a deeper mix4 model"),
         ("E2", "extracting pretrained tasks from mix4 with P=1 prefixes"),
         ("E1", "pretrained on ascending, tuned for descending"))]
-    st.append(Stage("sample_eff", "Toy sample efficiency of No/Simple/Deep-share prefixes ([L], real training)",
-                    {**recipe("E2"), "task": "add1", "sizes": [8, 64] if micro else [32, 256, 2048]},
-                    _sample_efficiency, needs=(base_of["E2"],)))
+    st.append(Stage("sample_eff", "[L]'s claim on a toy: No/Simple/Deep-share prefixes learning a new task from n examples",
+                    {**recipe("E3"), "experiment": "E3", **SAMPLE_EFF[preset]},
+                    _sample_efficiency, needs=(base_of["E3"],)))
     st.append(Stage("probes", "Invariance, bias and clusters on the tuned runs",
                     {"n_inputs": 64 if micro else 500}, _probes, needs=("E1", "E2", "E3")))
     # SmolLM2 when its package is installed (`make llama`), else the tiny random LLaMA (2 layers)

@@ -1,0 +1,91 @@
+"""The [L] rows of the paper-vs-lab table (study.table.sample_eff_rows): each verdict at, just
+above and just below its threshold, and with one side of the contrast missing."""
+
+import pytest
+
+from study.table import paper_vs_lab, sample_eff_rows
+
+
+def _cell(*values):
+    m = sum(values) / len(values)
+    return {"mean": m, "std": 0.0, "values": list(values)}
+
+
+def _se(none_small, shared_small, none_large, shared_large, seeds=(0, 1), deep_large=None, variants=None):
+    """A sample_eff result: No-share and Simple-share (and Deep-share) at n = 64 / 1024."""
+    acc = {"none": {"64": _cell(*none_small), "1024": _cell(*none_large)},
+           "simple": {"64": _cell(*shared_small), "1024": _cell(*shared_large)}}
+    if deep_large is not None:
+        acc["deep512"] = {"64": _cell(*[0.0] * len(seeds)), "1024": _cell(*deep_large)}
+    if variants is not None:
+        acc = {v: acc[v] for v in variants}
+    loss = {v: {n: _cell(*[1.0] * len(seeds)) for n in by} for v, by in acc.items()}
+    return {"task": "ascending_add1", "P": 10, "steps": 1500, "sizes": ["64", "1024"], "seeds": list(seeds),
+            "lr": {v: 1e-2 for v in acc}, "acc": acc, "test_loss": loss}
+
+
+def _verdict(se):
+    return sample_eff_rows(se)[0]["verdict"]
+
+
+def test_sharing_ahead_beyond_the_spread_and_gap_closing_is_reproduced():
+    # gap 20 pp at n=64 (spread 4 pp), 2 pp at n=1024
+    assert _verdict(_se((0.10, 0.14), (0.30, 0.34), (0.60, 0.60), (0.62, 0.62))) == "reproduced"
+
+
+# dyadic accuracies, so that "at the threshold" is exact in floating point
+@pytest.mark.parametrize("shared, expected", [
+    ((0.3125, 0.4375), "reproduced"),  # gap 0.25 > spread 0.125 (No-share: 0.125 ± 0.0625)
+    ((0.1875, 0.3125), "differs"),     # gap 0.125 = spread: not more than the spread
+    ((0.125, 0.25), "differs"),        # gap 0.0625 < spread
+])
+def test_gap_at_small_n_against_the_seed_spread(shared, expected):
+    se = _se((0.0625, 0.1875), shared, (0.5, 0.5), (0.5, 0.5))
+    assert _verdict(se).startswith(expected)
+
+
+@pytest.mark.parametrize("large_gap, expected", [(0.125, "reproduced"), (0.25, "differs"), (0.375, "differs")])
+def test_gap_must_shrink_with_n(large_gap, expected):
+    se = _se((0.25, 0.25), (0.5, 0.5), (0.5, 0.5), (0.5 + large_gap, 0.5 + large_gap))  # gap 0.25 at n=64
+    assert _verdict(se).startswith(expected)
+
+
+def test_no_share_ahead_is_differs():
+    assert _verdict(_se((0.30, 0.32), (0.10, 0.12), (0.6, 0.6), (0.6, 0.6))).startswith("differs")
+
+
+def test_one_seed_cannot_reproduce():
+    se = _se((0.10,), (0.50,), (0.6,), (0.6,), seeds=(0,))
+    v = _verdict(se)
+    assert v.startswith("differs") and "one seed" in v
+
+
+@pytest.mark.parametrize("variants", [["none"], ["simple"]])
+def test_a_missing_side_is_not_reproduced(variants):
+    se = _se((0.10, 0.10), (0.50, 0.50), (0.6, 0.6), (0.6, 0.6), variants=variants)
+    assert _verdict(se).startswith("differs")
+
+
+@pytest.mark.parametrize("deep, expected", [
+    ((0.5625, 0.5625), "reproduced"),  # 3.75 pp below Simple-share (0.6)
+    ((0.55, 0.55), "reproduced"),      # 5 pp below, on the threshold
+    ((0.5375, 0.5375), "differs"),     # 6.25 pp below
+    ((0.75, 0.75), "reproduced"),      # above
+])
+def test_deep_share_trains_row(deep, expected):
+    rows = sample_eff_rows(_se((0.1, 0.1), (0.3, 0.3), (0.6, 0.6), (0.6, 0.6), deep_large=deep))
+    assert len(rows) == 2 and rows[1]["verdict"].startswith(expected)
+
+
+def test_deep_share_that_learned_nothing_does_not_train():
+    # within 5 pp of a Simple-share that learned nothing either: not evidence that Deep-share trains
+    rows = sample_eff_rows(_se((0.0, 0.0), (0.0, 0.0), (0.02, 0.02), (0.03, 0.03), deep_large=(0.0, 0.0)))
+    assert rows[1]["verdict"].startswith("differs")
+
+
+def test_the_table_carries_the_rows_of_a_done_stage():
+    se = _se((0.10, 0.14), (0.30, 0.34), (0.60, 0.60), (0.62, 0.62))
+    rows = paper_vs_lab({"sample_eff": {"status": "done", "result": se}})
+    assert [r["verdict"] for r in rows if r["source"] == "[L] toy"] == ["reproduced"]
+    failed = paper_vs_lab({"sample_eff": {"status": "failed"}})
+    assert not [r for r in failed if r["source"] == "[L] toy"]
