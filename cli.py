@@ -28,13 +28,37 @@ def _user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from toy_models.errors import UserError
+        from toy_models.lock import STORAGE_ERRNOS
         try:
             return fn(*args, **kwargs)
         except UserError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2)
+        except OSError as e:  # a full, read-only or forbidden output: the run store left it resumable
+            if e.errno not in STORAGE_ERRNOS:
+                raise
+            typer.echo(f"error: {_storage_error(e)}", err=True)
+            raise typer.Exit(2)
+        except KeyboardInterrupt:
+            typer.echo("error: interrupted; complete runs are kept, and an interrupted run continues with "
+                       "--resume (a study: rerun the same reproduce command)", err=True)
+            raise typer.Exit(130)
 
     return wrapper
+
+
+def _storage_error(e: OSError) -> str:
+    import errno
+    where = e.filename or "the output"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"no space left to write {where}: free some space, then continue with --resume (a study: "
+                "rerun the same command); complete runs are untouched")
+    return f"cannot write {where} ({e.strerror}): give an output directory you can write to"
+
+
+def _note(line: str) -> None:
+    """What the run store healed or took over, one line on stderr."""
+    print(f"note: {line}", file=sys.stderr, flush=True)
 
 
 def command(*args, **kwargs):
@@ -145,7 +169,7 @@ def pretrain(task: str = typer.Option("mix4", help="task to pretrain on (see `pr
     train = TrainConfig(**{**PRETRAIN_DEFAULTS, **opts})
     with Progress(f"pretrain {task}") as prog:
         m = _pretrain(out, task, preset, spec, train, overwrite=overwrite, resume=resume, progress=prog,
-                      slots=slots, device=dev)
+                      slots=slots, device=dev, on_note=_note)
     if json_out:
         print(json.dumps(m, indent=2))
     else:
@@ -222,7 +246,7 @@ def finetune(base: Path = typer.Argument(..., help="base (pretrained) run direct
                       f"{s['exact_acc_std']:.2%} over seeds {seed_list}")
             return
         m = _finetune(base, method, task, out, opts, train, overwrite=overwrite, resume=resume, progress=prog,
-                      device=dev)
+                      device=dev, on_note=_note)
     if json_out:
         print(json.dumps(m, indent=2))
     else:
@@ -518,7 +542,8 @@ def reproduce(preset: str = typer.Option("quick", help="quick (what make demo ru
               workers: int = typer.Option(1, help="run independent stages in parallel on a local Ray with N workers "
                                                   "(each pins its torch threads to cores/N)"),
               ray: Optional[str] = typer.Option(None, "--ray", envvar="RAY_ADDRESS",
-                                                help="run the stages on an existing Ray cluster (out must be shared)"),
+                                                help="run the stages on an existing Ray cluster, host:port as `ray start --head` "
+                                                     "prints it (out must be shared; a token: RAY_AUTH_TOKEN)"),
               device: str = typer.Option("cpu", help="where the toy runs train: auto, cpu, cuda or mps (probes stay fp32 on the CPU)")):
     """Run the whole study as cached stages and write one report (paper vs lab first)."""
     from reports.study import render_study
@@ -530,10 +555,10 @@ def reproduce(preset: str = typer.Option("quick", help="quick (what make demo ru
         def done(name, rec, i, n):
             what = "cached" if rec.get("cached") else f"{rec['status']} in {rec.get('seconds', 0):.0f} s"
             print(f"[{i}/{n}] {name}: {what}", file=sys.stderr, flush=True)
-        res = _reproduce(out, preset, None, only, workers, ray, done, device=device)
+        res = _reproduce(out, preset, None, only, workers, ray, done, device=device, on_note=_note)
     else:
         with StageProgress() as sp:
-            res = _reproduce(out, preset, sp.factory, only, device=device)
+            res = _reproduce(out, preset, sp.factory, only, device=device, on_note=_note)
     report = render_study(out, res)
     failed = [n for n, r in res["records"].items() if r["status"] != "done"]
     for row in res["table"]:

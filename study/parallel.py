@@ -9,6 +9,11 @@ nothing, because its runs resume from their last checkpoint when the stage runs 
 retries it, or the next `reproduce` does). Inside a stage, independent groups of runs (a stage's
 fused groups, `tuning.fused.plan_groups`) are Ray tasks too, so E4's LoRA and prefix, or E3's
 short and long runs, train in parallel. On a cluster, `out` must be a path every node sees.
+
+A cluster started with `ray start --head` may ask for a token (Ray's token authentication,
+https://docs.ray.io/en/latest/ray-security/token-auth.html): the driver sends one only under
+RAY_AUTH_MODE=token, so a token given the ways Ray documents (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH,
+~/.ray/auth_token) turns that mode on; a cluster without authentication accepts it too.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import os
 from pathlib import Path
 
 from toy_models.errors import UserError
+from toy_models.lock import STORAGE_ERRNOS
 
 
 def _stage_task(out: str, preset: str, name: str, key: str, threads: int, device, *upstream: dict) -> dict:
@@ -53,7 +59,7 @@ def _group_runner(threads: int):
     return run
 
 
-def _init_ray(workers: int, ray_address: str | None):
+def _init_ray(workers: int, ray_address: str | None, threads: int):
     try:
         import ray
     except ImportError:  # pragma: no cover - ray is a dependency
@@ -63,34 +69,63 @@ def _init_ray(workers: int, ray_address: str | None):
     address = ray_address or os.environ.get("RAY_ADDRESS")
     try:
         if address:
+            _token_mode()
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
         else:
             # workers inherit this environment; a runtime_env would start Ray's agent (slower)
-            os.environ["OMP_NUM_THREADS"] = str(_threads(workers))
+            os.environ["OMP_NUM_THREADS"] = str(threads)
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-    except ConnectionError as e:
-        raise UserError(f"cannot reach the Ray cluster at {address}: {e}") from None
+    except Exception as e:  # ConnectionError, or a malformed address (ValueError, RuntimeError)
+        ray.shutdown()
+        raise UserError(_connect_error(address, e)) from None
     return ray, True
+
+
+def _token_mode() -> None:
+    """Send Ray's auth token when one is given the documented ways (module docstring)."""
+    if os.environ.get("RAY_AUTH_MODE"):
+        return
+    if (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+            or Path("~/.ray/auth_token").expanduser().is_file()):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def _connect_error(address: str | None, e: Exception) -> str:
+    first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:200]
+    if "InvalidAuthToken" in str(e) or "Unauthenticated" in str(e):
+        given = os.environ.get("RAY_AUTH_MODE") == "token"
+        return (f"the Ray cluster at {address} {'refused the token given' if given else 'asks for a token'}: "
+                "set RAY_AUTH_TOKEN to the token `ray get-auth-token` prints on its head node (or put it "
+                "in ~/.ray/auth_token) and rerun; docs.ray.io/en/latest/ray-security/token-auth.html")
+    return (f"cannot reach the Ray cluster at {address}: {first} (is `ray start --head` running there, "
+            "and is ADDRESS the host:port it printed?)")
 
 
 def _threads(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
+def default_threads(workers: int, ray_address: str | None) -> int:
+    """Torch threads per task: the local cores divided among the workers; 1 on a cluster, whose
+    nodes' cores Ray counts, not this machine's."""
+    return 1 if (ray_address or os.environ.get("RAY_ADDRESS")) else _threads(workers)
+
+
 def run_parallel(out: Path, preset: str, stages: list, keys: dict[str, str], only, workers: int,
-                 ray_address: str | None, on_done=None, threads: int | None = None, device=None) -> dict:
+                 ray_address: str | None, on_done=None, threads: int | None = None, device=None,
+                 on_note=None) -> dict:
     from study.runner import cached
-    ray, started = _init_ray(workers, ray_address)
-    task = ray.remote(num_cpus=1, max_retries=2)(_stage_task)
     if threads is None:
-        threads = _threads(workers) if not (ray_address or os.environ.get("RAY_ADDRESS")) else 1
+        threads = default_threads(workers, ray_address)
+    ray, started = _init_ray(workers, ray_address, threads)
+    task = ray.remote(num_cpus=1, max_retries=2)(_stage_task)
     records: dict[str, dict] = {}
     refs: dict[str, object] = {}
     try:
         for stage in stages:
             if only and stage.name not in only:
                 continue
-            rec = cached(out, stage, keys[stage.name])
+            rec = cached(out, stage, keys[stage.name], on_note)
             if rec is not None:
                 records[stage.name] = rec
                 continue
@@ -107,6 +142,9 @@ def run_parallel(out: Path, preset: str, stages: list, keys: dict[str, str], onl
             try:
                 records[name] = ray.get(ready[0])
             except Exception as e:  # the task died past its retries (or an upstream one did)
+                cause = getattr(e, "cause", e)  # a RayTaskError carries the task's own exception
+                if isinstance(cause, OSError) and cause.errno in STORAGE_ERRNOS:
+                    raise OSError(cause.errno, cause.strerror, cause.filename) from None  # a full disk stops the study
                 records[name] = {"name": name, "status": "failed", "key": keys[name], "seconds": 0.0, "cached": False,
                                  "error": f"{e.__class__.__name__}: {e}".splitlines()[0][:300]}
             if on_done:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from study.runner import run_stages
+from study.runner import plan, run_stages
 from study.table import paper_vs_lab
 from toy_models.errors import UserError
+from toy_models.lock import DirLock
 from toy_models.runs import write_json
 
 
@@ -28,18 +29,33 @@ def _content(records: dict) -> dict:
 
 def reproduce(out: Path, preset: str = "quick", progress_factory=None, only: list[str] | None = None,
               workers: int = 1, ray_address: str | None = None, on_done=None, threads: int | None = None,
-              device=None) -> dict:
+              device=None, on_note=None) -> dict:
     """Run every stage (cached; in parallel on Ray with workers > 1 or a Ray address), then write
     report.json (the table and each stage's content, identical whichever way the stages ran).
-    device: where the toy runs train ("auto", "cpu", "cuda", "mps"); probes stay on the CPU in fp32."""
+    device: where the toy runs train ("auto", "cpu", "cuda", "mps"); probes stay on the CPU in fp32.
+    The study is the one writer of `out` meanwhile (`toy_models.lock`): a second study on it stops
+    at once, naming the first. on_note(line): what the study healed or took over; the same lines
+    are returned under "notes"."""
     out = Path(out)
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
     if device is not None:
         from toy_models.training import resolve_device
         resolve_device(device)  # a device this machine lacks is refused before any stage runs
-    records = run_stages(out, preset, progress_factory, only, workers, ray_address, on_done, threads, device)
-    table = paper_vs_lab(records)
-    content = {"preset": preset, "table": table, "stages": _content(records)}
-    write_json(out / "report.json", content)
-    return {"preset": preset, "records": records, "table": table, "report_json": str(out / "report.json")}
+    plan(out, preset, only)  # an unknown preset or stage is refused before anything is written
+    notes: list[str] = []
+
+    def note(line: str) -> None:
+        notes.append(line)
+        if on_note:
+            on_note(line)
+    with DirLock(out, "study") as lock:
+        if lock.note:
+            note(lock.note)
+        records = run_stages(out, preset, progress_factory, only, workers, ray_address, on_done, threads, device,
+                             on_note=note)
+        table = paper_vs_lab(records)
+        content = {"preset": preset, "table": table, "stages": _content(records)}
+        write_json(out / "report.json", content)
+    return {"preset": preset, "records": records, "table": table, "report_json": str(out / "report.json"),
+            "notes": notes}

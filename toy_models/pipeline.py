@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from toy_models.errors import UserError
+from toy_models.lock import DirLock
 from toy_models.model import MethodState, ToyConfig, ToyTransformer, preset_config
 from toy_models.runs import MODEL_FILE, RunDir, load_tensors, provenance, save_tensors, sha256
 from toy_models.tasks import TaskSpec, resolve_task, fixed_test_set
@@ -21,6 +22,14 @@ PRETRAIN_DEFAULTS = dict(steps=3000, lr=3e-3, warmup=100, schedule="cosine", eva
 DEFAULT_SLOTS = "token"
 
 
+def restart_or_resume(run: RunDir, overwrite: bool, resume: bool) -> tuple[bool, bool]:
+    """(resume, overwrite) as a run is begun: an interrupted run with no checkpoint yet (killed or
+    out of space before its first evaluation) restarts from step 0 in its own directory."""
+    if resume and not run.resumable:
+        return False, True
+    return resume, overwrite
+
+
 def build_model(cfg: ToyConfig, seed: int) -> ToyTransformer:
     g = torch.Generator().manual_seed(seed)
     model = ToyTransformer(cfg)
@@ -32,8 +41,11 @@ def pretrain(out: str | Path, task: str = "mix4", preset: str = "default", spec:
              train: TrainConfig | None = None, model_overrides: dict | None = None,
              overwrite: bool = False, resume: bool = False, progress: Progress | None = None,
              slots: str | None = None, device: str | torch.device | None = None,
-             amp: bool | None = None) -> dict:
+             amp: bool | None = None, lock_wait: float = 0.0, on_note=None) -> dict:
     """Pretrain a base model on `task` and write a run directory. Returns the final metrics.
+    The run is complete (metrics.json) only once every file is written; its directory is locked
+    meanwhile (`toy_models.lock`: lock_wait seconds for another writer; on_note(line) hears of a
+    dead writer's lock taken over).
     slots: the slot protocol, "token" ([P]: SLOT tokens in the prompt slots) or "empty".
     device: None (cpu), "auto", "cpu", "cuda", "mps"; the checkpoint is saved from CPU tensors.
     amp: bf16 autocast of the training forward (None: on CUDA only; see training._use_amp)."""
@@ -50,17 +62,22 @@ def pretrain(out: str | Path, task: str = "mix4", preset: str = "default", spec:
     if resume and run.config != config:
         raise UserError(f"the options differ from those of the interrupted run at {run.path}; "
                         "resume with the same options")
-    run.prepare(overwrite, resume)
-    if not resume:
-        run.write_json("config.json", config)
-        run.write_json("provenance.json", provenance(train.seed, **device_info(dev, amp)))
-    model = build_model(cfg, train.seed).to(dev)  # initialised on the CPU: the same weights anywhere
-    params = dict(model.named_parameters())
-    tr = Trainable(params, lambda: None,
-                   no_decay=lambda n, p: p.ndim < 2 or n.endswith(("W_E", "W_pos")))
-    metrics = fit(model, tr, resolved, spec, train, run=run, resume=resume, progress=progress, amp=amp)
-    save_tensors(run.path / MODEL_FILE, model.state_dict(), meta={"config": cfg.to_dict()})
-    run.finish(metrics)
+    with DirLock(run.path, "pretrain", wait=lock_wait) as lock:
+        if lock.note and on_note:
+            on_note(lock.note)
+        run.check_new(overwrite, resume)  # again, as the one writer: another may have finished it
+        resume, overwrite = restart_or_resume(run, overwrite, resume)
+        run.prepare(overwrite, resume)
+        if not resume:
+            run.write_json("config.json", config)
+            run.write_json("provenance.json", provenance(train.seed, **device_info(dev, amp)))
+        model = build_model(cfg, train.seed).to(dev)  # initialised on the CPU: the same weights anywhere
+        params = dict(model.named_parameters())
+        tr = Trainable(params, lambda: None,
+                       no_decay=lambda n, p: p.ndim < 2 or n.endswith(("W_E", "W_pos")))
+        metrics = fit(model, tr, resolved, spec, train, run=run, resume=resume, progress=progress, amp=amp)
+        save_tensors(run.path / MODEL_FILE, model.state_dict(), meta={"config": cfg.to_dict()})
+        run.finish(metrics, files=(MODEL_FILE,))
     return metrics
 
 

@@ -4,11 +4,13 @@ A run directory holds
     config.json           resolved config (model, task spec, task, training, method, base)
     provenance.json       command line, seed, package versions, python, platform, time
     metrics.jsonl         one line per evaluation during training
-    metrics.json          final metrics; its presence marks the run complete
+    checksums.json        SHA-256 of the run's tensor files, written just before metrics.json
+    metrics.json          final metrics; written last, its presence marks the run complete
     model.safetensors     base weights (pretrain / full fine-tuning); metadata carries the config
     method.safetensors    a tuned method's tensors (LoRA factors, prompt, prefix keys/values...)
     train_state.*         optimizer state for --resume (removed when the run completes)
-Every write is atomic (temporary file + os.replace). Nothing is ever unpickled.
+Every write is atomic (temporary file + os.replace), so a run that failed on the way (disk full,
+permission, Ctrl-C) is never complete: `--resume` continues it. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -41,13 +43,18 @@ def _umask() -> int:
 
 
 def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from e
     os.close(fd)
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are as readable as any file
         os.replace(tmp, path)
+    except OSError as e:  # name the file the user knows, not the temporary one
+        raise OSError(e.errno, e.strerror, str(path)) from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -85,6 +92,19 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"checkpoint {path} is corrupt or not a safetensors file ({str(e).splitlines()[0][:80]})") from None
+
+
+def set_aside(path: Path, why: str = "corrupt") -> Path:
+    """Rename a broken file or directory out of the way (never delete it): path.<why>-<time>."""
+    path = Path(path)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    dest = path.with_name(f"{path.name}.{why}-{stamp}")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = path.with_name(f"{path.name}.{why}-{stamp}-{n}")
+    os.replace(path, dest)
+    return dest
 
 
 def sha256(path: Path) -> str:
@@ -126,7 +146,27 @@ class RunDir:
 
     @property
     def resumable(self) -> bool:
+        """It holds a checkpoint to continue from."""
         return (self.path / "train_state.json").is_file() and not self.complete
+
+    @property
+    def started(self) -> bool:
+        """An interrupted run: begun (config.json) but not complete; --resume continues it, from
+        its last checkpoint or, killed before the first one, from step 0."""
+        return (self.path / "config.json").is_file() and not self.complete
+
+    def verify(self) -> list[str]:
+        """The tensor files of a complete run whose bytes differ from the SHA-256 its
+        checksums.json recorded (missing files included); [] for runs written before it existed."""
+        p = self.path / "checksums.json"
+        if not p.is_file():
+            return []
+        try:
+            sums = read_json(p)
+        except UserError:
+            return ["checksums.json"]
+        return [name for name, digest in sums.items()
+                if not (self.path / name).is_file() or sha256(self.path / name) != digest]
 
     def check_new(self, overwrite: bool, resume: bool) -> None:
         """Refuse an existing output unless --overwrite or --resume says what to do with it.
@@ -138,7 +178,7 @@ class RunDir:
         if resume:
             if self.complete:
                 raise UserError(f"run {self.path} is already complete; nothing to resume")
-            if not self.resumable:
+            if not self.started:
                 raise UserError(f"{self.path} holds no interrupted run to resume")
             return
         if not self.path.is_dir():
@@ -182,7 +222,9 @@ class RunDir:
             raise UserError(f"no run at {self.path}")
         return self.read_json("config.json")
 
-    def finish(self, metrics: dict) -> None:
+    def finish(self, metrics: dict, files: tuple[str, ...] = ()) -> None:
+        """Complete the run: the checksums of its tensor `files`, then metrics.json (the marker)."""
+        self.write_json("checksums.json", {name: sha256(self.path / name) for name in files})
         self.write_json("metrics.json", metrics)
         for name in ("train_state.json", "train_state.safetensors"):
             (self.path / name).unlink(missing_ok=True)

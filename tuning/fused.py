@@ -12,12 +12,14 @@ within fp32 rounding (tests/tuning/test_fused.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import torch
 
 from toy_models.errors import UserError
+from toy_models.lock import DirLock
 from toy_models.pipeline import load_model
 from toy_models.runs import RunDir
 from toy_models.training import Member, Progress, fit_many, resolve_device
@@ -32,11 +34,14 @@ JOB_KEYS = ("method", "task", "out", "opts", "train", "seed")
 # bench_ceiling.py: 0.91-1.09x for K <= 4, 0.72-0.82x for K = 8-16). On the CPU a group is
 # therefore capped at CPU_MAX_FUSED runs; on an accelerator groups are not capped.
 CPU_MAX_FUSED = 4
+# A study's runs wait this long for another writer of the same run: the orphaned task of a Ray
+# worker that died, still running until Ray reaps it (a user's two commands fail at once instead).
+LOCK_WAIT = 120.0
 
 
 def finetune_many(base, jobs: list[dict], progress: Progress | None = None, device=None,
                   overwrite: bool = False, fuse: bool = True, max_fused: int | None = None,
-                  amp: bool | None = None) -> list[dict]:
+                  amp: bool | None = None, lock_wait: float = LOCK_WAIT, on_note=None) -> list[dict]:
     """Tune several runs over one base run. Each job is dict(method, task, out, opts, train,
     seed) with the meaning of `tuning.pipeline.finetune(base, method, task, out, opts, train)`
     (seed overrides train["seed"]). Complete runs with the same config are reused, interrupted
@@ -45,7 +50,9 @@ def finetune_many(base, jobs: list[dict], progress: Progress | None = None, devi
     into one group, others run alone. Returns each job's final metrics (what finetune returns).
     progress: one callback (step, total, info) per group. overwrite: retrain every job afresh.
     fuse=False trains every job alone; max_fused caps the runs of one group (default: 4 on the
-    CPU, none on an accelerator); amp: bf16 autocast of the training forward (None: on CUDA only)."""
+    CPU, none on an accelerator); amp: bf16 autocast of the training forward (None: on CUDA only).
+    Each group's run directories are locked while it trains (`toy_models.lock`), waiting up to
+    lock_wait seconds for another writer; on_note(line) hears of a dead writer's lock taken over."""
     dev = resolve_device(device)
     if not jobs:
         return []
@@ -53,15 +60,22 @@ def finetune_many(base, jobs: list[dict], progress: Progress | None = None, devi
     groups = _groups(todo, model, fuse, _cap(max_fused, dev))
     model.to(dev)
     for group in groups:
-        for _, job, resume in group:
-            start_job(job, overwrite=not resume, resume=resume, device=dev, amp=amp)
-            job.method.to(dev)
-        members = [Member(job.trainable(), job.task, job.cfg, job.run, resume) for _, job, resume in group]
-        metrics = fit_many(model, members, prepared[0].spec, progress, amp)
-        for (i, job, _), m in zip(group, metrics):
-            results[i] = finish_job(job, m)
-        for _, job, _ in group:  # free the group's tensors
-            job.method.to("cpu")
+        with contextlib.ExitStack() as locks:
+            for _, job, _ in group:
+                lock = locks.enter_context(DirLock(job.run.path, "finetune", wait=lock_wait))
+                if lock.note and on_note:
+                    on_note(lock.note)
+            # decided again as the one writer: a task Ray retried may have run it meanwhile
+            group = _redecide(group, results, overwrite)
+            for _, job, resume in group:
+                start_job(job, overwrite=not resume, resume=resume, device=dev, amp=amp)
+                job.method.to(dev)
+            members = [Member(job.trainable(), job.task, job.cfg, job.run, resume) for _, job, resume in group]
+            metrics = fit_many(model, members, prepared[0].spec, progress, amp)
+            for (i, job, _), m in zip(group, metrics):
+                results[i] = finish_job(job, m)
+            for _, job, _ in group:  # free the group's tensors
+                job.method.to("cpu")
     return results
 
 
@@ -132,6 +146,19 @@ def _action(job: Job, overwrite: bool) -> str:
     return "resume" if run.resumable else "fresh"  # killed before its first checkpoint: restart
 
 
+def _redecide(group: list, results: list, overwrite: bool) -> list:
+    """The group's jobs still to train, each with its resume flag, as decided under its lock; a
+    run found complete meanwhile is reused (its metrics go to `results`)."""
+    todo = []
+    for i, job, _ in group:
+        action = _action(job, overwrite)
+        if action == "reuse":
+            results[i] = job.run.read_json("metrics.json")
+        else:
+            todo.append((i, job, action == "resume"))
+    return todo
+
+
 def _key(job: Job) -> str | None:
     """Jobs with the same key train fused; None: this job trains alone."""
     c = job.cfg
@@ -173,6 +200,13 @@ def finetune_grid(base, method: str, tasks: list[str], out, seeds: list[int] | N
         raise UserError(f"--seeds repeats a seed: {seeds}")
     root = RunDir(out)
     root.check_new(overwrite, False)
+    with DirLock(root.path, "finetune"):
+        root.check_new(overwrite, False)
+        return _grid(base, method, tasks, out, seeds, opts, train, overwrite, progress, fuse, device)
+
+
+def _grid(base, method, tasks, out, seeds, opts, train, overwrite, progress, fuse, device) -> dict:
+    from tuning.pipeline import seeds_summary
     jobs = []
     for t in tasks:
         for s in seeds or [None]:

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from toy_models.errors import UserError
-from toy_models.pipeline import LoadedRun, base_sha, load_base_run, load_model
+from toy_models.lock import DirLock
+from toy_models.pipeline import LoadedRun, base_sha, load_base_run, load_model, restart_or_resume
 from toy_models.runs import METHOD_FILE, RunDir, load_tensors, provenance, save_tensors
 from toy_models.tasks import ResolvedTask, TaskSpec, resolve_task
 from toy_models.training import Progress, Trainable, TrainConfig, device_info, fit, resolve_device
@@ -31,8 +32,10 @@ def method_train_config(method: str, overrides: dict) -> TrainConfig:
 def finetune(base: str | Path, method: str, task: str, out: str | Path, opts: dict | None = None,
              train: dict | None = None, overwrite: bool = False, resume: bool = False,
              progress: Progress | None = None, slots: str | None = None,
-             device: str | torch.device | None = None, amp: bool | None = None) -> dict:
+             device: str | torch.device | None = None, amp: bool | None = None, lock_wait: float = 0.0,
+             on_note=None) -> dict:
     """Tune `method` on `task` over the frozen base run; write a tuned run. Returns final metrics.
+    The run directory is locked while it is written (lock_wait, on_note: as `toy_models.pipeline.pretrain`).
     slots: the slot protocol the caller expects of the base; another one is refused.
     device: None (cpu), "auto", "cpu", "cuda", "mps" (recorded in provenance.json).
     amp: bf16 autocast of the training forward (None: on CUDA only)."""
@@ -43,12 +46,17 @@ def finetune(base: str | Path, method: str, task: str, out: str | Path, opts: di
     job.run.check_new(overwrite, resume)
     if resume and job.run.config != job.config:
         raise UserError(f"the options differ from those of the interrupted run at {job.run.path}")
-    start_job(job, overwrite, resume, dev, amp)
-    model.to(dev)
-    job.method.to(dev)
-    metrics = fit(model, job.trainable(), job.task, job.spec, job.cfg, run=job.run, resume=resume,
-                  progress=progress, amp=amp)
-    return finish_job(job, metrics)
+    with DirLock(job.run.path, "finetune", wait=lock_wait) as lock:
+        if lock.note and on_note:
+            on_note(lock.note)
+        job.run.check_new(overwrite, resume)  # again, as the one writer: another may have finished it
+        resume, overwrite = restart_or_resume(job.run, overwrite, resume)
+        start_job(job, overwrite, resume, dev, amp)
+        model.to(dev)
+        job.method.to(dev)
+        metrics = fit(model, job.trainable(), job.task, job.spec, job.cfg, run=job.run, resume=resume,
+                      progress=progress, amp=amp)
+        return finish_job(job, metrics)
 
 
 @dataclass
@@ -96,7 +104,7 @@ def start_job(job: Job, overwrite: bool, resume: bool, device: torch.device, amp
 def finish_job(job: Job, metrics: dict) -> dict:
     metrics["n_params"] = job.method.n_params
     save_tensors(job.run.path / METHOD_FILE, job.method.export(), meta={"method": job.method.config()})
-    job.run.finish(metrics)
+    job.run.finish(metrics, files=(METHOD_FILE,))
     return metrics
 
 
@@ -119,6 +127,14 @@ def finetune_seeds(base, method, task, out, seeds: list[int], opts=None, train=N
         raise UserError(f"--seeds repeats a seed: {seeds}")
     root = RunDir(out)
     root.check_new(overwrite, False)
+    with DirLock(root.path, "finetune"):
+        root.check_new(overwrite, False)
+        return _finetune_seeds(base, method, task, out, seeds, opts, train, overwrite, progress, on_seed, fuse,
+                               device, root)
+
+
+def _finetune_seeds(base, method, task, out, seeds, opts, train, overwrite, progress, on_seed, fuse, device,
+                    root: RunDir) -> dict:
     if fuse:
         from tuning.fused import finetune_many
         jobs = [dict(method=method, task=task, out=Path(out) / f"seed{s}", opts=opts, train=train, seed=s)
