@@ -2,6 +2,8 @@
 number changed at a time from a study where every row holds, and each contrast with one side
 missing. The [L] rows (sample efficiency, reparameterization, FGVC) are tested elsewhere."""
 import copy
+import json
+from pathlib import Path
 
 import pytest
 
@@ -100,7 +102,7 @@ def test_the_reference_study_reproduces_every_p_row():
     assert set(v.values()) == {"reproduced"}, v
 
 
-@pytest.mark.parametrize("claim,path,t,side", THRESHOLDS, ids=[x[0] for x in THRESHOLDS])
+@pytest.mark.parametrize("claim,path,t,side", THRESHOLDS, ids=[x[0].encode("ascii", "ignore").decode().strip().replace(" ", "_") for x in THRESHOLDS])
 def test_each_p_row_at_just_above_and_just_below_its_threshold(claim, path, t, side):
     step = 1 if isinstance(t, int) else t * EPS
     expect = {"ge": (True, True, False), "le": (True, False, True),
@@ -224,3 +226,30 @@ def test_rows_state_numbers_and_gaps():
     assert row(rec, "task clusters")["lab"] == "90 % with vs 30 % without (chance 25 %)"
     assert row(rec, "more completions")["lab"] == "10 hard vs 20 virtual"
     assert row(rec, "generates any sequence")["lab"] == "V=5 N=4: 100.0 %; V=10 N=10: 100.0 %"
+
+
+def bad() -> dict:
+    """good() with every [P] number on the wrong side of its line."""
+    rec = good()
+    for claim, path, t, side in THRESHOLDS:
+        _set(rec, path, {"ge": t * 0.6, "le": t * 3 + 0.01, "gt": t // 2 if isinstance(t, int) else t / 2, "eq": 0.75}[side])
+    _set(rec, ("probes", "result", "clusters_E2", "nearest_centroid_acc_without_method"), 0.35)
+    rec["llama"]["result"]["passed"] = False
+    return rec
+
+
+SNAPSHOT = Path(__file__).with_name("table_p_rows.json")
+
+
+@pytest.mark.parametrize("case", ["holds", "differs"])
+def test_p_rows_read_as_recorded(case):
+    """Every [P] row as a reader sees it (claim, paper number, lab number, verdict with its gap,
+    criterion), for a study where each row holds and one where each differs. Regenerate the JSON
+    only for a deliberate change of wording: `python -c "import tests.study.test_table as t; t.write_snapshot()"`."""
+    got = list(p_rows(good() if case == "holds" else bad()).values())
+    assert got == json.loads(SNAPSHOT.read_text())[case]
+
+
+def write_snapshot():
+    SNAPSHOT.write_text(json.dumps({"holds": list(p_rows(good()).values()),
+                                    "differs": list(p_rows(bad()).values())}, indent=1, ensure_ascii=False) + "\n")

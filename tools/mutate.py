@@ -1,0 +1,169 @@
+"""`make mutate`: mutation testing (mutmut 3) of the modules that carry the science.
+
+Each module is mutated alone, in a copy of the tree under runs/mutate/work/<module>/, and each of
+its mutants runs only the fast test files that matter for it (MODULES below; mutmut narrows that
+further to the tests that call the mutated function), at one torch thread. The report lists the
+surviving mutants per module: runs/mutate/report.json (with each survivor's diff) and
+runs/mutate/report.txt (the table that docs/tests.md copies).
+
+    python tools/mutate.py                      # every module in MODULES
+    python tools/mutate.py study/table.py ...   # some of them
+    python tools/mutate.py --list               # the module -> tests mapping
+
+mutmut mutates code inside functions and methods only: module constants and class attributes
+(LoRA's DEFAULT_TARGETS, the methods' `defaults`) are pinned by tests of their own instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ["toy_models", "tuning", "probes", "llama_checks", "theory", "study", "reports"]
+_TUNE = ["tests/tuning/test_tuning.py", "tests/tuning/test_methods.py"]
+_LLAMA = ["tests/llama_checks/test_llama.py", "tests/llama_checks/test_soft_prompt_dilution.py"]
+# module -> the fast test files that exercise it (never the whole suite: one mutant would take minutes)
+MODULES: dict[str, list[str]] = {
+    "toy_models/model.py": ["tests/toy_models/test_model.py", "tests/tuning/test_methods.py"],
+    "toy_models/tasks.py": ["tests/toy_models/test_tasks.py"],
+    "toy_models/training.py": ["tests/toy_models/test_training.py", "tests/toy_models/test_tasks.py"],
+    "toy_models/runs.py": ["tests/toy_models/test_training.py", "tests/tuning/test_tuning.py"],
+    "tuning/lora.py": _TUNE,
+    "tuning/base.py": _TUNE,
+    "tuning/full.py": _TUNE,
+    "tuning/soft_prompt.py": _TUNE,
+    "tuning/prefix.py": _TUNE,
+    "study/table.py": ["tests/study/test_table.py"],
+    "probes/common.py": ["tests/probes/test_probes.py"],
+    "probes/invariance.py": ["tests/probes/test_probes.py"],
+    "probes/bias.py": ["tests/probes/test_probes.py"],
+    "probes/hierarchy.py": ["tests/probes/test_probes.py", "tests/llama_checks/test_soft_prompt_dilution.py"],
+    "llama_checks/prefix.py": _LLAMA,
+    "llama_checks/soft_prompt.py": _LLAMA,
+    "theory/reparam.py": ["tests/theory/test_reparam.py"],
+}
+STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped",
+          36: "timeout", -24: "timeout", 24: "timeout", 152: "timeout", 255: "timeout", 37: "killed"}
+OUT = ROOT / "runs" / "mutate"
+
+
+def workdir_for(module: str, tests: list[str]) -> Path:
+    """A fresh copy of the packages, the module's tests (and every conftest) and a pyproject.toml
+    whose [tool.mutmut] mutates this one module and selects these tests."""
+    work = OUT / "work" / module.replace("/", "__").removesuffix(".py")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for p in PACKAGES:
+        shutil.copytree(ROOT / p, work / p, ignore=ignore)
+    shutil.copy2(ROOT / "cli.py", work / "cli.py")
+    for f in [*tests, *(str(c.relative_to(ROOT)) for c in (ROOT / "tests").rglob("conftest.py"))]:
+        (work / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, work / f)
+    toml = (ROOT / "pyproject.toml").read_text()
+    toml = toml.split("[tool.mutmut]")[0]  # ours below replaces any in the project's file
+    sel = ", ".join(json.dumps(t) for t in tests)
+    toml += (f"\n[tool.mutmut]\nsource_paths = {json.dumps(PACKAGES)}\nonly_mutate = [{json.dumps(module)}]\n"
+             f"pytest_add_cli_args_test_selection = [{sel}]\n"
+             # slow tests need chromium or real weights; -x: one failing test kills the mutant
+             "pytest_add_cli_args = [\"-x\", \"-m\", \"not slow and not browser\", \"-p\", \"no:cacheprovider\"]\n"
+             "use_git_change_detection = false\n")
+    (work / "pyproject.toml").write_text(toml)
+    return work
+
+
+def mutmut(work: Path, *args: str, timeout: float | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    return subprocess.run([sys.executable, "-m", "mutmut", *args], cwd=work, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def collect(work: Path, module: str) -> dict:
+    """Statuses from mutmut's .meta file, and the diff of every mutant not killed."""
+    meta = json.loads((work / "mutants" / (module + ".meta")).read_text())
+    by = {k: STATUS.get(v, "suspicious" if v is not None else "not checked") for k, v in meta["exit_code_by_key"].items()}
+    counts: dict[str, int] = {}
+    for s in by.values():
+        counts[s] = counts.get(s, 0) + 1
+    survivors = {}
+    for name, s in sorted(by.items()):
+        if s != "killed":
+            diff = mutmut(work, "show", name).stdout
+            survivors[name] = {"status": s, "diff": "\n".join(l for l in diff.splitlines()
+                                                               if l.startswith(("+", "-")) and not l.startswith(("+++", "---")))}
+    return {"total": len(by), "counts": counts, "survivors": survivors}
+
+
+def run_module(module: str, tests: list[str], keep: bool) -> dict:
+    work = workdir_for(module, tests)
+    t0, c0 = time.time(), os.times()
+    proc = mutmut(work, "run", "--max-children", "1")
+    c1 = os.times()
+    res = {"module": module, "tests": tests, "wall_s": round(time.time() - t0, 1),
+           "cpu_s": round((c1.children_user + c1.children_system) - (c0.children_user + c0.children_system), 1),
+           "returncode": proc.returncode}
+    if not (work / "mutants" / (module + ".meta")).exists():
+        res["error"] = (proc.stdout + proc.stderr)[-3000:]
+        return res
+    res.update(collect(work, module))
+    s = res["total"] - res["counts"].get("killed", 0)
+    res["surviving"], res["surviving_pct"] = s, round(100 * s / max(res["total"], 1), 1)
+    if not keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return res
+
+
+def table(results: list[dict]) -> str:
+    lines = [f"{'module':28} {'mutants':>7} {'killed':>6} {'survived':>8} {'no tests':>8} {'timeout':>7} "
+             f"{'surv %':>6} {'time':>7}"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['module']:28} error (see report.json)")
+            continue
+        c = r["counts"]
+        lines.append(f"{r['module']:28} {r['total']:7} {c.get('killed', 0):6} {c.get('survived', 0):8} "
+                     f"{c.get('no tests', 0):8} {c.get('timeout', 0):7} {r['surviving_pct']:6.1f} {r['wall_s']:6.0f}s")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("modules", nargs="*", help="modules to mutate (default: all of MODULES)")
+    ap.add_argument("--list", action="store_true", help="print the module -> tests mapping")
+    ap.add_argument("--keep", action="store_true", help="keep runs/mutate/work/<module> (for `mutmut show`)")
+    args = ap.parse_args(argv)
+    if args.list:
+        for m, t in MODULES.items():
+            print(f"{m}: {' '.join(t)}")
+        return 0
+    unknown = [m for m in args.modules if m not in MODULES]
+    if unknown:
+        print(f"unknown module {unknown[0]!r}; known: {', '.join(MODULES)}", file=sys.stderr)
+        return 2
+    OUT.mkdir(parents=True, exist_ok=True)
+    report_path = OUT / "report.json"
+    old = json.loads(report_path.read_text()) if report_path.exists() else {}
+    t0 = time.time()
+    for m in args.modules or list(MODULES):
+        r = run_module(m, MODULES[m], args.keep)
+        old[m] = r  # one module at a time: an interrupted run keeps what it measured
+        tmp = report_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(old, indent=1))
+        tmp.replace(report_path)
+        print(table([r]).splitlines()[-1], flush=True)
+    text = table([old[m] for m in MODULES if m in old])
+    (OUT / "report.txt").write_text(text + "\n")
+    print(text)
+    print(f"mutation testing took {time.time() - t0:.0f} s; report: {report_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
