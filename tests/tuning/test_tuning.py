@@ -40,7 +40,7 @@ def base_run(tmp_path_factory):
 
 
 @pytest.mark.parametrize("method,opts", VARIANTS, ids=lambda v: str(v))
-def test_every_method_trains_round_trips_and_freezes_the_base(base_run, tmp_path, method, opts):
+def test_every_method_trains_and_freezes_the_base(base_run, tmp_path, method, opts):
     run = load_run(base_run)
     before = {k: v.clone() for k, v in run.model.state_dict().items()}
     task = resolve_task("add2", SPEC)
@@ -57,15 +57,13 @@ def test_every_method_trains_round_trips_and_freezes_the_base(base_run, tmp_path
     # only the method's parameters changed: every base weight is bit-identical
     for k, v in run.model.state_dict().items():
         assert torch.equal(v, before[k]), k
-    # round trip through save/load
+    # the pipeline writes a run that loads back (its logits against the method's own state before
+    # saving: tests/tuning/test_methods.py::test_saved_and_reloaded_run_gives_the_same_logits)
     out = finetune(base_run, method, "add2", tmp_path / "t", opts,
                    {"steps": 5, "batch_size": 8, "eval_every": 5, "eval_size": 16, "warmup": 1})
     tuned = load_run(tmp_path / "t")
-    assert tuned.config["base"]["sha256"]
-    toks = batch.content[:8]
-    saved = load_run(tmp_path / "t")
-    assert torch.equal(tuned.model(toks, tuned.state), saved.model(toks, saved.state))
-    assert out["n_params"] == tuned.method.n_params
+    assert len(tuned.config["base"]["sha256"]) == 64
+    assert out["n_params"] == tuned.method.n_params == m.n_params
 
 
 @pytest.mark.parametrize("method,opts", [("lora", {"rank": 2}), ("lora", {"rank": 1, "targets": ["q", "k"]})])
