@@ -18,6 +18,7 @@ RAY_AUTH_MODE=token, so a token given the ways Ray documents (RAY_AUTH_TOKEN, RA
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -60,17 +61,20 @@ def _group_runner(threads: int):
 
 
 def _init_ray(workers: int, ray_address: str | None, threads: int):
+    address = ray_address or os.environ.get("RAY_ADDRESS")
+    if address:  # read by Ray as it is imported, so set first
+        _token_mode()
+        # Ray's core logs each refused try as a warning on stderr; the one line below says it all
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
     try:
         import ray
     except ImportError:  # pragma: no cover - ray is a dependency
         raise UserError("--workers/--ray need Ray: pip install -c constraints.txt 'ray>=2,<3'") from None
     if ray.is_initialized():
         return ray, False
-    address = ray_address or os.environ.get("RAY_ADDRESS")
     try:
         if address:
-            _token_mode()
-            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
         else:
             # workers inherit this environment; a runtime_env would start Ray's agent (slower)
             os.environ["OMP_NUM_THREADS"] = str(threads)
@@ -92,13 +96,29 @@ def _token_mode() -> None:
 
 def _connect_error(address: str | None, e: Exception) -> str:
     first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:200]
-    if "InvalidAuthToken" in str(e) or "Unauthenticated" in str(e):
-        given = os.environ.get("RAY_AUTH_MODE") == "token"
-        return (f"the Ray cluster at {address} {'refused the token given' if given else 'asks for a token'}: "
-                "set RAY_AUTH_TOKEN to the token `ray get-auth-token` prints on its head node (or put it "
-                "in ~/.ray/auth_token) and rerun; docs.ray.io/en/latest/ray-security/token-auth.html")
+    if "InvalidAuthToken" in str(e) or "Unauthenticated" in str(e) or _listening(address):
+        # Ray's message does not say why; a head that answers and still refuses wants a token
+        if os.environ.get("RAY_AUTH_MODE") == "token":
+            return (f"the Ray cluster at {address} answers but refused the token given: compare RAY_AUTH_TOKEN "
+                    "(or ~/.ray/auth_token) with what `ray get-auth-token` prints on its head node")
+        return (f"the Ray cluster at {address} answers but refused this driver, as a head node with token "
+                "authentication does: set RAY_AUTH_TOKEN to the token `ray get-auth-token` prints on its head "
+                "node (or put it in ~/.ray/auth_token) and rerun; docs.ray.io/en/latest/ray-security/token-auth.html")
     return (f"cannot reach the Ray cluster at {address}: {first} (is `ray start --head` running there, "
             "and is ADDRESS the host:port it printed?)")
+
+
+def _listening(address: str | None) -> bool:
+    """Does something accept connections at host:port (a head node's GCS)?"""
+    import socket
+    host, _, port = (address or "").rpartition(":")
+    if not host or not port.isdigit() or "://" in address:
+        return False
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+        return True
+    except OSError:
+        return False
 
 
 def _threads(workers: int) -> int:

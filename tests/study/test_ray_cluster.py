@@ -70,16 +70,19 @@ def head():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _workers(pid: int, title: str) -> list:
+def _writer(out: Path, head_pid: int) -> int | None:
+    """The pid of a Ray worker of our head node that holds the lock of one of the study's runs
+    (`toy_models.lock`: the lock file names its holder), i.e. one in the middle of a stage."""
     import psutil
-    out = []
-    for p in psutil.Process(pid).children(recursive=True):
+    workers = {p.pid for p in psutil.Process(head_pid).children(recursive=True)}
+    for lock in list(out.glob("stages/*/.*.lock")) + list(out.glob("bases/.*.lock")):
         try:
-            if p.cmdline() and p.cmdline()[0].startswith(title):
-                out.append(p)
-        except psutil.Error:
-            pass
-    return out
+            pid = json.loads(lock.read_text())["pid"]
+        except (OSError, ValueError, KeyError):
+            continue  # released, or being written, this instant
+        if pid in workers:
+            return pid
+    return None
 
 
 @pytest.fixture
@@ -108,13 +111,12 @@ def test_the_micro_study_through_a_head_node_with_a_worker_killed_mid_stage(head
     killed = None
     deadline = time.time() + 400
     while proc.poll() is None and time.time() < deadline and killed is None:
-        busy = _workers(head["pid"], "ray::_group_task")  # a stage's group of runs, training
-        if busy and list(out.glob("stages/*/*/train_state.json")):
-            killed = busy[0].pid
+        killed = _writer(out, head["pid"])  # a Ray worker that is writing one of the study's runs
+        if killed is not None:
             os.kill(killed, signal.SIGKILL)
         time.sleep(0.02)
     stdout, stderr = proc.communicate(timeout=max(10, deadline - time.time()))
-    assert killed is not None, "no Ray worker was caught in the middle of a stage"
+    assert killed is not None, f"no Ray worker was caught writing a run: {stderr[-2000:]}"
     # the same exit as the local study (0 unless a stage failed there too), the same report
     assert proc.returncode == (1 if any(r["status"] != "done" for r in reference[1]["records"].values()) else 0), stderr
     res = json.loads((out / "report.json").read_text())
