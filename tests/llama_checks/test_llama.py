@@ -234,3 +234,64 @@ def test_layer0_identities_property():
         assert r.passed, r.checks[0]
 
     check()
+
+
+def _distinct_prefix(P=3, n_layers=2, kv_heads=2, d_head=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Prefix([torch.randn(kv_heads, P, d_head, generator=g) for _ in range(n_layers)],
+                  [torch.randn(kv_heads, P, d_head, generator=g) for _ in range(n_layers)])
+
+
+def test_prefix_cache_holds_each_slot_where_the_prefix_has_it(tiny_gqa):
+    pre = _distinct_prefix()
+    for batch in (1, 3):
+        cache = prefix_cache(pre, tiny_gqa.config, batch=batch)
+        assert len(cache.layers) == 2
+        for l in range(2):
+            for b in range(batch):
+                assert torch.equal(cache.layers[l].keys[b], pre.keys[l])
+                assert torch.equal(cache.layers[l].values[b], pre.values[l])
+    one = prefix_cache(pre, tiny_gqa.config, layers=range(1, 2))
+    assert torch.equal(one.layers[0].keys[0], pre.keys[1])  # layer 1 of the prefix in the slice's first layer
+
+
+def test_layer0_attention_uses_the_prefix_keys_and_values_as_given(tiny_gqa):
+    """The layer-0 pattern over the prefix slots is softmax(q·k_s/√d) with the Prefix's own keys
+    (a cache whose slots were moved would pass the rescaling identity, not this). The values:
+    test_prefix_cache_holds_each_slot_where_the_prefix_has_it and the hard-prompt test below."""
+    P, bridge = 3, tiny_gqa.bridged()
+    pre = _distinct_prefix(P)
+    ids = torch.tensor([[1, 40, 41, 42, 43]])
+    names = ["blocks.0.attn.hook_rot_q", "blocks.0.attn.hook_pattern"]
+    seen = {}
+
+    def keep(x, hook):
+        seen[hook.name] = x.detach().clone()
+        return x
+
+    with torch.no_grad():
+        bridge.run_with_hooks(ids, past_key_values=prefix_cache(pre, tiny_gqa.config),
+                              fwd_hooks=[(n, keep) for n in names])
+    q, pat = seen[names[0]], seen[names[1]]  # q [1, T, heads, d] (or [1, heads, T, d]), pattern [1, heads, T, P+T]
+    n_heads, T = pat.shape[1], ids.shape[1]
+    if q.shape[1] == n_heads and q.shape[2] == T:
+        q = q.transpose(1, 2)
+    group = n_heads // pre.keys[0].shape[0]
+    for h in range(n_heads):
+        k = pre.keys[0][h // group]  # [P, d]
+        want = torch.softmax(q[0, :, h] @ k.T / k.shape[-1] ** 0.5, -1)  # over the prefix slots alone
+        got = pat[0, h, :, :P] / pat[0, h, :, :P].sum(-1, keepdim=True)
+        assert (got - want).abs().max() < 1e-5, h
+
+
+def test_hard_prompt_as_a_cache_equals_the_prompt_in_the_input(tiny):
+    """[P] §1: a hard prompt is the prefix its own forward caches; fed back as a cache it gives the
+    content the logits it has after the prompt tokens in the input."""
+    from llama_checks.prefix import hard_prompt_prefix
+    model = tiny.model
+    prompt, content = torch.tensor([7, 9, 11]), torch.tensor([[40, 41, 42, 43]])
+    pre = hard_prompt_prefix(model, prompt)
+    with torch.no_grad():
+        cached = model(input_ids=content, past_key_values=prefix_cache(pre, model.config)).logits
+        full = model(input_ids=torch.cat([prompt[None], content], 1)).logits[:, len(prompt):]
+    assert (cached - full).abs().max() < 1e-4

@@ -1,5 +1,7 @@
 import json
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -159,3 +161,92 @@ def test_training_at_two_threads_ends_in_the_same_bits_every_time(tmp_path):
     for other in runs[1:]:
         assert all(torch.equal(runs[0][k], other[k]) for k in runs[0])
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+class Oracle(torch.nn.Module):
+    """A mix4 predictor without a network: after y1..yk it predicts the next output of the
+    answer most of the four alternatives still consistent with y1..yk share (ties: the first), the
+    Bayes predictor of `exact_ceiling`. answers (x -> y): it knows the true answer instead.
+    wrong_first: y1 is always predicted wrong."""
+
+    def __init__(self, task, L, answers=None, wrong_first=False):
+        super().__init__()
+        self.task, self.L, self.answers, self.wrong_first = task, L, answers, wrong_first
+        self.dummy = torch.nn.Parameter(torch.zeros(1))  # evaluate() reads the device off a parameter
+        self.calls = []
+
+    def forward(self, tokens, state=None, last=None):
+        L, V = self.L, SPEC_MIX.vocab_size
+        x = tokens[:, :L].numpy()
+        outs = np.stack([self.task.solve(x, np.full(len(x), a)) for a in range(4)], 1)  # [B, 4, L]
+        first = tokens.shape[1] - last
+        self.calls.append((tokens.shape[1], last))
+        logits = torch.zeros(tokens.shape[0], last, V)
+        for j, p in enumerate(range(first, tokens.shape[1])):
+            k = p + 1 - L  # outputs seen before this prediction
+            if k < 0:
+                continue
+            seen = tokens[:, L:L + k].numpy()
+            for b in range(len(x)):
+                cand = [tuple(o) for o in outs[b] if (o[:k] == seen[b]).all()] or [tuple(outs[b][0])]
+                best = max(cand, key=cand.count) if self.answers is None else self.answers[x[b].tobytes()]
+                guess = (best[0] + 1) % SPEC_MIX.num_digits if (k == 0 and self.wrong_first) else best[k]
+                logits[b, j, guess] = 1.0
+        return logits
+
+    @torch.no_grad()
+    def generate(self, x, n_new, state=None):
+        seq = x
+        for _ in range(n_new):
+            seq = torch.cat([seq, self(seq, state, last=1)[:, -1].argmax(-1, keepdim=True)], 1)
+        return seq[:, x.shape[1]:]
+
+
+SPEC_MIX = TaskSpec(prompt_len=1)
+
+
+@pytest.fixture(scope="module")
+def mix4_test():
+    from toy_models.tasks import fixed_test_set, resolve_task
+    task = resolve_task("mix4", SPEC_MIX)
+    return task, fixed_test_set(task, SPEC_MIX, 400)
+
+
+def test_evaluate_with_y1_given_scores_y2_to_yl_only(mix4_test):
+    """[P]'s mix4 protocol: y1 is given and not scored. A predictor right on y2..yL and wrong on
+    every y1 scores 100 % with provide_first, 0 % without; its greedy decoding starts after y1."""
+    from toy_models.training import evaluate
+    task, test = mix4_test
+    answers = {x.tobytes(): tuple(y) for x, y in zip(test.x.numpy(), test.y.numpy())}
+    assert len(answers) == len(test)
+    oracle = Oracle(task, SPEC_MIX.length, answers, wrong_first=True)
+    given = evaluate(oracle, None, test, provide_first=True)
+    assert given["exact_acc"] == 1.0 and given["token_acc"] == 1.0 and given["teacher_forced_token_acc"] == 1.0
+    assert given["provide_first"] is True and given["n"] == 400
+    # the teacher-forced forward reads L logits; greedy decoding starts from X and y1 and makes L-1 tokens
+    L = SPEC_MIX.length
+    assert oracle.calls[0] == (2 * L - 1, L)  # X and y1..y(L-1)
+    assert oracle.calls[1:] == [(L + 1 + i, 1) for i in range(L - 1)]
+    oracle.calls.clear()
+    blind = evaluate(oracle, None, test, provide_first=False)
+    assert blind["exact_acc"] == 0.0 and blind["provide_first"] is False
+    assert blind["teacher_forced_token_acc"] == pytest.approx((L - 1) / L)
+    assert oracle.calls[1:] == [(L + i, 1) for i in range(L)]
+
+
+def test_a_perfect_mix4_predictor_meets_the_ceiling(mix4_test):
+    """The Bayes predictor's exact accuracy with y1 given is exact_ceiling up to its tie-breaking
+    (it picks the first of tied answers; the ceiling counts each with its share), and far above
+    the ceiling without y1."""
+    from toy_models.tasks import exact_ceiling
+    from toy_models.training import evaluate
+    task, test = mix4_test
+    oracle = Oracle(task, SPEC_MIX.length)
+    got = evaluate(oracle, None, test, provide_first=True)
+    ceiling = exact_ceiling(task, test, True)
+    assert 0.9 < ceiling < 1.0
+    assert abs(got["exact_acc"] - ceiling) <= 0.02
+    assert got["token_acc"] >= got["exact_acc"]
+    blind = evaluate(oracle, None, test, provide_first=False)
+    assert abs(blind["exact_acc"] - exact_ceiling(task, test, False)) <= 0.05
+    assert blind["exact_acc"] < 0.4 < got["exact_acc"]
