@@ -187,3 +187,44 @@ def test_separability_measures_on_synthetic_clusters():
     mixed = torch.randn(150, 4, generator=g)
     assert nearest_centroid_accuracy(far, labels) == 1.0 and silhouette(far, labels) > 0.9
     assert nearest_centroid_accuracy(mixed, labels) < 0.6 and abs(silhouette(mixed, labels)) < 0.1
+
+
+@pytest.mark.parametrize("share", ["simple", "none"])
+@pytest.mark.parametrize("slots", ["token", "empty"])
+def test_the_forward_uses_the_prefix_the_method_holds(share, slots):
+    """The identities above read the prefix back from the model's own hooks, so they hold for any
+    keys and values the forward makes up. Here the keys and values attention uses are computed
+    by hand from the method's parameters (Simple-share: p^K = W_K·LN(p)+b_K, p^V = W_V·LN(p)+b_V,
+    papers.md §1; No-share: its own tensors), slot by slot, in every layer; and layer 0's head
+    output is the pattern times [those values; the content's values]."""
+    spec = TaskSpec(length=4, num_digits=4, prompt_len=4)
+    model = micro_model(spec, seed=4, n_layers=2, n_heads=2, slots=slots)
+    P = 3
+    m = make_method("prefix", model, length=P, share=share, generator=torch.Generator().manual_seed(2))
+    tokens = torch.randint(0, spec.vocab_size - 1, (3, spec.content_len), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, m.state())
+    for l in range(2):
+        blk = model.blocks[l]
+        if share == "simple":
+            x = m.p[l]
+            h = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + blk.ln1.eps)
+            h = h * blk.ln1.w + blk.ln1.b
+            k = torch.einsum("pd,hde->phe", h, blk.attn.W_K) + blk.attn.b_K
+            v = torch.einsum("pd,hde->phe", h, blk.attn.W_V) + blk.attn.b_V
+        else:
+            k, v = m.k[l].transpose(0, 1), m.v[l].transpose(0, 1)  # [P, head, d_head]
+        for b in range(3):
+            assert (cache[f"blocks.{l}.attn.hook_k"][b, :P] - k).abs().max() < 1e-5, (l, b)
+            assert (cache[f"blocks.{l}.attn.hook_v"][b, :P] - v).abs().max() < 1e-5, (l, b)
+        if l == 0:
+            q = cache["blocks.0.attn.hook_q"]
+            keys = torch.cat([k.expand(3, -1, -1, -1), cache["blocks.0.attn.hook_k"][:, P:]], 1)
+            vals = torch.cat([v.expand(3, -1, -1, -1), cache["blocks.0.attn.hook_v"][:, P:]], 1)
+            s = torch.einsum("bqhe,bkhe->bhqk", q, keys) / model.cfg.d_head ** 0.5
+            T = q.shape[1]
+            s = s.masked_fill(~torch.cat([torch.ones(T, P, dtype=torch.bool), torch.ones(T, T, dtype=torch.bool).tril()], 1), float("-inf"))
+            pat = s.softmax(-1)
+            assert (cache["blocks.0.attn.hook_pattern"] - pat).abs().max() < 1e-5
+            z = torch.einsum("bhqk,bkhe->bqhe", pat, vals)
+            assert (cache["blocks.0.attn.hook_z"] - z).abs().max() < 1e-4
