@@ -60,9 +60,14 @@ def test_pretrain_finetune_evaluate_probe(base, tmp_path):
 def test_finetune_seeds_reports_mean_and_std(base, tmp_path):
     r = ok(["finetune", base, "--method", "soft_prompt", "--task", "add2", "-P", "1", "--seeds", "0,1",
             "--out", tmp_path / "s", *TUNE])
-    assert "±" in r.output
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
     assert summary["seeds"] == [0, 1] and (tmp_path / "s" / "seed1" / "metrics.json").is_file()
+    # mean and sample std of the seeds' own metrics, as summary.json and the printed line say
+    import statistics
+    accs = [json.loads((tmp_path / "s" / f"seed{i}" / "metrics.json").read_text())["exact_acc"] for i in (0, 1)]
+    assert summary["exact_acc"] == {"0": accs[0], "1": accs[1]}
+    assert (summary["exact_acc_mean"], summary["exact_acc_std"]) == (statistics.fmean(accs), statistics.stdev(accs))
+    assert f"{statistics.fmean(accs):.2%} ± {statistics.stdev(accs):.2%}" in r.output
 
 
 def test_bad_inputs_exit_2_and_write_nothing(base, tmp_path):

@@ -54,12 +54,17 @@ def test_soft_prompt_negative_control(tiny):
     assert not r.passed
 
 
-def test_hierarchy_fails_for_a_wrong_prefix(tiny):
-    # The cache of a *different* prompt must not reproduce the soft-prompt forward: the comparison can fail.
-    a = SoftPrompt(torch.randn(2, 64))
-    b = SoftPrompt(torch.randn(2, 64))
-    pa, pb = soft_prompt_prefix(tiny.model, a), soft_prompt_prefix(tiny.model, b)
-    assert max(float((x - y).abs().max()) for x, y in zip(pa.keys, pb.keys)) > 1e-2
+def test_hierarchy_fails_for_a_wrong_prefix(tiny, monkeypatch):
+    """The hierarchy check itself fails when the prefix cache it compares with is not the soft
+    prompt's own (here: another prompt's per-layer keys/values)."""
+    import llama_checks.soft_check as sc
+    other = SoftPrompt(torch.randn(2, 64, generator=torch.Generator().manual_seed(5)))
+    own = sc.soft_prompt_prefix
+    monkeypatch.setattr(sc, "soft_prompt_prefix", lambda model, prompt: own(model, other))
+    r = check_soft_loaded(tiny, prompt_len=2, seed=2, layers=[0])
+    h = r.hierarchy
+    assert not h["passed"] and not r.passed
+    assert h["logits_rel_diff"] > 100 * h["tolerance_rel"] and h["kv_max_abs_diff"] > 1e-2
 
 
 def test_peft_prompt_tuning_adapter(tmp_path):

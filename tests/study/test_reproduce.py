@@ -102,3 +102,41 @@ def test_report_opens_with_the_paper_vs_lab_table(tmp_path):
     body = html[html.index("<body>"):]
     first_section = body[body.index("<section"):body.index("</section>")]
     assert "Paper vs lab" in first_section
+
+
+ANCHOR = Path(__file__).with_name("micro_anchor.json")
+STAGES = ("E1", "E2", "E3", "E4")  # the sample-efficiency and reparameterization stages are being redesigned
+
+
+def anchor_of(records: dict) -> dict:
+    """What the anchor pins of a study: every number of the E1-E4 results except paths and
+    timings (accuracies are multiples of 1/64 on the micro test sets; for each loss curve its
+    last loss), and the [P] rows of those stages as the table shows them."""
+    from study.table import paper_vs_lab
+    out = {}
+    for n in STAGES:
+        res = dict(records[n]["result"])
+        res.pop("base", None), res.pop("runs", None)
+        res["curves"] = {k: c[-1][1] for k, c in res.pop("curves", {}).items()}
+        out[n] = res
+    out["rows"] = [r for r in paper_vs_lab({n: records[n] for n in STAGES}) if r["source"].split()[-1] in STAGES]
+    return out
+
+
+def test_micro_study_numbers_and_verdicts_are_anchored(sequential):
+    """A regression anchor beside the self-comparison above: the micro study's E1-E4 numbers and
+    verdicts as recorded (one torch thread; a rerun was bit-identical). A change here is a change
+    of the experiments, their recipes or the training loop: look at it, then rewrite the anchor
+    with `write_anchor(records)` if it is meant."""
+    got = anchor_of(sequential[1]["records"])
+    want = json.loads(ANCHOR.read_text())
+    for n in STAGES:
+        g, w = dict(got[n]), dict(want[n])
+        gc, wc = g.pop("curves"), w.pop("curves")
+        assert g == w, n
+        assert gc.keys() == wc.keys() and all(abs(gc[k] - wc[k]) <= 1e-4 * abs(wc[k]) for k in wc), (n, gc, wc)
+    assert got["rows"] == want["rows"]
+
+
+def write_anchor(records: dict) -> None:
+    ANCHOR.write_text(json.dumps(anchor_of(records), indent=1, ensure_ascii=False) + "\n")
