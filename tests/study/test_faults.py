@@ -176,12 +176,12 @@ def test_a_corrupt_base_is_set_aside_and_rebuilt_but_a_users_run_is_never_altere
     assert base.read_bytes() == truncated and not (tmp_path / "tuned").exists()
     # the study's own cached base: checked against its SHA-256, set aside, pretrained again
     res = reproduce(out, "micro", only=["base-E2", "E2"])
-    assert [n for n in res["notes"] if "does not match its recorded SHA-256" in n], res["notes"]
+    assert res["records"]["E2"]["status"] == "done", res["records"]["E2"].get("error")
+    assert res["records"]["base-E2"]["status"] == "done" and not res["records"]["base-E2"]["cached"]
+    assert base.read_bytes() == good  # rebuilt, bit for bit (one thread, deterministic kernels)
     aside = list(base.parent.parent.glob(f"{base.parent.name}.corrupt-*"))
     assert len(aside) == 1 and (aside[0] / "model.safetensors").read_bytes() == truncated
-    assert base.read_bytes() == good  # rebuilt, bit for bit (one thread, deterministic kernels)
-    assert res["records"]["base-E2"]["status"] == "done" and not res["records"]["base-E2"]["cached"]
-    assert res["records"]["E2"]["status"] == "done", res["records"]["E2"].get("error")
+    assert [n for n in res["notes"] if "does not match its recorded SHA-256" in n], res["notes"]
 
 
 # -- atomic runs: a full disk, a read-only output, Ctrl-C ------------------------------------
@@ -365,15 +365,15 @@ def test_a_study_resumed_with_another_thread_count_keeps_its_own(tmp_path):
     out = tmp_path / "study"
     reproduce(out, "micro", only=["base-E2"])  # this process: one torch thread
     code = ("import sys, torch; torch.set_num_threads(2); from study.reproduce import reproduce; "
-            "r = reproduce(sys.argv[1], 'micro', only=['base-E2', 'E2']); print('\\n'.join(r['notes']))")
+            "r = reproduce(sys.argv[1], 'micro', only=['base-E2', 'E2']); print('\\n'.join(r.get('notes', [])))")
     r = subprocess.run([sys.executable, "-c", code, str(out)], cwd=ROOT, env={**ENV, "OMP_NUM_THREADS": "2"},
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "trained at 1 torch thread(s); it keeps 1 (not 2)" in r.stdout
     runs = [p.parent for p in out.glob("stages/E2-*/*/provenance.json")]
     assert runs
     for run in runs:
         assert json.loads((run / "provenance.json").read_text())["torch_threads"] == 1, run
+    assert "trained at 1 torch thread(s); it keeps 1 (not 2)" in r.stdout
     # the same bits as the same stage in a study that only ever ran at one thread
     ref = tmp_path / "ref"
     reproduce(ref, "micro", only=["base-E2", "E2"])

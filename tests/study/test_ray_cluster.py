@@ -59,7 +59,7 @@ def head():
                             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 120
-        while "Ray runtime started" not in log.read_text():
+        while not re.search(r"ray start --address='([^']+)'", log.read_text()):  # printed once it runs
             assert proc.poll() is None and time.time() < deadline, log.read_text()
             time.sleep(0.2)
         printed = re.search(r"ray start --address='([^']+)'", log.read_text()).group(1)
@@ -94,7 +94,8 @@ def reference(tmp_path_factory):
 def test_without_the_token_the_error_says_what_to_do(head, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "reproduce", "--preset", "micro", "--stage", "thm2",
                         "--out", str(tmp_path / "s"), "--ray", f"127.0.0.1:{head['port']}"],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+                       cwd=ROOT, env={**ENV, "HOME": str(tmp_path)},  # no ~/.ray/auth_token either
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: the Ray cluster at 127.0.0.1:") and "RAY_AUTH_TOKEN" in last, r.stderr
