@@ -61,11 +61,14 @@ problems. A fit is certified when its training loss ≤ (1 + cert_rtol)·(loss a
 parameters); a replicate that is not is refitted from the next start, and one that no start
 certifies is counted as failed, reported, and left out of the slopes.
 
-Slopes
-------
+Slopes, checks, verdict
+-----------------------
 The log-log slope is the least-squares slope of the per-n mean of ln(value) over certified fits
 against ln n; its 95% interval is a percentile bootstrap resampling fits within each n. Seeds
-come from numpy's SeedSequence over (base seed, purpose, n, replicate[, start]).
+come from numpy's SeedSequence over (base seed, purpose, n, replicate[, start]). Every fit's
+masses, parameters and cells go to the JSON, with D after 1/4 and 1/2 of the iteration budget
+(`diagnostics`: the drift of D_multi shows a fit still sliding along a flat direction).
+`table_row` turns a result into the paper-vs-lab row; docs/reparam.md has the measured numbers.
 """
 
 from __future__ import annotations
