@@ -26,9 +26,12 @@ SAMPLE_EFF = {
     "micro": {"task": "ascending_add1", "P": 2, "variants": ["none", "simple", "deep48", "deep512"],
               "sizes": [8, 32, None], "seeds": [0, 1], "steps": 10, "val_size": 64,
               "lr_grid": {"none": [1e-2, 3e-2], "simple": [1e-2], "deep48": [3e-4], "deep512": [1e-4, 3e-4]}},
-    "quick": {"task": "ascending_add1", "P": 10, "variants": ["none", "simple", "deep512"],
+    # quick: three points per grid, each wide enough that the chosen rate is not on its edge in
+    # the recorded run (docs/experiments.md: a two-point grid chose edges)
+    "quick": {"task": "ascending_add1", "P": 10, "variants": ["none", "simple", "deep48", "deep512"],
               "sizes": [64, 1024], "seeds": [0, 1], "steps": 1500, "val_size": 1000,
-              "lr_grid": {"none": [1e-2, 3e-2], "simple": [1e-2, 3e-2], "deep512": [3e-4, 1e-3]}},
+              "lr_grid": {"none": [1e-2, 3e-2, 1e-1], "simple": [3e-3, 1e-2, 3e-2],
+                          "deep48": [3e-4, 1e-3, 3e-3], "deep512": [3e-4, 1e-3, 3e-3]}},
     "paper": {"task": "ascending_add1", "P": 10, "variants": ["none", "simple", "deep48", "deep512"],
               "sizes": [32, 128, 512, 2048, None], "seeds": [0, 1, 2], "steps": 3000, "val_size": 1000,
               "lr_grid": {"none": _DIRECT, "simple": _DIRECT, "deep48": _MLP, "deep512": _MLP}},
@@ -179,6 +182,6 @@ def stages_for(preset: str, out: Path) -> list[Stage]:
                                                                  **({"n_virtual": 500} if micro else {})}, _thm2))
     st.append(Stage("reparam", "Reparameterization sample-efficiency study ([L])",
                     {"mode": "micro" if micro else ("quick" if preset == "quick" else "full"),
-                     "overrides": {"ns": [100, 300], "replicates": 2, "steps": 50, "restarts": 1,
-                                   "screen_steps": 10, "bootstrap": 50} if micro else {}}, _reparam))
+                     "overrides": {"ns": [100, 300], "replicates": 2, "steps": 5, "restarts": 2,
+                                   "bootstrap": 50, "heldout": 256} if micro else {}}, _reparam))
     return st
