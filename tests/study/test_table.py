@@ -253,3 +253,38 @@ def test_p_rows_read_as_recorded(case):
 def write_snapshot():
     SNAPSHOT.write_text(json.dumps({"holds": list(p_rows(good()).values()),
                                     "differs": list(p_rows(bad()).values())}, indent=1, ensure_ascii=False) + "\n")
+
+
+def test_edges_of_the_rows_a_reader_sees():
+    """Missing counts and rates, a stage that did not run, ties at the E4 gap's line, which
+    probe keys count, and rounding in the cluster row."""
+    from study.table import _ms, _pct, of_ceiling
+    assert (_pct(None), _ms(None), _ms({})) == ("—", "—", "—")
+    assert of_ceiling({"task": "add1", "exact_acc": 0.5, "ceiling": 1.0}) == "add1 50.0 % of a 100.0 % ceiling"
+    (r,) = p_rows({}).values()
+    assert r == {"source": "[P] E1", "claim": "E1", "paper": "—", "lab": "stage failed or not run",
+                 "verdict": "not run", "criterion": ""}
+    rec = good()
+    _set(rec, ("E4", "result", "double_hist_acc", "prefix", "mean"), 0.05)
+    _set(rec, ("E4", "result", "double_hist_acc", "lora", "mean"), 0.2)
+    assert row(rec, "prefix does not")["verdict"] == "differs (LoRA did not learn it either: no contrast)"
+    rec = good()  # a prefix's error counts, and so does E3's (its keys name the task, not the method)
+    rec["probes"]["result"]["invariance"]["E2/add1/prefix"]["layer0_max_abs_diff"] = 1e-4
+    rec["probes"]["result"]["bias"]["E3/double_hist"] = {"layer0_rel_residual": 1e-4}
+    assert row(rec, "attention invariance")["lab"] == "1.0e-04"
+    assert row(rec, "bias identity")["lab"] == "1.0e-04"
+    rec = good()
+    rec["probes"]["result"]["clusters_E2"].update(nearest_centroid_acc_with_method=0.9,
+                                                  nearest_centroid_acc_without_method=0.65, chance=0.55)
+    assert row(rec, "task clusters")["lab"] == "90 % with vs 65 % without (chance 55 %)"
+    rec = good()  # a check without a success rate is not a success
+    rec["thm1"]["result"]["checks"].append({"V": 3, "N": 3})
+    rec["thm2"]["result"]["thm2"].append({"V": 3})
+    assert row(rec, "generates any")["verdict"] == "differs"
+    assert row(rec, "generates any")["lab"].endswith("V=3 N=3: 0.0 %")
+    assert row(rec, "realises any map")["verdict"] == "differs"
+    assert row(rec, "realises any map")["lab"].endswith("V=3: 0.0 %")
+    rec["thm2"]["result"]["capacity"] = {"hard_distinct": 0}
+    assert row(rec, "more completions")["verdict"] == "differs"
+    rec["thm2"]["result"]["capacity"] = {"virtual_distinct": 1}
+    assert row(rec, "more completions")["verdict"] == "reproduced"
