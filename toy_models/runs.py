@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -81,7 +82,17 @@ def read_json(path: Path) -> dict:
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     metadata_ = {"prefixlab": json.dumps(meta or {}, sort_keys=True)}
-    _atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata_))
+    _atomic(Path(path), lambda tmp: _save_file(tensors, tmp, metadata_))
+
+
+def _save_file(tensors: dict, tmp: str, metadata: dict) -> None:
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+    except SafetensorError as e:  # safetensors reports a full disk as "... (os error 28)"
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), tmp) from e
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
