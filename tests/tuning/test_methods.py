@@ -300,3 +300,29 @@ def test_saved_and_reloaded_run_gives_the_same_logits(base_run, tmp_path, method
     assert run.method.n_params == job.method.n_params
     for k, v in job.method.state_dict().items():
         assert torch.equal(run.method.state_dict()[k], v), k
+
+
+def test_lora_options_and_their_errors():
+    """Bad ranks and targets are one-line errors naming the option; an attention-only model drops
+    the MLP targets; the init is the generator's (same seed, same tensors); init_b 'normal' is
+    N(0, 0.02²)."""
+    from toy_models.errors import UserError
+    spec, model = two_layers()
+    with pytest.raises(UserError, match=r"^LoRA rank r must be positive, got 0$"):
+        LoRA(model, rank=0)
+    known = "q, k, v, o, mlp_in, mlp_out"
+    with pytest.raises(UserError, match=rf"^unknown LoRA target 'w'; known: {known}$"):
+        LoRA(model, targets=["o", "w"])
+    with pytest.raises(UserError, match=rf"^unknown LoRA target ''; known: {known}$"):
+        LoRA(model, targets=[])
+    attn = micro_model(spec, n_layers=2, attn_only=True)
+    m = LoRA(attn)
+    assert m.opts["targets"] == ["o"] and set(m.state().weights) == {"blocks.0.attn.W_O", "blocks.1.attn.W_O"}
+    same = [LoRA(model, rank=2, init_b="normal", generator=torch.Generator().manual_seed(4)) for _ in range(2)]
+    other = LoRA(model, rank=2, init_b="normal", generator=torch.Generator().manual_seed(5))
+    for key in same[0].A:
+        assert torch.equal(same[0].A[key], same[1].A[key]) and torch.equal(same[0].B[key], same[1].B[key])
+        assert not torch.equal(same[0].A[key], other.A[key]) and not torch.equal(same[0].B[key], other.B[key])
+    big = LoRA(micro_model(TaskSpec(prompt_len=2), d_model=64), rank=8, init_b="normal",
+               generator=torch.Generator().manual_seed(0))
+    assert 0.015 < torch.cat([b.flatten() for b in big.B.values()]).std().item() < 0.025
