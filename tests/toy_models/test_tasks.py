@@ -121,3 +121,38 @@ def test_exact_ceiling_of_mix4():
     for name in MIX4:
         single = resolve_task(name, spec)
         assert exact_ceiling(single, fixed_test_set(single, spec, 200), False) == 1.0
+
+
+def test_task_edges_conventions_and_helpers():
+    """A zero or unit divisor, the divisor range, TaskSpec's limits and messages, the task list,
+    step and test-set generators, and the small helpers the CLI prints with."""
+    from toy_models.tasks import _divisible_mask, _modulo, example, task_names
+    x = np.array([[0, 0, 3, 5], [1, 0, 3, 5], [3, 0, 3, 5]])
+    assert _modulo(x).tolist() == [[0, 0, 3, 5], [0, 0, 0, 0], [0, 0, 0, 2]]
+    assert _divisible_mask(x).tolist() == [[True, True, False, False], [True] * 4, [True, True, True, False]]
+    for n, top in ((4, 2), (6, 3), (9, 4), (3, 2)):
+        spec = TaskSpec(length=4, num_digits=n, prompt_len=1)
+        first = sample_batch(resolve_task("modulo", spec), spec, 400, np.random.default_rng(n)).x[:, 0]
+        assert (int(first.min()), int(first.max())) == (2, top), n
+    assert TaskSpec(length=1, num_digits=2, prompt_len=0).length == 1  # the smallest valid spec
+    for kw, msg in ((dict(length=0), "length must be positive, got 0"),
+                    (dict(num_digits=1), "num_digits must be at least 2, got 1"),
+                    (dict(prompt_len=-1), "prompt length must be >= 0, got -1")):
+        with pytest.raises(UserError, match=f"^{msg}$"):
+            TaskSpec(**kw)
+    assert "mix4" in task_names() and set(TASKS) < set(task_names())
+    assert TaskSpec(**SPEC.to_dict()) == SPEC
+    assert (SPEC.token_str(SPEC.slot_token), SPEC.token_str(3)) == ("S", "3")
+    xs, ys = example("add1", SPEC, seed=3)
+    assert len(xs) == SPEC.length and ys == [v + 1 for v in xs]
+    assert example("add1", SPEC, seed=3) == (xs, ys) and example("add1", None, seed=4) != (xs, ys)
+    assert step_rng(0, 5).integers(1 << 30) == step_rng(0, 5).integers(1 << 30)
+    assert len({step_rng(s, t, u).integers(1 << 30) for s, t, u in ((0, 5, 0), (1, 5, 0), (0, 6, 0), (0, 5, 1))}) == 4
+    t = resolve_task("add1", SPEC)
+    full = fixed_test_set(t, SPEC)
+    assert len(full) == 1000 and torch_equal(full.x, fixed_test_set(t, SPEC, 1000, 1234).x)
+    assert not torch_equal(full.x[:10], fixed_test_set(t, SPEC, 10, 99).x)
+
+
+def torch_equal(a, b):
+    return a.shape == b.shape and bool((a == b).all())
