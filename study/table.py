@@ -194,6 +194,14 @@ def paper_vs_lab(records: dict) -> list[dict]:
     if rp:  # theory.reparam computes its own verdict; a slope it could not measure is no reproduction
         r = reparam_row(rp)
         rows.append(_row("[L] §6", r["claim"], r["paper"], r["lab"], bool(r["holds"]), r["criterion"], r["gap"]))
+    d2t = res("d2t")
+    if d2t:  # llama_checks.data_to_text computes its own verdict; too few seeds or sizes is no reproduction
+        r = d2t["table_row"]
+        rows.append(_row("[L] language", r["claim"], r["paper"], r["lab"], bool(r["holds"]), r["criterion"], r["gap"]))
+    elif "d2t" not in records:
+        rows.append(_row("[L] language", "Deep-share more sample-efficient than No-share on data-to-text (SmolLM2)",
+                         "GPT-2 on E2E, BART on XSUM", "not in this preset: SmolLM2 training takes hours on a "
+                         "CPU (`--preset paper`, or `prefixlab data-to-text`; docs/llama.md)", None, ""))
     rows.append(_row("[L] FGVC", "No-share 82.3 < Deep-share 88.3 < Simple-share 89.1 (ViT-B/16, 5 data sets)",
                      "82.3 / 88.3 / 89.1",
                      "cannot run offline: no pretrained ViT-B/16 and none of CUB, NABirds, Flowers, Dogs, Cars "

@@ -1,6 +1,8 @@
 """The [L] rows of the paper-vs-lab table (study.table.sample_eff_rows): each verdict at, just
 above and just below its threshold, and with one side of the contrast missing."""
 
+from pathlib import Path
+
 import pytest
 
 from study.table import paper_vs_lab, sample_eff_rows
@@ -89,3 +91,21 @@ def test_the_table_carries_the_rows_of_a_done_stage():
     assert [r["verdict"] for r in rows if r["source"] == "[L] toy"] == ["reproduced"]
     failed = paper_vs_lab({"sample_eff": {"status": "failed"}})
     assert not [r for r in failed if r["source"] == "[L] toy"]
+
+
+def _d2t(holds):
+    return {"table_row": {"claim": "c", "paper": "p", "lab": "l", "holds": holds, "criterion": "k", "gap": "g"}}
+
+
+@pytest.mark.parametrize("holds, verdict", [(True, "reproduced"), (False, "differs (g)"), (None, "differs (g)")])
+def test_language_row_follows_its_computed_verdict(holds, verdict):
+    rows = paper_vs_lab({"d2t": {"status": "done", "result": _d2t(holds)}})
+    assert [r["verdict"] for r in rows if r["source"] == "[L] language"] == [verdict]
+
+
+def test_language_row_says_where_it_runs_when_the_preset_has_no_stage():
+    from study.stages import stages_for
+    assert "d2t" in [s.name for s in stages_for("paper", Path("/tmp/x"))]
+    assert "d2t" not in [s.name for s in stages_for("quick", Path("/tmp/x"))]
+    row = [r for r in paper_vs_lab({}) if r["source"] == "[L] language"]
+    assert row[0]["verdict"] == "not run" and "--preset paper" in row[0]["lab"]
