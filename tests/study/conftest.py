@@ -16,5 +16,5 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason=f"a real Ray head node takes minutes: {CLUSTER_ENV}=1 runs it (.ci/run does)")
     for item in items:
-        if "cluster" in item.keywords:
+        if item.get_closest_marker("cluster") is not None:
             item.add_marker(skip)
