@@ -494,8 +494,70 @@ def construct_capacity(json_out: bool = typer.Option(False, "--json")):
           f"distinct completions: {d.get('hard_distinct')} from hard tokens, {d.get('virtual_distinct')} from virtual tokens")
 
 
+@command("data-to-text")
+def data_to_text_cmd(preset: str = typer.Option("quick", help="micro (tiny model, seconds), quick (~30 min of one core) or paper (hours on the CPU, minutes on a GPU)"),
+                     model: Optional[str] = typer.Option(None, help="smollm2, tiny, or a local HF checkpoint directory (default: the preset's)"),
+                     shares: Optional[str] = typer.Option(None, help="prefix parameterizations, e.g. none,deep (of none, simple, deep)"),
+                     sizes: Optional[str] = typer.Option(None, help="training-set sizes n, e.g. 16,64,256"),
+                     steps: Optional[int] = typer.Option(None, help="training steps per run"),
+                     lr: Optional[List[str]] = typer.Option(None, help="a share's lr grid, chosen on validation: --lr none=1e-2,3e-2 --lr deep=1e-4,3e-4"),
+                     prefix_len: Optional[int] = typer.Option(None, "--prefix-len", "-P"),
+                     seeds: Optional[str] = typer.Option(None, help="e.g. 0,1,2"),
+                     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+                     device: str = typer.Option("cpu", help=DEVICE_HELP),
+                     cost: bool = typer.Option(False, "--cost", help="only measure seconds per training step and estimate the presets' cost"),
+                     json_path: Optional[Path] = typer.Option(None, "--json", help="write the result (or the cost) as JSON here"),
+                     overwrite: bool = typer.Option(False, help="replace an existing --json file")):
+    """[L]'s language analogue: No- vs Deep-share prefix-tuning of SmolLM2 on data-to-text at several n (docs/llama.md)."""
+    from llama_checks.data_to_text import PRESETS, estimate_seconds, measure_step_seconds, parse_lrs, run_preset
+    from reports.llama_figures import check_new_output
+    if json_path is not None:
+        check_new_output(json_path, overwrite)
+    if preset not in PRESETS:
+        _fail(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
+    dev = str(_device(device))
+    over = {k: v for k, v in {"model": model, "steps": steps, "prefix_len": prefix_len, "batch_size": batch_size,
+                              "shares": tuple(s.strip() for s in shares.split(",") if s.strip()) if shares else None,
+                              "sizes": _ints(sizes, "--sizes"), "seeds": _ints(seeds, "--seeds"),
+                              "lrs": parse_lrs(lr) or None}.items() if v is not None}
+    if cost:
+        cfg = {**PRESETS[preset], **over}
+        res = measure_step_seconds(cfg["model"], cfg["shares"], cfg["batch_size"], cfg["prefix_len"],
+                                   threads=(1,), device=dev)
+        step = max(res["seconds_per_step"].values())
+        res["estimate"] = {"preset": preset, **estimate_seconds(cfg, step)}
+        text = json.dumps(res, indent=1)
+    else:
+        with Progress("data-to-text") as prog:
+            res = run_preset(preset, device=dev, progress=lambda i, n, info: prog(i, n, {**info, "eval": True}), **over)
+        text = json.dumps(res, indent=1)
+    if json_path is not None:
+        from reports.html import write_report
+        write_report(json_path, text + "\n")
+    if cost:
+        for k, v in res["seconds_per_step"].items():
+            print(f"{k}: {v:.2f} s per training step (batch {res['batch_size']}, P={res['prefix_len']}, {dev})")
+        e = res["estimate"]
+        print(f"preset {preset}: {e['runs']} runs, {e['train_steps']} training steps, ~{e['seconds'] / 60:.0f} min at the slowest rate "
+              f"(evaluation included; loading and generation not)")
+        return
+    from rich.console import Console
+    from rich.table import Table
+    table = Table("share", "n", "lr", "val NLL", "test NLL (mean ± std over seeds)", title=f"{res['model']}: data-to-text, P={res['config']['prefix_len']}, {res['config']['steps']} steps")
+    for share, per_n in res["results"].items():
+        for n, r in per_n.items():
+            std = f" ± {r['test_loss_std']:.3f}" if r["test_loss_std"] is not None else ""
+            table.add_row(share, n, f"{r['lr']:g}", f"{r['val_loss']:.3f}", f"{r['test_loss_mean']:.3f}{std}")
+    Console().print(table)
+    print(f"start prefix (no training): test NLL {res['base']['test_loss']:.3f}")
+    row = res["table_row"]
+    print(f"[L] language row: {dict([(True, 'reproduced'), (False, 'differs'), (None, 'no verdict')])[row['holds']]} ({row['gap']})")
+    if json_path is not None:
+        print(f"wrote {json_path}")
+
+
 @command("reparam-sim")
-def reparam_sim(quick: bool = typer.Option(False, "--quick", help="fewer n values and replicates (<= 2 min)"),
+def reparam_sim(quick: bool = typer.Option(False, "--quick", help="n = 10^3..10^4, 20 replicates (about 1 min of one core)"),
                 out: Path = typer.Option(Path("runs/reparam"), help="directory for reparam.json and reparam.html"),
                 overwrite: bool = typer.Option(False)):
     """The reparameterization sample-efficiency study of [L] (papers.md §6)."""
@@ -511,9 +573,16 @@ def reparam_sim(quick: bool = typer.Option(False, "--quick", help="fewer n value
     write_json(rd.path / "reparam.json", res.to_json())
     from reports.html import write_figure_html
     write_figure_html(reparam_figure(res), rd.path / "reparam.html")
-    for model, s in res.to_json()["slopes"].items():
-        d = s["D"]
-        print(f"{model:14s} slope of D vs n: {d['slope']:+.3f}  (95 % CI {d['ci_low']:+.3f} .. {d['ci_high']:+.3f})")
+    from theory.reparam import table_row
+    data = res.to_json()
+    fmt = lambda d: "n/a" if not d else f"{d['slope']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]"
+    print(f"{'model':14s} {'D':22s} {'split-cell D':22s} {'|f^-f*|':22s} certified")
+    for model, s in data["slopes"].items():
+        print(f"{model:14s} {fmt(s.get('D')):22s} {fmt(s.get('D_multi')):22s} {fmt(s.get('L2')):22s} "
+              f"{sum(data['certified'].get(model, []))}")
+    row = table_row(data)
+    print(f"[L] §6: {dict([(True, 'reproduced'), (False, 'differs'), (None, 'no verdict')])[row['holds']]}"
+          + (f" ({row['gap']})" if row["gap"] else ""))
     print(f"wrote {out}/reparam.json and {out}/reparam.html")
 
 
