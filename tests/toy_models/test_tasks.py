@@ -156,3 +156,27 @@ def test_task_edges_conventions_and_helpers():
 
 def torch_equal(a, b):
     return a.shape == b.shape and bool((a == b).all())
+
+
+def test_the_data_a_seed_gives_is_pinned():
+    """Regression anchor of the data: the inputs, alternatives and dtypes a seed draws, the split
+    hash, and the errors for a bad task name or batch size. A change here changes every study."""
+    import torch
+    from toy_models.tasks import input_hash
+    spec = TaskSpec(length=6, num_digits=8, prompt_len=1)
+    b = sample_batch(resolve_task("mix4", spec), spec, 4, np.random.default_rng(11))
+    assert b.x.tolist() == [[4, 4, 5, 0, 3, 1], [3, 7, 4, 0, 4, 1], [7, 0, 6, 5, 7, 7], [6, 0, 0, 5, 1, 6]]
+    assert b.which.tolist() == [0, 0, 3, 1] and len(b) == 4
+    assert b.x.dtype == b.y.dtype == torch.int64
+    b = sample_batch(resolve_task("inverse_binary+add1", spec), spec, 4, np.random.default_rng(11))
+    assert b.x.tolist() == [[0, 0, 1, 0, 1, 1], [1, 0, 0, 0, 0, 1], [1, 0, 1, 0, 1, 1], [1, 1, 1, 0, 0, 1]]
+    assert int(input_hash(np.array([[1, 2, 3, 4]]))[0]) == 2524909480129631697
+    known = ("ascending, descending, add1, add2, ascending_add1, double_hist, modulo, less_than, "
+             "more_than_equal, divisible, not_divisible, inverse_binary, filter_at_least_n, mix4 "
+             "(compose with '+', e.g. less_than+add1)")
+    for name, bad in (("sort_all", "sort_all"), ("add1+nope", "nope")):
+        with pytest.raises(UserError) as e:
+            resolve_task(name, spec)
+        assert str(e.value) == f"unknown task '{bad}'; known: {known}"
+    with pytest.raises(UserError, match="^batch size must be positive, got 0$"):
+        sample_batch(resolve_task("add1", spec), spec, 0, np.random.default_rng(0))
