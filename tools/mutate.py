@@ -29,7 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ["toy_models", "tuning", "probes", "llama_checks", "theory", "study", "reports"]
-_TUNE = ["tests/tuning/test_tuning.py", "tests/tuning/test_methods.py"]
+# the methods against hand computations; test_tuning.py trains every variant (minutes per mutant)
+_TUNE = ["tests/tuning/test_methods.py"]
 _LLAMA = ["tests/llama_checks/test_llama.py", "tests/llama_checks/test_soft_prompt_dilution.py"]
 # module -> the fast test files that exercise it (never the whole suite: one mutant would take minutes)
 MODULES: dict[str, list[str]] = {
@@ -89,7 +90,8 @@ def diffs(work: Path, module: str, names: list[str]) -> dict[str, str]:
     """Each mutant's changed lines, from the mutated copy mutmut writes (its `show` command
     costs a process per mutant): the `<name>` function against `<function>__mutmut_orig`."""
     src = (work / "mutants" / module).read_text()
-    funcs = {n.name: ast.get_source_segment(src, n) for n in ast.walk(ast.parse(src))
+    lines = src.splitlines()
+    funcs = {n.name: "\n".join(lines[n.lineno - 1:n.end_lineno]) for n in ast.walk(ast.parse(src))
              if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
     out = {}
     for name in names:
@@ -117,17 +119,23 @@ def collect(work: Path, module: str) -> dict:
             "survivors": {k: {"status": by[k], "diff": d[k]} for k in left}}
 
 
-def run_module(module: str, tests: list[str], keep: bool) -> dict:
-    work = workdir_for(module, tests)
-    t0, c0 = time.time(), os.times()
-    proc = mutmut(work, "run", "--max-children", "1")
-    c1 = os.times()
-    res = {"module": module, "tests": tests, "wall_s": round(time.time() - t0, 1),
-           "cpu_s": round((c1.children_user + c1.children_system) - (c0.children_user + c0.children_system), 1),
-           "returncode": proc.returncode}
-    if proc.returncode or not (work / "mutants" / (module + ".meta")).exists():
-        res["error"] = (proc.stdout + proc.stderr)[-3000:]
-        return res
+def run_module(module: str, tests: list[str], keep: bool, previous: dict | None = None) -> dict:
+    """Mutate one module and collect; with `previous` (its entry of an earlier report, run with
+    --keep), only collect again from the kept work directory."""
+    if previous is not None:
+        work = OUT / "work" / module.replace("/", "__").removesuffix(".py")
+        res = {k: previous[k] for k in ("module", "tests", "wall_s", "cpu_s", "returncode")}
+    else:
+        work = workdir_for(module, tests)
+        t0, c0 = time.time(), os.times()
+        proc = mutmut(work, "run", "--max-children", "1")
+        c1 = os.times()
+        res = {"module": module, "tests": tests, "wall_s": round(time.time() - t0, 1),
+               "cpu_s": round((c1.children_user + c1.children_system) - (c0.children_user + c0.children_system), 1),
+               "returncode": proc.returncode}
+        if proc.returncode or not (work / "mutants" / (module + ".meta")).exists():
+            res["error"] = (proc.stdout + proc.stderr)[-3000:]
+            return res
     res.update(collect(work, module))
     s = res["total"] - res["counts"].get("killed", 0)
     res["surviving"], res["surviving_pct"] = s, round(100 * s / max(res["total"], 1), 1)
@@ -154,6 +162,7 @@ def main(argv=None) -> int:
     ap.add_argument("modules", nargs="*", help="modules to mutate (default: all of MODULES)")
     ap.add_argument("--list", action="store_true", help="print the module -> tests mapping")
     ap.add_argument("--keep", action="store_true", help="keep runs/mutate/work/<module> (for `mutmut show`)")
+    ap.add_argument("--collect", action="store_true", help="only collect again from kept work directories")
     args = ap.parse_args(argv)
     if args.list:
         for m, t in MODULES.items():
@@ -168,7 +177,7 @@ def main(argv=None) -> int:
     old = json.loads(report_path.read_text()) if report_path.exists() else {}
     t0 = time.time()
     for m in args.modules or list(MODULES):
-        r = run_module(m, MODULES[m], args.keep)
+        r = run_module(m, MODULES[m], args.keep, old.get(m) if args.collect else None)
         old[m] = r  # one module at a time: an interrupted run keeps what it measured
         tmp = report_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(old, indent=1))
