@@ -88,6 +88,9 @@ def test_second_study_stops_at_once_and_a_killed_ones_lock_is_taken_over(tmp_pat
         while time.time() < deadline and not list(out.glob("stages/*/result.json")) and first.poll() is None:
             time.sleep(0.05)
         assert first.poll() is None, "the first study should still be running"
+        # frozen mid-study (it keeps its lock), so that a fast machine cannot finish it before the
+        # kill below and a loaded one cannot make the race go either way
+        os.killpg(first.pid, signal.SIGSTOP)
         # 1. a second study on the same directory: one line naming the first, exit 2, at once
         t0 = time.time()
         second = cli("reproduce", "--preset", "micro", "--out", out, "--stage", "thm2")
