@@ -43,7 +43,7 @@ MODULES: dict[str, list[str]] = {
     "tuning/full.py": _TUNE,
     "tuning/soft_prompt.py": _TUNE,
     "tuning/prefix.py": _TUNE,
-    "study/table.py": ["tests/study/test_table.py"],
+    "study/table.py": ["tests/study/test_table.py", "tests/study/test_table_l.py"],
     "probes/common.py": ["tests/probes/test_probes.py"],
     "probes/invariance.py": ["tests/probes/test_probes.py"],
     "probes/bias.py": ["tests/probes/test_probes.py"],
