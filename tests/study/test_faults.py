@@ -346,7 +346,10 @@ def test_ctrl_c_ends_in_one_line_and_resume_continues(tmp_path):
     out = tmp_path / "base"
     args = _pretrain_args(out, steps=3000, every=1000)
     proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a suite started in the background inherits SIGINT ignored, and Python then
+                            # never raises KeyboardInterrupt: give the child a user's default Ctrl-C
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "provenance.json").is_file() and proc.poll() is None:
         time.sleep(0.01)
