@@ -109,3 +109,34 @@ def test_language_row_says_where_it_runs_when_the_preset_has_no_stage():
     assert "d2t" not in [s.name for s in stages_for("quick", Path("/tmp/x"))]
     row = [r for r in paper_vs_lab({}) if r["source"] == "[L] language"]
     assert row[0]["verdict"] == "not run" and "--preset paper" in row[0]["lab"]
+
+
+def _rich():
+    """Four variants, three finite sizes and fresh data, unequal seeds: every branch of the text."""
+    acc = {"none": [(0.25, 0.3125), (0.5, 0.5625), (0.875, 0.9375), (0.9375, 0.9375)],
+           "simple": [(0.125, 0.125), (0.25, 0.25), (0.375, 0.375), (0.5, 0.5)],
+           "deep48": [(0.375, 0.4375), (0.5, 0.625), (0.75, 0.8125), (0.875, 0.875)],
+           "deep512": [(0.5, 0.625), (0.75, 0.75), (0.875, 0.875), (0.9375, 1.0)]}
+    sizes = ["64", "256", "1024", "fresh"]
+    loss = {"none": 0.9, "simple": 0.5, "deep48": 0.6, "deep512": 0.55}
+    return {"task": "ascending_add1", "P": 10, "steps": 1500, "sizes": sizes, "seeds": [0, 1],
+            "lr": {"none": 3e-2, "simple": 1e-2, "deep48": 3e-4, "deep512": 1e-3},
+            "acc": {v: {n: _cell(*xs) for n, xs in zip(sizes, cells)} for v, cells in acc.items()},
+            "test_loss": {v: {n: _cell(x / (i + 1), x / (i + 1)) for i, n in enumerate(sizes)} for v, x in loss.items()}}
+
+
+def test_rows_as_a_reader_sees_them():
+    """The whole text of the [L] toy rows, pinned (tests/study/table_l_rows.json): the largest *finite*
+    n is the contrast's far end (not 'fresh'), the best shared and the best Deep-share are named."""
+    import json
+    want = json.loads((Path(__file__).parent / "table_l_rows.json").read_text())
+    assert {k: sample_eff_rows(se) for k, se in _scenarios().items()} == want
+
+
+def _scenarios():
+    return {"rich": _rich(),
+            "within_spread": _se((0.0625, 0.1875), (0.1875, 0.3125), (0.5, 0.5), (0.5, 0.5)),
+            "not_shrinking": _se((0.25, 0.25), (0.5, 0.5), (0.5, 0.5), (0.75, 0.75)),
+            "one_seed": _se((0.1,), (0.5,), (0.6,), (0.6,), seeds=(0,)),
+            "missing_side": _se((0.1, 0.1), (0.5, 0.5), (0.6, 0.6), (0.6, 0.6), variants=["simple"]),
+            "deep_untrained": _se((0.0, 0.0), (0.0, 0.0), (0.02, 0.02), (0.03, 0.03), deep_large=(0.0, 0.0))}
