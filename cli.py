@@ -72,6 +72,8 @@ def _fail(msg: str):
     raise UserError(msg)
 
 
+# a computed paper-vs-lab verdict (None: too little data for one), as the commands print it
+VERDICT_WORD = {True: "reproduced", False: "differs", None: "no verdict"}
 DEVICE_HELP = "auto (a GPU when torch sees one), cpu, cuda or mps"
 
 
@@ -526,14 +528,12 @@ def data_to_text_cmd(preset: str = typer.Option("quick", help="micro (tiny model
                                    threads=(1,), device=dev)
         step = max(res["seconds_per_step"].values())
         res["estimate"] = {"preset": preset, **estimate_seconds(cfg, step)}
-        text = json.dumps(res, indent=1)
     else:
         with Progress("data-to-text") as prog:
             res = run_preset(preset, device=dev, progress=lambda i, n, info: prog(i, n, {**info, "eval": True}), **over)
-        text = json.dumps(res, indent=1)
     if json_path is not None:
         from reports.html import write_report
-        write_report(json_path, text + "\n")
+        write_report(json_path, json.dumps(res, indent=1) + "\n")
     if cost:
         for k, v in res["seconds_per_step"].items():
             print(f"{k}: {v:.2f} s per training step (batch {res['batch_size']}, P={res['prefix_len']}, {dev})")
@@ -551,7 +551,7 @@ def data_to_text_cmd(preset: str = typer.Option("quick", help="micro (tiny model
     Console().print(table)
     print(f"start prefix (no training): test NLL {res['base']['test_loss']:.3f}")
     row = res["table_row"]
-    print(f"[L] language row: {dict([(True, 'reproduced'), (False, 'differs'), (None, 'no verdict')])[row['holds']]} ({row['gap']})")
+    print(f"[L] language row: {VERDICT_WORD[row['holds']]} ({row['gap']})")
     if json_path is not None:
         print(f"wrote {json_path}")
 
@@ -581,7 +581,7 @@ def reparam_sim(quick: bool = typer.Option(False, "--quick", help="n = 10^3..10^
         print(f"{model:14s} {fmt(s.get('D')):22s} {fmt(s.get('D_multi')):22s} {fmt(s.get('L2')):22s} "
               f"{sum(data['certified'].get(model, []))}")
     row = table_row(data)
-    print(f"[L] §6: {dict([(True, 'reproduced'), (False, 'differs'), (None, 'no verdict')])[row['holds']]}"
+    print(f"[L] §6: {VERDICT_WORD[row['holds']]}"
           + (f" ({row['gap']})" if row["gap"] else ""))
     print(f"wrote {out}/reparam.json and {out}/reparam.html")
 

@@ -209,7 +209,6 @@ SAMPLE_EFF_VARIANTS = {
     "deep48": {"share": "deep", "mlp": "per_layer", "hidden": 48},
     "deep512": {"share": "deep", "mlp": "shared", "hidden": 512},
 }
-SHARED_VARIANTS = ("simple", "deep48", "deep512")
 
 
 def _size_name(n: int | None) -> str:
@@ -247,7 +246,8 @@ def run_sample_efficiency(out: Path, bases: Path, r: Recipe, cfg: dict, progress
     base = _ensure_pretrain(bases, cfg["experiment"], r, progress, device)
     task, P, steps = cfg["task"], cfg["P"], cfg["steps"]
     sizes, seeds = list(cfg["sizes"]), list(cfg["seeds"])
-    spec = load_run(base).spec
+    base_run = load_run(base)
+    spec = base_run.spec
     val = validation_set(task, spec, cfg["val_size"])
     test = fixed_test_set(resolve_task(task, spec), spec, r.eval_size)
 
@@ -258,9 +258,14 @@ def run_sample_efficiency(out: Path, bases: Path, r: Recipe, cfg: dict, progress
                 "out": out / f"prefix-{v}-{task}-n{_size_name(n)}-lr{lr:g}-s{seed}",
                 "opts": {"length": P, "init": "slot", **SAMPLE_EFF_VARIANTS[v]}, "train": train}
 
+    held: dict[Path, dict] = {}  # the selection runs come back in step 2: their held-out losses once
+
     def measure(jobs: list[dict]) -> list[dict]:
         metrics = run_jobs(base, jobs, progress, device)
-        return [{"acc": m["exact_acc"], **held_out_losses(j["out"], val, test)} for j, m in zip(jobs, metrics)]
+        for j in jobs:
+            if j["out"] not in held:
+                held[j["out"]] = held_out_losses(j["out"], val, test)
+        return [{"acc": m["exact_acc"], **held[j["out"]]} for j, m in zip(jobs, metrics)]
 
     # 1. each variant's learning rate, on the validation split at the smallest n (first seed)
     grid_jobs = [job(v, sizes[0], lr, seeds[0]) for v in cfg["variants"] for lr in cfg["lr_grid"][v]]
@@ -278,8 +283,7 @@ def run_sample_efficiency(out: Path, bases: Path, r: Recipe, cfg: dict, progress
         for k in ("acc", "test_loss", "val_loss"):
             cell.setdefault(k, []).append(m[k])
     stats = {v: {n: {k: _mean_std(xs) for k, xs in cell.items()} for n, cell in per.items()} for v, per in by.items()}
-    model = load_run(base).model
-    n_params = {v: make_method("prefix", model, **{**SAMPLE_EFF_VARIANTS[v], "length": P}).n_params
+    n_params = {v: make_method("prefix", base_run.model, **{**SAMPLE_EFF_VARIANTS[v], "length": P}).n_params
                 for v in cfg["variants"]}
     return {"experiment": "sample_efficiency", "task": task, "P": P, "steps": steps, "base": str(base),
             "base_acc": base_accuracy(base, r), "sizes": [_size_name(n) for n in sizes], "seeds": seeds,

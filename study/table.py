@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from theory.reparam import table_row as reparam_row
 
+
 def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.1f} %"
 
