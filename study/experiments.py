@@ -274,8 +274,10 @@ def run_sample_efficiency(out: Path, bases: Path, r: Recipe, cfg: dict, progress
         v, _, lr = j["name"].split("|")
         grid.setdefault(v, {})[lr] = {"val_loss": m["val_loss"], "val_acc": m["val_acc"]}
     chosen = {v: float(min(g, key=lambda lr: g[lr]["val_loss"])) for v, g in grid.items()}
-    # 2. every size and seed at the chosen rate (the selection runs are reused, not retrained)
-    jobs = [job(v, n, chosen[v], seed) for seed in seeds for v in cfg["variants"] for n in sizes]
+    # 2. every size and seed at the chosen rate (the selection runs are reused, not retrained);
+    # smallest n first, every variant and seed of a size together, so that a study stopped part
+    # way keeps whole comparisons at the sizes where the claim lives (runs resume one by one)
+    jobs = [job(v, n, chosen[v], seed) for n in sizes for seed in seeds for v in cfg["variants"]]
     by: dict[str, dict[str, dict[str, list[float]]]] = {}
     for j, m in zip(jobs, measure(jobs)):
         v, n, _ = j["name"].split("|")

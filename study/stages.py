@@ -29,7 +29,7 @@ SAMPLE_EFF = {
     # quick: three points per grid, each wide enough that the chosen rate is not on its edge in
     # the recorded run (docs/experiments.md: a two-point grid chose edges)
     "quick": {"task": "ascending_add1", "P": 10, "variants": ["none", "simple", "deep48", "deep512"],
-              "sizes": [64, 1024], "seeds": [0, 1], "steps": 1500, "val_size": 1000,
+              "sizes": [64, 1024], "seeds": [0, 1, 2], "steps": 1500, "val_size": 1000,
               "lr_grid": {"none": [1e-2, 3e-2, 1e-1], "simple": [3e-3, 1e-2, 3e-2],
                           "deep48": [3e-4, 1e-3, 3e-3], "deep512": [3e-4, 1e-3, 3e-3]}},
     "paper": {"task": "ascending_add1", "P": 10, "variants": ["none", "simple", "deep48", "deep512"],
