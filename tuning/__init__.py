@@ -1,5 +1,9 @@
-"""Tuning methods: one small file each, and the registry. A method produces a `MethodState` that
-the frozen base model's forward accepts; every method trains through toy_models.training.fit."""
+"""Tuning methods: one small file each, and the registry (tuning/registry.py). A method produces
+a `MethodState` that the frozen base model's forward accepts; every gradient-trained method trains
+through toy_models.training.fit, a searched one (the hard prompt) through its own `search`.
+
+Inside the package imports go one way: methods -> registry -> jobs (the run lifecycle) ->
+pipeline (one run, loading) | fused (many runs) -> sweep (tasks x seeds)."""
 
 from __future__ import annotations
 
@@ -7,23 +11,11 @@ from tuning.base import Method
 from tuning.full import FullFinetune
 from tuning.lora import LoRA
 from tuning.prefix import Prefix
+from tuning.prompt import HardPrompt
+from tuning.registry import METHODS, make_method, method_class
 from tuning.soft_prompt import SoftPrompt, hard_prompt_state
+from tuning.pipeline import budget_match, finetune, load_run, load_tuned  # noqa: E402 (after the registry)
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (FullFinetune, LoRA, SoftPrompt, Prefix)}
-
-__all__ = ["METHODS", "Method", "FullFinetune", "LoRA", "Prefix", "SoftPrompt", "hard_prompt_state",
-           "make_method", "finetune", "load_run", "load_tuned", "budget_match"]
-
-
-def make_method(name, model, **opts):
-    from toy_models.errors import UserError
-    if name not in METHODS:
-        raise UserError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
-    return METHODS[name](model, **opts)
-
-
-def __getattr__(attr):  # the pipeline functions import lazily (they pull in the run store)
-    if attr in ("finetune", "load_run", "load_tuned", "budget_match", "finetune_seeds"):
-        from tuning import pipeline
-        return getattr(pipeline, attr)
-    raise AttributeError(attr)
+__all__ = ["METHODS", "Method", "FullFinetune", "LoRA", "Prefix", "SoftPrompt", "HardPrompt",
+           "hard_prompt_state", "make_method", "method_class", "finetune", "load_run", "load_tuned",
+           "budget_match"]

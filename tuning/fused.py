@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-from pathlib import Path
 
 import torch
 
 from toy_models.errors import UserError
 from toy_models.lock import DirLock
 from toy_models.pipeline import load_model
-from toy_models.runs import RunDir
-from toy_models.training import Member, Progress, fit_many, resolve_device
-from tuning.pipeline import Job, finish_job, prepare_job, start_job
+from toy_models.training import Progress, resolve_device
+from tuning.jobs import Job, finish_job, job_action, prepare_job, start_job, train_jobs
 
 JOB_KEYS = ("method", "task", "out", "opts", "train", "seed")
 
@@ -70,8 +68,7 @@ def finetune_many(base, jobs: list[dict], progress: Progress | None = None, devi
             for _, job, resume in group:
                 start_job(job, overwrite=not resume, resume=resume, device=dev, amp=amp)
                 job.method.to(dev)
-            members = [Member(job.trainable(), job.task, job.cfg, job.run, resume) for _, job, resume in group]
-            metrics = fit_many(model, members, prepared[0].spec, progress, amp)
+            metrics = train_jobs(model, [(job, resume) for _, job, resume in group], progress, amp)
             for (i, job, _), m in zip(group, metrics):
                 results[i] = finish_job(job, m)
             for _, job, _ in group:  # free the group's tensors
@@ -120,7 +117,7 @@ def _prepare(base, jobs: list[dict], overwrite: bool):
     results: list[dict | None] = [None] * len(prepared)
     todo: list[tuple[int, Job, bool]] = []
     for i, job in enumerate(prepared):
-        action = _action(job, overwrite)
+        action = job_action(job, overwrite)
         if action == "reuse":
             results[i] = job.run.read_json("metrics.json")
         else:
@@ -128,30 +125,12 @@ def _prepare(base, jobs: list[dict], overwrite: bool):
     return model, prepared, results, todo
 
 
-def _action(job: Job, overwrite: bool) -> str:
-    """'reuse' a complete run, 'resume' an interrupted one, else 'fresh' (writes afresh)."""
-    run = job.run
-    if overwrite or not run.path.exists():
-        return "fresh"
-    if not run.path.is_dir():
-        raise UserError(f"{run.path} exists and is not a run directory")
-    if not any(run.path.iterdir()):
-        return "fresh"
-    config = run.read_json("config.json") if (run.path / "config.json").is_file() else None
-    if config != job.config:
-        what = "a complete run" if run.complete else "another run"
-        raise UserError(f"{run.path} holds {what} with other options; pass --overwrite to replace it")
-    if run.complete:
-        return "reuse"
-    return "resume" if run.resumable else "fresh"  # killed before its first checkpoint: restart
-
-
 def _redecide(group: list, results: list, overwrite: bool) -> list:
     """The group's jobs still to train, each with its resume flag, as decided under its lock; a
     run found complete meanwhile is reused (its metrics go to `results`)."""
     todo = []
     for i, job, _ in group:
-        action = _action(job, overwrite)
+        action = job_action(job, overwrite)
         if action == "reuse":
             results[i] = job.run.read_json("metrics.json")
         else:
@@ -173,8 +152,9 @@ def _groups(todo, model, fuse: bool, max_fused: int | None) -> list[list]:
     alone = []
     for item in todo:
         job = item[1]
-        # dropout masks of fused runs would differ from those of the runs alone
-        if not fuse or (job.cfg.train_mode and model.cfg.dropout > 0):
+        # dropout masks of fused runs would differ from those of the runs alone; a searched
+        # method (the hard prompt) has no training step to share
+        if not fuse or job.method.searched or (job.cfg.train_mode and model.cfg.dropout > 0):
             alone.append([item])
         else:
             groups.setdefault(_key(job), []).append(item)
@@ -183,45 +163,3 @@ def _groups(todo, model, fuse: bool, max_fused: int | None) -> list[list]:
     for g in groups.values():
         out.extend(g[i:i + cap] for i in range(0, len(g), cap))
     return out + alone
-
-
-def finetune_grid(base, method: str, tasks: list[str], out, seeds: list[int] | None, opts=None, train=None,
-                  overwrite: bool = False, progress: Progress | None = None, fuse: bool = True,
-                  device=None) -> dict:
-    """`prefixlab finetune --task a,b,c [--seeds 0,1,2]`: one run directory per task under
-    `out` (out/<task>, or out/<task>/seed<N> with several seeds), fused by default. Returns
-    {task: metrics or the seeds' summary}."""
-    from tuning.pipeline import seeds_summary
-    if not tasks:
-        raise UserError("--task needs at least one task")
-    if len(set(tasks)) != len(tasks):
-        raise UserError(f"--task repeats a task: {','.join(tasks)}")
-    if seeds is not None and len(set(seeds)) != len(seeds):
-        raise UserError(f"--seeds repeats a seed: {seeds}")
-    root = RunDir(out)
-    root.check_new(overwrite, False)
-    with DirLock(root.path, "finetune"):
-        root.check_new(overwrite, False)
-        return _grid(base, method, tasks, out, seeds, opts, train, overwrite, progress, fuse, device)
-
-
-def _grid(base, method, tasks, out, seeds, opts, train, overwrite, progress, fuse, device) -> dict:
-    from tuning.pipeline import seeds_summary
-    jobs = []
-    for t in tasks:
-        for s in seeds or [None]:
-            path = Path(out) / t / f"seed{s}" if seeds else Path(out) / t
-            seed = s if s is not None else (train or {}).get("seed")
-            jobs.append(dict(method=method, task=t, out=path, opts=opts, train=train, seed=seed))
-    if fuse:
-        metrics = finetune_many(base, jobs, progress, device, overwrite=overwrite)
-    else:
-        from tuning.pipeline import finetune
-        metrics = [finetune(base, j["method"], j["task"], j["out"], j["opts"],
-                            {**(j["train"] or {}), **({"seed": j["seed"]} if j["seed"] is not None else {})},
-                            overwrite=overwrite, progress=progress, device=device) for j in jobs]
-    res: dict = {}
-    for t in tasks:
-        per = {j["seed"]: m for j, m in zip(jobs, metrics) if j["task"] == t}
-        res[t] = seeds_summary(RunDir(Path(out) / t), method, t, seeds, per) if seeds else per[next(iter(per))]
-    return res

@@ -15,6 +15,7 @@ from torch import nn
 from toy_models.errors import UserError
 from toy_models.model import MethodState
 from tuning.base import Method, positive
+from tuning.options import Option
 
 # target -> (parameter name in a block, how the weight reads as a linear map in -> out)
 TARGETS = {
@@ -43,6 +44,17 @@ def _from_linear(name: str, delta: torch.Tensor, like: torch.Tensor) -> torch.Te
 
 class LoRA(Method):
     name = "lora"
+    summary = "LoRA: W + (alpha / r) A B on chosen linear maps (B starts at zero: an exact no-op)"
+    options = (
+        Option("rank", int, 1, "LoRA rank r", "[P] E4 (papers.md §3b)", short="-r"),
+        Option("alpha", float, None, "LoRA alpha (default r: scale 1)", "[P] E4: alpha 1 at rank 1"),
+        Option("targets", str, DEFAULT_TARGETS, f"LoRA targets, of {', '.join(TARGETS)}",
+               "[P] E4: attention output and both MLP layers, never q/k/v", many=True),
+        Option("init_b", str, "zero", "LoRA B init: zero (a no-op start) or normal (N(0, 0.02²))",
+               "PEFT's and [P]'s B = 0"),
+    )
+    examples = ({"rank": 2}, {"rank": 1, "targets": ["q", "k", "v", "o"]})
+    budget_option = "rank"
     # [P]'s E4 protocol (papers.md §3b): constant lr 5e-3, no warmup, model in eval mode, no decay.
     defaults = dict(lr=5e-3, weight_decay=0.0, train_mode=False, schedule="constant", warmup=0)
 
@@ -71,6 +83,18 @@ class LoRA(Method):
                 if init_b != "zero":
                     nn.init.normal_(b, std=0.02, generator=generator)
                 self.A[key], self.B[key] = nn.Parameter(a), nn.Parameter(b)
+
+    @classmethod
+    def param_count(cls, model, rank: int = 1, targets=DEFAULT_TARGETS, **opts) -> int:
+        if model.cfg.attn_only:
+            targets = [t for t in targets if not t.startswith("mlp")]
+        params = dict(model.named_parameters())
+        return sum(rank * sum(_as_linear(f"blocks.{l}.{TARGETS[t]}", params[f"blocks.{l}.{TARGETS[t]}"]).shape)
+                   for l in range(model.cfg.n_layers) for t in targets if t in TARGETS)
+
+    @classmethod
+    def describe(cls, opts: dict) -> str:
+        return f"LoRA (r={opts.get('rank', 1)})"
 
     def state(self) -> MethodState:
         params = dict(self.base.named_parameters())

@@ -1,10 +1,9 @@
-"""Fine-tuning a base run into a tuned run, loading any run back (the run store's entry point:
-base runs through toy_models, tuned runs through the method registry), and matching budgets."""
+"""Fine-tuning a base run into one tuned run, loading any run back (the run store's entry point:
+base runs through toy_models, tuned runs through the method registry), and matching budgets.
+The job lifecycle both this and tuning/fused.py use is tuning/jobs.py; sweeps are tuning/sweep.py."""
 
 from __future__ import annotations
 
-import statistics
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,21 +11,13 @@ import torch
 from toy_models.errors import UserError
 from toy_models.lock import DirLock
 from toy_models.pipeline import LoadedRun, base_sha, load_base_run, load_model, restart_or_resume
-from toy_models.runs import METHOD_FILE, RunDir, load_tensors, provenance, save_tensors
-from toy_models.tasks import ResolvedTask, TaskSpec, resolve_task
-from toy_models.training import Progress, Trainable, TrainConfig, device_info, fit, resolve_device
-from tuning import METHODS, make_method
-from tuning.base import Method
-
-TUNE_DEFAULTS = dict(steps=1000, warmup=50, schedule="cosine", eval_every=100)
-
-
-def method_train_config(method: str, overrides: dict) -> TrainConfig:
-    """The method's defaults (tuning/*.py `defaults`), then the user's explicit options."""
-    if method not in METHODS:
-        raise UserError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
-    return TrainConfig(**{**TUNE_DEFAULTS, **METHODS[method].defaults,
-                          **{k: v for k, v in overrides.items() if v is not None}})
+from toy_models.runs import METHOD_FILE, RunDir, load_tensors
+from toy_models.tasks import TaskSpec
+from toy_models.training import Progress, resolve_device
+# the lifecycle's names stay importable from here (benchmarks and older callers use them)
+from tuning.jobs import (TUNE_DEFAULTS, Job, check_slots, finish_job, method_train_config,  # noqa: F401
+                         prepare_job, seeds_summary, start_job, train_jobs)
+from tuning.registry import make_method, method_class
 
 
 def finetune(base: str | Path, method: str, task: str, out: str | Path, opts: dict | None = None,
@@ -54,111 +45,8 @@ def finetune(base: str | Path, method: str, task: str, out: str | Path, opts: di
         start_job(job, overwrite, resume, dev, amp)
         model.to(dev)
         job.method.to(dev)
-        metrics = fit(model, job.trainable(), job.task, job.spec, job.cfg, run=job.run, resume=resume,
-                      progress=progress, amp=amp)
+        metrics = train_jobs(model, [(job, resume)], progress, amp)[0]
         return finish_job(job, metrics)
-
-
-@dataclass
-class Job:
-    """One tuned run, validated and ready to train: its directory, method, config, task."""
-
-    run: RunDir
-    method: Method
-    cfg: TrainConfig
-    task: ResolvedTask
-    spec: TaskSpec
-    config: dict  # what config.json holds
-
-    def trainable(self) -> Trainable:
-        return Trainable(dict(self.method.named_parameters()), self.method.state, self.method.no_decay)
-
-
-def prepare_job(model, base_config: dict, base, method: str, task: str, out, opts: dict | None,
-                train: dict | None) -> Job:
-    """Validate a finetune (method options, task, training options) and build its method on
-    `model` (on the CPU, so the initialisation is the same on every device). Writes nothing."""
-    opts = dict(opts or {})
-    cfg = method_train_config(method, train or {})
-    spec = TaskSpec(**base_config["task_spec"])
-    resolved = resolve_task(task, spec)
-    g = torch.Generator().manual_seed(cfg.seed)
-    m = make_method(method, model, generator=g, **opts)  # validates P, r, ... before any write
-    base_path = Path(base).resolve()
-    config = {"kind": "finetune", "task": task, "method": m.config(), "task_spec": spec.to_dict(),
-              "train": cfg.to_dict(), "seed": cfg.seed, "n_params": m.n_params,
-              "slots": model.cfg.slots,
-              "base": {"path": str(base_path), "sha256": base_sha(base_path),
-                       "task": base_config["task"], "preset": base_config["preset"]}}
-    return Job(RunDir(out), m, cfg, resolved, spec, config)
-
-
-def start_job(job: Job, overwrite: bool, resume: bool, device: torch.device, amp: bool | None = None) -> None:
-    """Create the run directory (config.json, provenance.json) unless resuming."""
-    job.run.prepare(overwrite, resume)
-    if not resume:
-        job.run.write_json("config.json", job.config)
-        job.run.write_json("provenance.json", provenance(job.cfg.seed, **device_info(device, amp)))
-
-
-def finish_job(job: Job, metrics: dict) -> dict:
-    metrics["n_params"] = job.method.n_params
-    save_tensors(job.run.path / METHOD_FILE, job.method.export(), meta={"method": job.method.config()})
-    job.run.finish(metrics, files=(METHOD_FILE,))
-    return metrics
-
-
-def check_slots(model, expected: str | None, base, tuned=None) -> None:
-    """A method belongs to the slot protocol of the base it was made for (toy_models/model.py)."""
-    if expected is None or expected == model.cfg.slots:
-        return
-    what = f"{tuned} was tuned for" if tuned else "you asked for"
-    raise UserError(f"{what} the '{expected}' slot protocol, but the base run {base} was pretrained "
-                    f"with '{model.cfg.slots}' (pretrain a base with --slots {expected})")
-
-
-def finetune_seeds(base, method, task, out, seeds: list[int], opts=None, train=None, overwrite=False,
-                   progress=None, on_seed=None, fuse: bool = True, device=None) -> dict:
-    """Repeat a finetune per seed into out/seed{N}; returns per-seed metrics and mean ± std.
-    fuse: train the seeds together (`tuning.fused.finetune_many`); False: one after another."""
-    if not seeds:
-        raise UserError("--seeds needs at least one seed, e.g. --seeds 0,1,2")
-    if len(set(seeds)) != len(seeds):
-        raise UserError(f"--seeds repeats a seed: {seeds}")
-    root = RunDir(out)
-    root.check_new(overwrite, False)
-    with DirLock(root.path, "finetune"):
-        root.check_new(overwrite, False)
-        return _finetune_seeds(base, method, task, out, seeds, opts, train, overwrite, progress, on_seed, fuse,
-                               device, root)
-
-
-def _finetune_seeds(base, method, task, out, seeds, opts, train, overwrite, progress, on_seed, fuse, device,
-                    root: RunDir) -> dict:
-    if fuse:
-        from tuning.fused import finetune_many
-        jobs = [dict(method=method, task=task, out=Path(out) / f"seed{s}", opts=opts, train=train, seed=s)
-                for s in seeds]
-        results = dict(zip(seeds, finetune_many(base, jobs, progress, device, overwrite=overwrite)))
-    else:
-        results = {}
-        for s in seeds:
-            if on_seed:
-                on_seed(s)
-            results[s] = finetune(base, method, task, Path(out) / f"seed{s}", opts,
-                                  {**(train or {}), "seed": s}, overwrite=overwrite, progress=progress,
-                                  device=device)
-    return seeds_summary(root, method, task, seeds, results)
-
-
-def seeds_summary(root: RunDir, method: str, task: str, seeds: list[int], results: dict) -> dict:
-    accs = [results[s]["exact_acc"] for s in seeds]
-    summary = {"method": method, "task": task, "seeds": seeds, "runs": [f"seed{s}" for s in seeds],
-               "exact_acc": {str(s): results[s]["exact_acc"] for s in seeds},
-               "exact_acc_mean": statistics.fmean(accs),
-               "exact_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0}
-    root.write_json("summary.json", summary)
-    return summary
 
 
 def load_run(path: str | Path, device: str | torch.device | None = None) -> LoadedRun:
@@ -202,16 +90,22 @@ def load_tuned(path: Path, config: dict, device: str | torch.device | None = Non
 
 
 def budget_match(model, target: int, method: str, vary: str | None = None, **opts) -> tuple[int, int]:
-    """Pick the prefix/prompt length P (or the LoRA rank r) whose trainable-parameter count is
-    closest to `target`. Returns (value, count). papers.md E4: rank-1 LoRA on attention out +
-    both MLP layers of the 4/4/256 model and a P=12 prefix have 12,288 parameters each."""
-    vary = vary or ("rank" if method == "lora" else "length")
+    """Pick the value of the method's size option (its `budget_option`: P, or the LoRA rank r)
+    whose trainable-parameter count is closest to `target`. Returns (value, count). papers.md E4:
+    rank-1 LoRA on attention out + both MLP layers of the 4/4/256 model and a P=12 prefix have
+    12,288 parameters each. Each candidate is built (so an invalid size ends the search) and
+    counted by the method's declared `param_count`."""
+    cls = method_class(method)
+    vary = vary or cls.budget_option
+    if vary is None:
+        raise UserError(f"method {method} has no size option to match a parameter budget with")
     best = None
     for v in range(1, 257):
         try:
-            n = make_method(method, model, **{**opts, vary: v}).n_params
+            make_method(method, model, **{**opts, vary: v})
         except UserError:
             break
+        n = cls.param_count(model, **{**opts, vary: v})
         if best is None or abs(n - target) < abs(best[1] - target):
             best = (v, n)
         if n >= target:

@@ -19,6 +19,7 @@ from torch import nn
 from toy_models.errors import UserError
 from toy_models.model import MethodState
 from tuning.base import Method, positive
+from tuning.options import Option
 
 SHARES = ("none", "simple", "deep")
 INITS = ("normal", "slot")
@@ -37,6 +38,24 @@ DEPTHS = ("deep", "shallow")
 
 class Prefix(Method):
     name = "prefix"
+    summary = "prefix-tuning: per-layer prefix keys/values, No-, Simple- or Deep-share ([L])"
+    options = (
+        Option("length", int, 1, "prompt/prefix length P", "[P] E1/E2 (papers.md §3)", short="-P"),
+        Option("share", str, "simple", "prefix: none, simple (default) or deep",
+               "[P]'s prefix is Simple-share (papers.md §1)"),
+        Option("depth", str, "deep", "prefix: deep (all layers, default) or shallow (layer 0)", "[P]: all layers"),
+        Option("hidden", int, None, "prefix --share deep: MLP hidden width (default 2 d_model)",
+               "the lab's choice; Li & Liang used 512, [L]'s vision code 48"),
+        Option("mlp", str, None, "prefix --share deep: shared (default) or per_layer MLP",
+               "Li & Liang 2021 share one MLP across layers"),
+        Option("init_scale", float, 1.0, "prefix: std of the N(0, s²) init", "[P]: N(0, 1)"),
+        Option("init", str, "normal", "prefix init: normal ([P]) or slot (start from the base's SLOT positions)",
+               "[P]: N(0, 1)"),
+    )
+    examples = ({"length": 2, "share": "none"}, {"length": 2, "share": "simple"},
+                {"length": 2, "share": "deep", "hidden": 8}, {"length": 2, "share": "deep", "hidden": 8, "mlp": "per_layer"},
+                {"length": 2, "share": "simple", "depth": "shallow"}, {"length": 2, "share": "simple", "init": "slot"})
+    budget_option = "length"
     # Prefixes need a far larger lr than weights (Adam 1e-2..3e-2 worked here; [P]'s 5e-5 needs
     # 20k-500k steps); as in [P]: constant lr, no warmup, no weight decay, model in eval mode.
     defaults = dict(lr=1e-2, weight_decay=0.0, train_mode=False, schedule="constant", warmup=0)
@@ -102,6 +121,25 @@ class Prefix(Method):
                     kv = [model.blocks[l].prefix_from_residual(slot[l]) for l in range(L)]
                 self.register_buffer("kv0", torch.stack([torch.stack(x) for x in kv]))  # [L, 2, H, P, Dh]
         self.shape = (H, Dh)
+
+    @classmethod
+    def param_count(cls, model, length: int = 1, share: str = "simple", depth: str = "deep", hidden=None,
+                    mlp=None, **opts) -> int:
+        cfg = model.cfg
+        L, D, P = (cfg.n_layers if depth == "deep" else 1), cfg.d_model, length
+        if share == "simple":
+            return L * P * D
+        if share == "none":
+            return 2 * L * cfg.n_heads * P * cfg.d_head
+        h = hidden if hidden is not None else 2 * D
+        if (mlp or "shared") == "shared":
+            return P * D + D * h + h + h * 2 * D * L + 2 * D * L
+        return L * (P * D + D * h + h + h * 2 * D + 2 * D)
+
+    @classmethod
+    def describe(cls, opts: dict) -> str:
+        return (f"prefix ({opts.get('share')}, P={opts.get('length')}"
+                + (", shallow" if opts.get("depth") == "shallow" else "") + ")")
 
     def keys_values(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per prefixed layer: keys, values [n_heads, P, d_head]."""

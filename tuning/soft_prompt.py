@@ -12,10 +12,22 @@ from torch import nn
 from toy_models.errors import UserError
 from toy_models.model import MethodState
 from tuning.base import Method, positive
+from tuning.options import Option
 
 
 class SoftPrompt(Method):
     name = "soft_prompt"
+    summary = "soft prompting: P input embeddings in the prompt slots, flowing through the frozen model"
+    options = (
+        Option("length", int, 1, "prompt/prefix length P", "[P] E1/E2 (papers.md §3)", short="-P"),
+        Option("init", str, "random", "soft prompt init: random, vocab or tokens",
+               "Lester et al. 2021 compare random and vocab inits; tokens starts at a hard prompt"),
+        Option("tokens", int, None, "the prompt's tokens, e.g. 11,3 (soft prompt: with --init tokens)",
+               "none: they are a choice of the user", many=True),
+    )
+    examples = ({"length": 2}, {"init": "tokens", "tokens": [1, 2]})
+    budget_option = "length"
+    slot_label = "SP"
     # Input embeddings need a far larger lr than weights (Adam 1e-2..3e-2 worked here); [P]
     # tuned context methods with the model in eval mode (no dropout).
     defaults = dict(lr=3e-2, weight_decay=0.0, train_mode=False, schedule="constant", warmup=0)
@@ -44,10 +56,19 @@ class SoftPrompt(Method):
         super().__init__(model, length=length, init=init, tokens=list(tokens or []))
         self.prompt = nn.Parameter(value)
 
+    @classmethod
+    def param_count(cls, model, length: int = 1, init: str = "random", tokens=None, **opts) -> int:
+        return (len(tokens) if init == "tokens" and tokens else length) * model.cfg.d_model
+
+    @classmethod
+    def describe(cls, opts: dict) -> str:
+        return f"soft prompt (P={opts.get('length')})"
+
     def state(self) -> MethodState:
         return MethodState(prompt=self.prompt)
 
 
 def hard_prompt_state(model, tokens: list[int]) -> MethodState:
     """Hard prompting: the prompt tokens' own embeddings in the slots (the same forward path)."""
-    return MethodState(prompt=model.embed.W_E[torch.tensor(tokens)])
+    index = tokens if isinstance(tokens, torch.Tensor) else torch.tensor(tokens)
+    return MethodState(prompt=model.embed.W_E[index.to(model.embed.W_E.device)])

@@ -12,8 +12,11 @@ from toy_models.pipeline import pretrain
 from toy_models.runs import load_tensors
 from toy_models.tasks import TaskSpec
 from toy_models.training import TrainConfig, fold_states, runs_logits
-from tuning.fused import _groups, finetune_grid, finetune_many
+from tuning.fused import _groups, finetune_many
+from tuning.jobs import prepare_job
 from tuning.pipeline import finetune, load_run
+from tuning.registry import METHODS as REGISTRY
+from tuning.sweep import sweep
 
 SPEC = TaskSpec(length=4, num_digits=4, prompt_len=3)
 TRAIN = {"steps": 6, "batch_size": 16, "eval_every": 2, "eval_size": 32, "warmup": 2}
@@ -21,15 +24,9 @@ TRAIN = {"steps": 6, "batch_size": 16, "eval_every": 2, "eval_size": 32, "warmup
 # so a norm taken over the group instead of per run would show)
 RUNS = [("add2", 0, {}), ("ascending", 1, {"lr": 3e-2}), ("add2", 2, {"lr": 2e-3, "grad_clip": 1e-3})]
 
-METHODS = [
-    ("prefix", {"length": 2, "share": "none"}),
-    ("prefix", {"length": 2, "share": "simple"}),
-    ("prefix", {"length": 2, "share": "deep", "hidden": 8}),
-    ("prefix", {"length": 1, "share": "simple", "depth": "shallow"}),
-    ("soft_prompt", {"length": 2}),
-    ("lora", {"rank": 1}),
-    ("lora", {"rank": 2, "targets": ["q", "k", "v", "o"]}),
-]
+# every gradient-trained registered method, with each of its declared examples (a searched method,
+# the hard prompt, has no step to fuse: it trains alone, test_searched_method_trains_alone)
+FUSABLE = [(name, ex) for name, cls in REGISTRY.items() if not cls.searched for ex in cls.examples]
 
 
 @pytest.fixture(scope="module")
@@ -70,17 +67,18 @@ def assert_same_run(fused_dir, alone_dir):
     assert json.loads((fused_dir / "config.json").read_text()) == json.loads((alone_dir / "config.json").read_text())
 
 
-@pytest.mark.parametrize("method,opts", METHODS, ids=lambda v: str(v))
+@pytest.mark.parametrize("method,opts", FUSABLE, ids=lambda v: str(v))
 def test_fused_runs_equal_runs_alone(base, tmp_path, method, opts):
     jobs = jobs_for(tmp_path / "fused", method, opts)
     calls = []
     fused = finetune_many(base, jobs, progress=lambda s, n, info: calls.append(info))
-    assert all(c.get("runs") == 3 for c in calls), "the three runs train as one group"
+    k = 1 if REGISTRY[method].defaults.get("train_mode", True) else 3  # dropout on (full): each run alone
+    assert calls and all(c.get("runs", 1) == k for c in calls), f"the three runs train in groups of {k}"
     for job, m in zip(jobs, fused):
         out = tmp_path / "alone" / job["out"].name
         assert strip(m) == strip(alone(base, job, out))
         assert_same_run(job["out"], out)
-        assert m["timing"]["fused_runs"] == 3
+        assert m["timing"]["fused_runs"] == k
         loaded = load_run(job["out"])  # load_run reads a fused run unchanged
         assert loaded.config["task"] == job["task"] and loaded.state is not None
 
@@ -145,7 +143,6 @@ def test_bad_jobs_are_refused_before_anything_is_written(base, tmp_path):
 
 def test_grouping(base):
     model = load_run(base).model
-    from tuning.pipeline import prepare_job
     from toy_models.pipeline import load_model
     m, bc = load_model(base)
 
@@ -154,25 +151,50 @@ def test_grouping(base):
 
     items = [job("prefix", {"length": 2}), job("prefix", {"length": 2}, lr=1.0, seed=3),
              job("prefix", {"length": 1}), job("prefix", {"length": 2}, steps=8),
-             job("lora", {"rank": 1}), job("full", {})]
+             job("lora", {"rank": 1}), job("full", {}),
+             (0, prepare_job(m, bc, base, "prompt", "add2", "/tmp/x", {"length": 1}, {}), False),
+             (0, prepare_job(m, bc, base, "prompt", "add2", "/tmp/x", {"length": 1}, {}), False)]
     sizes = sorted(len(g) for g in _groups(items, model, True, None))
-    assert sizes == [1, 1, 1, 1, 2]  # same structure and schedule length fuse; full (dropout) alone
+    # same structure and schedule length fuse; full (dropout) and searched prompts alone
+    assert sizes == [1, 1, 1, 1, 1, 1, 2]
     assert all(len(g) == 1 for g in _groups(items, model, False, None))
     assert sorted(len(g) for g in _groups(items[:2], model, True, 1)) == [1, 1]
 
 
-def test_finetune_grid_writes_one_run_per_task_and_seed(base, tmp_path):
-    res = finetune_grid(base, "prefix", ["add2", "ascending"], tmp_path / "g", [0, 1], {"length": 1}, TRAIN)
+def test_sweep_writes_one_run_per_task_and_seed(base, tmp_path):
+    res = sweep(base, "prefix", ["add2", "ascending"], tmp_path / "g", [0, 1], {"length": 1}, TRAIN)
     assert set(res) == {"add2", "ascending"}
     for t in res:
         assert (tmp_path / "g" / t / "summary.json").is_file()
         for s in (0, 1):
             assert load_run(tmp_path / "g" / t / f"seed{s}").config["seed"] == s
-    one = finetune_grid(base, "prefix", ["add2", "ascending"], tmp_path / "h", None, {"length": 1}, TRAIN,
-                        fuse=False)
+    one = sweep(base, "prefix", ["add2", "ascending"], tmp_path / "h", None, {"length": 1}, TRAIN, fuse=False)
     assert strip(one["add2"]) == strip(json.loads((tmp_path / "h" / "add2" / "metrics.json").read_text()))
     with pytest.raises(UserError, match="already exists"):
-        finetune_grid(base, "prefix", ["add2"], tmp_path / "h", None, {"length": 1}, TRAIN)
+        sweep(base, "prefix", ["add2", "ascending"], tmp_path / "h", None, {"length": 1}, TRAIN)
+    # one task: out/seed<N> and out/summary.json, fused or not, the same numbers
+    a = sweep(base, "prefix", ["add2"], tmp_path / "s1", [0, 1], {"length": 1}, TRAIN)
+    b = sweep(base, "prefix", ["add2"], tmp_path / "s2", [0, 1], {"length": 1}, TRAIN, fuse=False)
+    assert a["add2"]["exact_acc"] == b["add2"]["exact_acc"]
+    assert (tmp_path / "s1" / "seed1" / "metrics.json").is_file() and (tmp_path / "s1" / "summary.json").is_file()
+    for bad, match in [(dict(seeds=[0, 0]), "repeats a seed"), (dict(seeds=[]), "at least one seed"),
+                       (dict(tasks=["add2", "add2"]), "repeats a task"), (dict(method="dance"), "unknown method"),
+                       (dict(opts={"rank": 2}), "does not apply to method prefix")]:
+        args = dict(base=base, method="prefix", tasks=["add2", "ascending"], out=tmp_path / "bad", seeds=[0],
+                    opts={"length": 1}, train=TRAIN) | bad
+        with pytest.raises(UserError, match=match):
+            sweep(**args)
+        assert not (tmp_path / "bad").exists()
+
+
+def test_searched_method_trains_alone_in_a_sweep(base, tmp_path):
+    res = sweep(base, "prompt", ["add2", "ascending"], tmp_path / "p", [0, 1], {"length": 1},
+                {"batch_size": 16, "eval_size": 32})
+    for t in ("add2", "ascending"):
+        for s in (0, 1):
+            m = json.loads((tmp_path / "p" / t / f"seed{s}" / "metrics.json").read_text())
+            assert m["search"]["kind"] == "exhaustive" and m["timing"]["fused_runs"] == 1
+        assert res[t]["seeds"] == [0, 1]
 
 
 def test_cli_finetune_several_tasks_and_seeds(base, tmp_path):

@@ -243,7 +243,7 @@ def test_method_defaults_are_the_documented_ones():
     assert Prefix.defaults == dict(lr=1e-2, **ctx)
     assert FullFinetune.defaults == dict(lr=1e-3, weight_decay=0.1, train_mode=True)
     assert TUNE_DEFAULTS == dict(steps=1000, warmup=50, schedule="cosine", eval_every=100)
-    assert set(METHODS) == {"full", "lora", "soft_prompt", "prefix"}
+    assert set(METHODS) == {"full", "lora", "soft_prompt", "prefix", "prompt"}
 
 
 def test_lora_init_and_what_each_method_trains():

@@ -13,18 +13,9 @@ from tuning.pipeline import budget_match, finetune
 
 SPEC = TaskSpec(length=4, num_digits=4, prompt_len=3)
 
-# every method, with a variant that exercises its options
-VARIANTS = [
-    ("full", {}),
-    ("lora", {"rank": 2}),
-    ("lora", {"rank": 1, "targets": ["q", "k", "v", "o"]}),
-    ("soft_prompt", {"length": 2}),
-    ("prefix", {"length": 2, "share": "none"}),
-    ("prefix", {"length": 2, "share": "simple"}),
-    ("prefix", {"length": 2, "share": "deep", "hidden": 8}),
-    ("prefix", {"length": 2, "share": "deep", "hidden": 8, "mlp": "per_layer"}),
-    ("prefix", {"length": 2, "share": "simple", "depth": "shallow"}),
-    ("prefix", {"length": 2, "share": "simple", "init": "slot"}),
+# every gradient-trained registered method, with each of its declared examples (the searched
+# hard prompt: tests/tuning/test_prompt.py), plus variants that exercise more options
+VARIANTS = [(name, ex) for name, cls in METHODS.items() if not cls.searched for ex in cls.examples] + [
     ("prefix", {"length": 3, "share": "none", "init": "slot"}),
     ("prefix", {"length": 2, "share": "deep", "hidden": 8, "init": "slot"}),
 ]
