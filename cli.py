@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+import typer.core
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="What can context-based fine-tuning do, what can it not do, and why?")
@@ -142,6 +143,19 @@ def tasks():
 
 
 @command()
+def methods():
+    """List the tuning methods (the registry), each with its options and where their defaults came from."""
+    from rich.console import Console
+    from rich.table import Table
+    from tuning.registry import METHODS
+    table = Table("method", "what it trains", "options (default; source)")
+    for name, cls in METHODS.items():
+        opts = "\n".join(f"{o.flag}{' ' + o.short if o.short else ''}: {o.default!r}; {o.source}" for o in cls.options)
+        table.add_row(name, cls.summary, opts or "(none)")
+    Console().print(table)
+
+
+@command()
 def pretrain(task: str = typer.Option("mix4", help="task to pretrain on (see `prefixlab tasks`)"),
              preset: str = typer.Option("default", help="model size: micro, default, petrov-e1, petrov-e2, petrov-e3, petrov-large"),
              out: Path = typer.Option(..., help="run directory to write"),
@@ -180,21 +194,59 @@ def pretrain(task: str = typer.Option("mix4", help="task to pretrain on (see `pr
               f"after {m['steps']} steps ({m['timing']['train_seconds']:.0f} s)")
 
 
-@command()
-def finetune(base: Path = typer.Argument(..., help="base (pretrained) run directory"),
-             method: str = typer.Option(..., help="full, lora, soft_prompt or prefix"),
+class _MethodOptions(typer.core.TyperCommand):
+    """`finetune`'s method options are the method registry's declarations (tuning/registry.py):
+    one flag per option name, shared by the methods that declare it. They are read when the
+    command parses or shows its help (that imports torch; `prefixlab --help` does not)."""
+
+    def get_params(self, ctx):
+        params = [*self.params, *_method_params()]
+        help_option = self.get_help_option(ctx)
+        return params + [help_option] if help_option is not None else params
+
+    def invoke(self, ctx):
+        names = {p.name for p in _method_params()}
+        ctx.meta["method_opts"] = {k: ctx.params.pop(k) for k in list(ctx.params) if k in names}
+        return super().invoke(ctx)
+
+
+@functools.lru_cache(maxsize=None)
+def _method_params() -> tuple:
+    from rich.markup import escape
+    from typer.main import _get_param  # typer's own option builder (its Option class needs it)
+    from typer.models import ParamMeta
+    from tuning.registry import options_by_flag
+    params = []
+    for name, users in options_by_flag().items():
+        first = users[0][1]
+        helps = list(dict.fromkeys(o.help for _, o in users))
+        defaults = {}
+        for m, o in users:  # methods that share a default and its source are named together
+            defaults.setdefault((repr(o.default), o.source), []).append(m)
+        text = escape("; ".join(helps) + ". Default: " + "; ".join(
+            f"{'/'.join(ms)} {d} ({src})" for (d, src), ms in defaults.items()))
+        decls = [first.flag] + ([first.short] if first.short else [])
+        kind = str if first.many else first.type
+        params.append(_get_param(ParamMeta(name=name, annotation=Optional[kind],
+                                           default=typer.Option(None, *decls, help=text, rich_help_panel="Method options"))))
+    return tuple(params)
+
+
+def _method_opts(ctx: typer.Context) -> dict:
+    """The method options given on the command line, parsed by their declarations."""
+    from tuning.registry import options_by_flag
+    declared = {name: users[0][1] for name, users in options_by_flag().items()}
+    return {k: declared[k].parse(v) if declared[k].many else v
+            for k, v in ctx.meta.get("method_opts", {}).items() if v is not None}
+
+
+@app.command(cls=_MethodOptions)
+@_user_errors
+def finetune(ctx: typer.Context,
+             base: Path = typer.Argument(..., help="base (pretrained) run directory"),
+             method: str = typer.Option(..., help="the method (`prefixlab methods` lists them and their options)"),
              task: str = typer.Option(..., help="task to tune for; several (a,b,c): one run per task under --out"),
              out: Path = typer.Option(..., help="tuned run directory to write"),
-             length: Optional[int] = typer.Option(None, "--length", "-P", help="prompt/prefix length P"),
-             share: Optional[str] = typer.Option(None, help="prefix: none, simple (default) or deep"),
-             depth: Optional[str] = typer.Option(None, help="prefix: deep (all layers, default) or shallow (layer 0)"),
-             hidden: Optional[int] = typer.Option(None, help="prefix --share deep: MLP hidden width"),
-             mlp: Optional[str] = typer.Option(None, help="prefix --share deep: shared or per_layer MLP"),
-             rank: Optional[int] = typer.Option(None, "--rank", "-r", help="LoRA rank r"),
-             alpha: Optional[float] = typer.Option(None, help="LoRA alpha (default r)"),
-             targets: Optional[str] = typer.Option(None, help="LoRA targets, e.g. o,mlp_in,mlp_out or q,k,v,o"),
-             init: Optional[str] = typer.Option(None, help="soft prompt init: random, vocab or tokens; prefix init: normal ([P]) or slot (start from the base's SLOT positions)"),
-             tokens: Optional[str] = typer.Option(None, help="soft prompt init tokens, e.g. 11,3"),
              steps: Optional[int] = typer.Option(None, help="training steps (default 1000)"),
              lr: Optional[float] = typer.Option(None, help="learning rate (default: the method's)"),
              batch_size: Optional[int] = typer.Option(None),
@@ -208,52 +260,40 @@ def finetune(base: Path = typer.Argument(..., help="base (pretrained) run direct
              resume: bool = typer.Option(False),
              device: str = typer.Option("cpu", help=DEVICE_HELP),
              json_out: bool = typer.Option(False, "--json")):
-    """Tune a method on a task over a frozen base run and write a tuned run."""
-    from tuning.pipeline import finetune as _finetune, finetune_seeds
+    """Tune a method on a task over a frozen base run and write a tuned run (the method options
+    below come from the method registry; each applies to the methods named in its help)."""
+    from tuning.pipeline import finetune as _finetune
+    from tuning.registry import check_method
+    from tuning.sweep import sweep
     dev = _device(device)
     task_list = [t.strip() for t in task.split(",") if t.strip()]
-    raw = {"length": length, "share": share, "depth": depth, "hidden": hidden, "mlp": mlp, "rank": rank,
-           "alpha": alpha, "targets": targets.split(",") if targets else None, "init": init,
-           "tokens": _ints(tokens, "--tokens")}
-    opts = {k: v for k, v in raw.items() if v is not None}
-    allowed = {"full": set(), "lora": {"rank", "alpha", "targets"}, "soft_prompt": {"length", "init", "tokens"},
-               "prefix": {"length", "share", "depth", "hidden", "mlp", "init"}}
-    if method in allowed and set(opts) - allowed[method]:
-        _fail(f"option --{sorted(set(opts) - allowed[method])[0]} does not apply to method {method}")
+    opts = _method_opts(ctx)
+    check_method(method, opts)  # the name and its options, before anything is written
     train = _train_opts(steps, lr, batch_size, seed, schedule, warmup, eval_every)
     seed_list = _ints(seeds, "--seeds")
     if (seed_list or len(task_list) > 1) and resume:
         _fail("--resume applies to one run; with --seeds or several tasks, complete runs are reused "
               "and interrupted ones resumed by `prefixlab reproduce` (rerun with --overwrite to start afresh)")
     with Progress(f"{method} on {task}") as prog:
-        if len(task_list) > 1:
-            from tuning.fused import finetune_grid
-            res = finetune_grid(base, method, task_list, out, seed_list, opts, train, overwrite=overwrite,
-                                progress=prog, fuse=fuse, device=dev)
+        if seeds is not None or len(task_list) > 1:
+            res = sweep(base, method, task_list, out, seed_list if seeds is not None else None, opts, train,
+                        overwrite=overwrite, progress=prog, fuse=fuse, device=dev)
             if json_out:
-                print(json.dumps(res, indent=2))
-            else:
-                for t, r in res.items():
-                    acc = (f"{r['exact_acc_mean']:.2%} ± {r['exact_acc_std']:.2%} over seeds {seed_list}"
-                           if seed_list else f"{r['exact_acc']:.2%}")
-                    print(f"{out / t}: {method} on {t}: exact accuracy {acc}")
-            return
-        if seed_list:
-            s = finetune_seeds(base, method, task, out, seed_list, opts, train, overwrite=overwrite, progress=prog,
-                               fuse=fuse, device=dev)
-            if json_out:
-                print(json.dumps(s, indent=2))
-            else:
-                print(f"{out}: {method} on {task}: exact accuracy {s['exact_acc_mean']:.2%} ± "
-                      f"{s['exact_acc_std']:.2%} over seeds {seed_list}")
+                print(json.dumps(res[task_list[0]] if len(task_list) == 1 else res, indent=2))
+                return
+            for t, r in res.items():
+                acc = (f"{r['exact_acc_mean']:.2%} ± {r['exact_acc_std']:.2%} over seeds {seed_list}"
+                       if seed_list else f"{r['exact_acc']:.2%}")
+                print(f"{out if len(task_list) == 1 else out / t}: {method} on {t}: exact accuracy {acc}")
             return
         m = _finetune(base, method, task, out, opts, train, overwrite=overwrite, resume=resume, progress=prog,
                       device=dev, on_note=_note)
     if json_out:
         print(json.dumps(m, indent=2))
     else:
+        found = f", prompt {m['search']['tokens']} ({m['search']['kind']} search)" if "search" in m else ""
         print(f"{out}: {method} on {task}: exact accuracy {m['exact_acc']:.2%}, token accuracy "
-              f"{m['token_acc']:.2%}, {m['n_params']:,} trainable parameters")
+              f"{m['token_acc']:.2%}, {m['n_params']:,} trainable parameters{found}")
 
 
 @command()
@@ -296,7 +336,7 @@ def evaluate(runs: List[Path] = typer.Argument(..., help="base or tuned run dire
 
 @command()
 def probe(runs: List[Path] = typer.Argument(..., help="tuned run directories (one base)"),
-          probe_: str = typer.Option("invariance,bias,clusters,drift", "--probe", help="probes to run"),
+          probe_: Optional[str] = typer.Option(None, "--probe", help="probes to run, e.g. invariance,bias (default: every registered probe: invariance, bias, clusters, drift)"),
           layers: Optional[str] = typer.Option(None, help="layers, e.g. 0,1 (default all)"),
           heads: Optional[str] = typer.Option(None, help="heads, e.g. 0,2 (default all)"),
           inputs: int = typer.Option(1000, help="number of test inputs"),
@@ -307,7 +347,7 @@ def probe(runs: List[Path] = typer.Argument(..., help="tuned run directories (on
     """Probe tuned runs: attention invariance, bias decomposition, clusters, drift, hierarchy."""
     from probes.run import run_probes
     dev = _device(device)
-    report = run_probes(runs, [p.strip() for p in probe_.split(",") if p.strip()], out,
+    report = run_probes(runs, None if probe_ is None else [p.strip() for p in probe_.split(",") if p.strip()], out,
                         _ints(layers, "--layers"), _ints(heads, "--heads"), inputs, overwrite, device=dev)
     if report.get("device_note"):
         print(report["device_note"], file=sys.stderr)

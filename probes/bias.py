@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from probes.common import Accumulator, accumulate, check_layers_heads, require_state
+from probes.common import Accumulator, Probe, accumulate, check_layers_heads, require_state
 from toy_models.model import MethodState, ToyTransformer
 
 TOL = 1e-5  # fp32, relative to the scale of the head outputs
@@ -117,3 +117,9 @@ def bias_decomposition(model: ToyTransformer, state: MethodState | None, tokens:
     state = require_state(state)
     acc = BiasAcc(model, layers, heads, int(tokens.shape[0]), tol)
     return accumulate(model, state, tokens, [acc], batch_size)[0]
+
+
+PROBE = Probe("bias", "the bias decomposition t^pt = sum_k A^pt_k v_k + (1 - alpha) t (papers.md §4)",
+              accumulator=BiasAcc,
+              verdict=lambda r: ("layer-0 bias decomposition", r.summary["layer0_identity_holds"],
+                                 r.summary["layer0_rel_residual"]))

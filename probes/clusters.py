@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from probes.common import check_layers_heads
+from probes.common import Probe, check_layers_heads, probe_inputs
 from toy_models.errors import UserError
 from toy_models.model import MethodState, ToyTransformer
 
@@ -107,3 +107,14 @@ def activation_clusters(model: ToyTransformer, states: dict[str, MethodState], t
            "chance": 1.0 / k,
            "mean_shift_norm": {t: float((method[i] - base).norm(dim=-1).mean()) for i, t in enumerate(states)}}
     return ClusterResult(list(states), layer, position, base, method, pca, rand, sep)
+
+
+def _clusters_of_runs(runs, n_inputs: int, key) -> ClusterResult:
+    """The first run's test inputs, under every run's method state ([P] Figure 3)."""
+    ref = runs[0]
+    return activation_clusters(ref.model, {key(r): r.state for r in runs}, probe_inputs(ref, n_inputs),
+                               position=ref.spec.length - 1)
+
+
+PROBE = Probe("clusters", "activation clusters of the runs' methods at the last input position ([P] Fig. 3)",
+              across=_clusters_of_runs)

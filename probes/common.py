@@ -5,13 +5,15 @@ linearly with the number of inputs; no full cache is ever held for all of them).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
 
 from toy_models.errors import UserError
 from toy_models.model import MethodState, ToyTransformer, base_view
+from toy_models.pipeline import LoadedRun
+from toy_models.tasks import fixed_test_set, resolve_task
 
 
 @dataclass
@@ -119,3 +121,27 @@ def tolist(x):
     if isinstance(x, Tensor):
         return x.tolist()
     return x
+
+
+def probe_inputs(run: LoadedRun, n: int, seed: int = 4321) -> Tensor:
+    """Content tokens of n fixed test inputs of the run's task."""
+    if n <= 0:
+        raise UserError(f"--inputs must be positive, got {n}")
+    return fixed_test_set(resolve_task(run.config["task"], run.spec), run.spec, n, seed).content
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What a probe declares about itself (one per probe file; probes/registry.py lists them).
+
+    Per run (`accumulator`): its statistics over the paired base/method forwards of a run's own
+    test inputs, sharing one pass with the other per-run probes; `verdict(result)` gives the
+    identity it checks as (name, holds, value), or None when it checks none.
+    Across runs (`across`): one result over several runs of one base, (runs, n_inputs, key) ->
+    result, where key(run) names each run's points."""
+
+    name: str
+    summary: str
+    accumulator: Callable | None = None  # (model, layers, heads, n_inputs) -> Accumulator
+    verdict: Callable | None = None
+    across: Callable | None = None

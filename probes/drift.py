@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from probes.common import Accumulator, accumulate, require_state
+from probes.common import Accumulator, Probe, accumulate, require_state
 from probes.invariance import js_divergence
 from toy_models.model import MethodState, ToyTransformer
 
@@ -66,3 +66,7 @@ def layer_drift(model: ToyTransformer, state: MethodState | None, tokens: Tensor
                 batch_size: int = 250) -> DriftResult:
     state = require_state(state)
     return accumulate(model, state, tokens, [DriftAcc(model, int(tokens.shape[0]))], batch_size)[0]
+
+
+PROBE = Probe("drift", "per-layer drift of the residual stream and the attention pattern from the base",
+              accumulator=lambda model, layers, heads, n: DriftAcc(model, n))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from probes.common import Accumulator, accumulate, check_layers_heads, require_state
+from probes.common import Accumulator, Probe, accumulate, check_layers_heads, require_state
 from toy_models.model import MethodState, ToyTransformer
 
 TOL = 1e-5  # fp32
@@ -106,3 +106,9 @@ def attention_invariance(model: ToyTransformer, state: MethodState | None, token
     state = require_state(state)
     acc = InvarianceAcc(model, layers, heads, int(tokens.shape[0]), tol)
     return accumulate(model, state, tokens, [acc], batch_size)[0]
+
+
+PROBE = Probe("invariance", "layer-0 attention invariance: A^pt / (1 - alpha) = A on content (papers.md §4)",
+              accumulator=InvarianceAcc,
+              verdict=lambda r: ("layer-0 attention invariance", r.summary["layer0_invariant"],
+                                 r.summary["layer0_max_abs_diff"]))

@@ -1,4 +1,6 @@
-"""`prefixlab probe`: run the probes on tuned runs and write probe.json + probe.safetensors."""
+"""`prefixlab probe`: run the registered probes (probes/registry.py) on tuned runs and write
+probe.json + probe.safetensors. `collect` is the one place probes are computed, for this command
+and for the report (reports/build.py renders what it returns)."""
 
 from __future__ import annotations
 
@@ -6,37 +8,48 @@ from pathlib import Path
 
 import torch
 
-from probes.bias import BiasAcc
-from probes.clusters import activation_clusters
-from probes.common import accumulate, require_state
-from probes.drift import DriftAcc
+from probes.common import accumulate, probe_inputs, require_state
 from probes.hierarchy import check_hierarchy, classify
-from probes.invariance import InvarianceAcc
+from probes.registry import PROBES
 from toy_models.errors import UserError
 from toy_models.pipeline import LoadedRun
-from tuning.pipeline import load_run
 from toy_models.runs import RunDir, save_tensors, write_json
-from toy_models.tasks import fixed_test_set, resolve_task
 from toy_models.training import resolve_device
+from tuning.pipeline import load_run
 
-PROBES = ("invariance", "bias", "clusters", "drift")
+__all__ = ["PROBES", "collect", "identity_probes", "load_tuned_runs", "probe_inputs", "run_probes"]
 
 
-def probe_inputs(run: LoadedRun, n: int, seed: int = 4321) -> torch.Tensor:
-    """Content tokens of n fixed test inputs of the run's task."""
-    if n <= 0:
-        raise UserError(f"--inputs must be positive, got {n}")
-    return fixed_test_set(resolve_task(run.config["task"], run.spec), run.spec, n, seed).content
+def check_probes(which: list[str] | None) -> list[str]:
+    """The probes asked for, in registry order (None: all)."""
+    if which is None:
+        return list(PROBES)
+    bad = [p for p in which if p not in PROBES]
+    if bad or not which:
+        raise UserError(f"unknown probe {bad[0] if bad else ''!r}; known: {', '.join(PROBES)}")
+    return [p for p in PROBES if p in which]
 
 
 def identity_probes(model, state, tokens, which: list[str], layers=None, heads=None) -> dict:
-    """invariance / bias / drift in one pass: each batch's base and method forwards run once."""
+    """The per-run probes in `which` in one pass: each batch's base and method forwards run once."""
     state = require_state(state)
     n = int(tokens.shape[0])
-    make = {"invariance": lambda: InvarianceAcc(model, layers, heads, n),
-            "bias": lambda: BiasAcc(model, layers, heads, n), "drift": lambda: DriftAcc(model, n)}
-    names = [w for w in ("invariance", "bias", "drift") if w in which]
-    return dict(zip(names, accumulate(model, state, tokens, [make[w]() for w in names])))
+    names = [p for p in PROBES if p in which and PROBES[p].accumulator is not None]
+    accs = [PROBES[p].accumulator(model, layers, heads, n) for p in names]
+    return dict(zip(names, accumulate(model, state, tokens, accs)))
+
+
+def collect(runs: list[LoadedRun], which: list[str], n_inputs: int, layers=None, heads=None, key=None) -> dict:
+    """Every probe in `which` on tuned `runs` of one base: {"runs": [per run {probe: result}],
+    probe: result for each across-runs probe}. Per-run probes see the run's own test inputs;
+    key(run) names a run's points in across-runs probes (default 'task (run name)')."""
+    key = key or (lambda r: f"{r.config['task']} ({r.name})")
+    out: dict = {"runs": [identity_probes(r.model, r.state, probe_inputs(r, n_inputs), which, layers, heads)
+                          for r in runs]}
+    for name in which:
+        if PROBES[name].across is not None:
+            out[name] = PROBES[name].across(runs, n_inputs, key)
+    return out
 
 
 def load_tuned_runs(paths: list[Path]) -> list[LoadedRun]:
@@ -57,51 +70,37 @@ def load_tuned_runs(paths: list[Path]) -> list[LoadedRun]:
 PROBE_DEVICE = torch.device("cpu")
 
 
-def run_probes(paths: list[Path], probes: list[str], out: Path, layers: list[int] | None = None,
+def run_probes(paths: list[Path], probes: list[str] | None, out: Path, layers: list[int] | None = None,
                heads: list[int] | None = None, n_inputs: int = 1000, overwrite: bool = False,
                device=None) -> dict:
-    bad = [p for p in probes if p not in PROBES]
-    if bad or not probes:
-        raise UserError(f"unknown probe {bad[0] if bad else ''!r}; known: {', '.join(PROBES)}")
+    probes = check_probes(probes)
+    if n_inputs <= 0:
+        raise UserError(f"--inputs must be positive, got {n_inputs}")
     asked = resolve_device(device)
     runs = load_tuned_runs(paths)
     out_dir = RunDir(out)
     out_dir.check_new(overwrite, False)
-    report: dict = {"runs": {}, "verdicts": [], "device": str(PROBE_DEVICE)}
+    report: dict = {"runs": {}, "verdicts": [], "device": str(PROBE_DEVICE), "probes": probes}
     if asked != PROBE_DEVICE:
         report["device_note"] = f"--device {asked} asked; the probes compute on the CPU in fp32"
     tensors: dict[str, torch.Tensor] = {}
-    for r in runs:
-        tokens = probe_inputs(r, n_inputs)
+    # invariance always runs: the hierarchy class uses its layer-0 verdict
+    results = collect(runs, ["invariance"] + [p for p in probes if p != "invariance"], n_inputs, layers, heads)
+    for r, res in zip(runs, results["runs"]):
         entry: dict = {"method": r.config["method"], "task": r.config["task"]}
-        # invariance always runs: the hierarchy class uses its layer-0 verdict
-        res = identity_probes(r.model, r.state, tokens, ["invariance"] + list(probes), layers, heads)
-        inv = res["invariance"]
-        inv_ok = inv.summary["layer0_invariant"]
-        if "invariance" in probes:
-            entry["invariance"] = inv.to_json()
-            tensors.update({f"{r.name}.{k}": v for k, v in inv.tensors().items()})
-            report["verdicts"].append(_verdict(r, "layer-0 attention invariance", inv_ok,
-                                               inv.summary["layer0_max_abs_diff"]))
-        if "bias" in probes:
-            b = res["bias"]
-            entry["bias"] = b.to_json()
-            tensors.update({f"{r.name}.{k}": v for k, v in b.tensors().items()})
-            report["verdicts"].append(_verdict(r, "layer-0 bias decomposition", b.summary["layer0_identity_holds"],
-                                               b.summary["layer0_rel_residual"]))
-        if "drift" in probes:
-            d = res["drift"]
-            entry["drift"] = d.to_json()
-            tensors.update({f"{r.name}.{k}": v for k, v in d.tensors().items()})
-        entry["hierarchy"] = classify(r.model, r.state, inv_ok)
+        for name in probes:
+            if name not in res:
+                continue
+            entry[name] = res[name].to_json()
+            tensors.update({f"{r.name}.{k}": v for k, v in res[name].tensors().items()})
+            if PROBES[name].verdict is not None:
+                report["verdicts"].append(_verdict(r, *PROBES[name].verdict(res[name])))
+        entry["hierarchy"] = classify(r.model, r.state, res["invariance"].summary["layer0_invariant"])
         report["runs"][r.name] = entry
-    if "clusters" in probes:
-        base = runs[0]
-        tokens = probe_inputs(base, n_inputs)
-        states = {f"{r.config['task']} ({r.name})": r.state for r in runs}
-        c = activation_clusters(base.model, states, tokens, position=base.spec.length - 1)
-        report["clusters"] = c.to_json()
-        tensors.update(c.tensors())
+    for name in probes:
+        if name in results:
+            report[name] = results[name].to_json()
+            tensors.update(results[name].tensors())
     model = runs[0].model
     slot = runs[0].spec.slot_token
     h = check_hierarchy(model, probe_inputs(runs[0], 8), [slot] * max(1, model.cfg.n_prompt))

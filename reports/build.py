@@ -1,4 +1,5 @@
-"""`build_report`: load runs, run the probes, and write one self-contained HTML report.
+"""`build_report`: load runs, collect their probes (`probes.run.collect`, one pass per run) and
+render one self-contained HTML report. Method labels come from the method registry.
 
 Sections: overview, any caller sections (`extra_sections`), attention patterns ([P] Figure 1
 style), attention invariance, bias and activation clusters ([P] Figure 3 style), accuracy
@@ -13,17 +14,15 @@ from pathlib import Path
 
 import torch
 
-from probes.bias import bias_decomposition
-from probes.clusters import activation_clusters
 from probes.common import paired_forwards
-from probes.invariance import attention_invariance
-from probes.run import probe_inputs
+from probes.run import collect, probe_inputs
 from reports.figures import (AttentionPanel, accuracy_figure, attention_figure, clusters_figure,
                              invariance_figure, learning_curves_figure)
 from reports.html import Pre, Section, Table, as_section, check_output, export_pngs, render_report, write_report
 from toy_models.errors import UserError
 from toy_models.pipeline import LoadedRun, base_sha
 from tuning.pipeline import load_run
+from tuning.registry import METHODS
 from toy_models.runs import RunDir
 from toy_models.tasks import MIX4, fixed_test_set, resolve_task
 from toy_models.training import evaluate, resolve_device
@@ -60,8 +59,11 @@ def build_report(runs: list[Path], out: Path, png_dir: Path | None = None, n_inp
     sections = extras + [_overview(loaded, labels)] if extras_first else [_overview(loaded, labels)] + extras
     sections.append(_attention_section(loaded, tuned, labels, base))
     if tuned:
-        sections.append(_invariance_section(tuned, labels, n_inputs))
-        sections.append(_bias_section(tuned, labels, n_inputs))
+        probed = collect(tuned, ["invariance", "bias", "clusters"], n_inputs,
+                         key=lambda r: f"{r.config['task']} · {_method_desc(r)} [{labels[id(r)]}]")
+        sections.append(_invariance_section(tuned, labels, n_inputs, [p["invariance"] for p in probed["runs"]]))
+        sections.append(_bias_section(tuned, labels, n_inputs, [p["bias"] for p in probed["runs"]],
+                                      probed["clusters"]))
     sections.append(_accuracy_section(loaded, labels, n_inputs))
     sections.append(_provenance_section(loaded, labels))
 
@@ -106,13 +108,7 @@ def _method_desc(r: LoadedRun) -> str:
         return "base model"
     m = dict(r.config["method"])
     name = m.pop("name")
-    keep = {k: v for k, v in m.items() if v is not None and k not in ("init_scale",)}
-    short = {"prefix": lambda o: f"prefix ({o.get('share')}, P={o.get('length')}"
-                                 + (", shallow" if o.get("depth") == "shallow" else "") + ")",
-             "soft_prompt": lambda o: f"soft prompt (P={o.get('length')})",
-             "lora": lambda o: f"LoRA (r={o.get('rank')})",
-             "full": lambda o: "full fine-tuning"}
-    return short[name](keep) if name in short else name
+    return METHODS[name].describe(m) if name in METHODS else name
 
 
 def _labels(loaded: list[LoadedRun]) -> dict[int, str]:
@@ -176,7 +172,8 @@ def _attention_section(loaded, tuned, labels, base) -> Section:
     panels = [_panel(base, _title(base, labels), tokens[0], [cache[n][0] for n in names], "P")]
     for r in tuned:
         pair = next(paired_forwards(r.model, r.state, tokens, names))
-        label = "SP" if r.config["method"]["name"] == "soft_prompt" else "P"
+        name = r.config["method"]["name"]
+        label = METHODS[name].slot_label if name in METHODS else "P"
         panels.append(_panel(r, _title(r, labels), tokens[0], [pair.method[n][0] for n in names], label))
     fig = attention_figure(panels, title=f"Attention on one {ref.config['task']} test input: "
                            + " ".join(ref.spec.token_str(int(t)) for t in tokens[0]))
@@ -189,10 +186,9 @@ def _attention_section(loaded, tuned, labels, base) -> Section:
     return Section("Attention patterns", [fig], intro)
 
 
-def _invariance_section(tuned, labels, n_inputs) -> Section:
+def _invariance_section(tuned, labels, n_inputs, invariance) -> Section:
     results, rows = {}, []
-    for r in tuned:
-        inv = attention_invariance(r.model, r.state, probe_inputs(r, n_inputs))
+    for r, inv in zip(tuned, invariance):
         results[_title(r, labels)] = inv
         s = inv.summary
         rows.append([labels[id(r)], _method_desc(r), s["layer0_max_abs_diff"],
@@ -208,18 +204,14 @@ def _invariance_section(tuned, labels, n_inputs) -> Section:
     return Section("Attention invariance", [invariance_figure(results), table], intro)
 
 
-def _bias_section(tuned, labels, n_inputs) -> Section:
+def _bias_section(tuned, labels, n_inputs, bias, c) -> Section:
     rows = []
-    for r in tuned:
-        b = bias_decomposition(r.model, r.state, probe_inputs(r, n_inputs))
+    for r, b in zip(tuned, bias):
         s = b.summary
         rows.append([labels[id(r)], _method_desc(r), s["layer0_rel_residual"],
                      "yes" if s["layer0_identity_holds"] else "no", s["layer0_min_bias_cosine"],
                      float(b.mean_bias_norm[0].mean())])
     ref = tuned[0]
-    tokens = probe_inputs(ref, n_inputs)
-    states = {f"{r.config['task']} · {_method_desc(r)} [{labels[id(r)]}]": r.state for r in tuned}
-    c = activation_clusters(ref.model, states, tokens, position=ref.spec.length - 1)
     fig = clusters_figure(c, [r.config["task"] for r in tuned], [_method_desc(r) for r in tuned])
     intro = ("Layer-0 attention output at the last input position (the one that predicts y1), for "
              f"{n_inputs} test inputs of {ref.config['task']}, without a method (grey) and under each run's "

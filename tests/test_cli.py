@@ -99,3 +99,30 @@ def test_corrupt_checkpoint_is_refused(base, tmp_path):
     bad(["evaluate", broken, "--task", "add1"], "corrupt")
     (broken / "config.json").write_text("{not json")
     bad(["evaluate", broken], "not valid JSON")
+
+
+def test_finetune_reads_the_method_registry(base, tmp_path):
+    """Every declared option of every registered method is a finetune flag; `methods` lists them;
+    the hard prompt is one more --method, and what does not apply is one line, exit 2."""
+    from tuning.registry import METHODS
+    help_text = ok(["finetune", "--help"]).output
+    listed = ok(["methods"]).output
+    for name, cls in METHODS.items():
+        assert name in listed
+        for o in cls.options:
+            assert o.flag in help_text, o.flag
+    r = ok(["finetune", base, "--method", "prompt", "--task", "add2", "-P", "1", "--batch-size", "16",
+            "--out", tmp_path / "hp"])
+    m = json.loads((tmp_path / "hp" / "metrics.json").read_text())
+    assert f"prompt {m['search']['tokens']} (exhaustive search)" in r.output
+    out = tmp_path / "x"
+    bad(["finetune", base, "--method", "prompt", "--task", "add2", "--lr", "0.1", "--out", out],
+        "--lr does not apply to method prompt")
+    bad(["finetune", base, "--method", "lora", "--task", "add2", "--share", "none", "--out", out],
+        "option --share does not apply to method lora")
+    bad(["finetune", base, "--method", "prompt", "--task", "add2", "--tokens", "1,x", "--out", out],
+        "--tokens must be comma-separated int")
+    bad(["finetune", base, "--method", "magic", "--task", "add2,add1", "--seeds", "0", "--out", out], "unknown method")
+    bad(["finetune", base, "--method", "prompt", "--task", "add2", "-P", "3", "--search", "exhaustive",
+         "--max-candidates", "10", "--out", out], "max-candidates")
+    assert not out.exists()
