@@ -29,11 +29,25 @@ def _table_section(table: list[dict], preset: str) -> tuple:
     return ("Paper vs lab", [Table(["source", "claim", "paper", "lab", "verdict", "criterion"], rows)], intro)
 
 
-def _stages_section(records: dict) -> tuple:
-    rows = [[n, r.get("title", n), r["status"] + (" (cached)" if r.get("cached") else ""),
-             f"{r.get('seconds', 0):.0f} s", r.get("error", "")] for n, r in records.items()]
-    return ("Stages", [Table(["stage", "what", "status", "time", "error"], rows)],
-            "Each stage is cached by a hash of its config; a failed stage is listed here and the others still ran.")
+def _stages_section(records: dict, timing: dict | None = None) -> tuple:
+    def times(r: dict) -> list:
+        if r.get("cached"):
+            return ["cached", "", "", ""]
+        t = r.get("timing") or {}
+        return [f"{t.get('work_s', r.get('seconds', 0)):.0f} s", f"{t.get('wall_s', r.get('seconds', 0)):.0f} s",
+                f"{t['waited_s']:.0f} s" if "waited_s" in t else "—", t.get("threads", "—")]
+    rows = [[n, r.get("title", n), r["status"] + (" (cached)" if r.get("cached") else "")] + times(r)
+            + [r.get("error", "")] for n, r in records.items()]
+    intro = ("Each stage is cached by a hash of its config; a failed stage is listed here and the others still ran. "
+             "Work: the seconds a stage computed (its groups of runs counted once each); wall: from its start to its "
+             "end, which in a parallel study includes the time its groups waited for a core (waited).")
+    if timing:
+        chain = " → ".join(timing.get("longest_chain") or []) or "—"
+        intro += (f" This study: {timing['wall_s']:.0f} s of wall time on {timing['cores']} worker(s), against "
+                  f"{timing['work_s']:.0f} s of stage work ({timing['work_s'] / max(1, timing['cores']):.0f} s per worker) "
+                  f"and a longest chain of {timing['longest_chain_s']:.0f} s ({chain}): perfect packing would take "
+                  f"{timing['bound_s']:.0f} s ({100 * (timing['of_bound'] or 0):.0f} % of the wall time).")
+    return ("Stages", [Table(["stage", "what", "status", "work", "wall", "waited", "threads", "error"], rows)], intro)
 
 
 def curves_figure(curves: dict, title: str):
@@ -214,12 +228,12 @@ def _thm2_section(r: dict) -> tuple:
 def render_study(out: Path, study: dict) -> Path:
     """out/report.html from what `study.reproduce.reproduce` returned (it renders, computes nothing)."""
     report = Path(out) / "report.html"
-    write_study_report(report, study["preset"], study["table"], study["records"])
+    write_study_report(report, study["preset"], study["table"], study["records"], study.get("timing"))
     return report
 
 
-def write_study_report(out: Path, preset: str, table: list[dict], records: dict) -> None:
-    extras = [_table_section(table, preset), _stages_section(records)] + _experiments_sections(records)
+def write_study_report(out: Path, preset: str, table: list[dict], records: dict, timing: dict | None = None) -> None:
+    extras = [_table_section(table, preset), _stages_section(records, timing)] + _experiments_sections(records)
     e1 = records.get("E1", {})
     if e1.get("status") == "done":
         from reports.build import build_report

@@ -5,7 +5,6 @@ interrupted ones, and returns a JSON-serializable result (accuracies, and the pa
 
 from __future__ import annotations
 
-import contextvars
 import hashlib
 import json
 import statistics
@@ -15,13 +14,14 @@ from typing import Callable
 import numpy as np
 import torch
 
+from study.groups import train_groups_apart
 from study.recipes import Recipe
 from toy_models.pipeline import pretrain, evaluate_run
 from toy_models.runs import RunDir
 from toy_models.tasks import MIX4, TaskSpec, exact_ceiling, fixed_test_set, resolve_task, sample_batch
 from toy_models.training import TrainConfig, evaluate, loss_on
 from tuning import make_method
-from tuning.fused import finetune_many, plan_groups
+from tuning.fused import finetune_many
 from tuning.pipeline import budget_match, load_run
 
 Progress = Callable[[int, int, dict], None]
@@ -77,25 +77,13 @@ def _job(out: Path, name: str, method: str, task: str, opts: dict, r: Recipe, se
             "train": _train(r, method, seed, long), "seed": seed}
 
 
-# Set by `study.parallel` inside a Ray stage task: runs a stage's independent groups of runs as
-# tasks of their own. runner(base, [jobs of one group, ...], device) trains every group and returns
-# when all are done; None (a sequential study): the groups train here, one after another.
-GROUP_RUNNER: contextvars.ContextVar = contextvars.ContextVar("group_runner", default=None)
-
-
 def run_jobs(base: Path, jobs: list[dict], progress: Progress | None = None, device=None) -> list[dict]:
     """Each job's final metrics. Complete runs are reused, interrupted ones resumed; the jobs
     that share a method structure and a step count train fused, in one batched forward
     (`tuning.fused.finetune_many`). In a parallel study the stage's groups train as parallel
-    tasks first (`GROUP_RUNNER`); the call below then finds every run complete and reads it."""
+    tasks first (`study.groups`); the call below then finds every run complete and reads it."""
     jobs = [{k: v for k, v in j.items() if k != "name"} for j in jobs]
-    runner = GROUP_RUNNER.get()
-    if runner is not None:
-        # the longest groups first (steps x runs), so that they do not start last on a free worker
-        groups = sorted(plan_groups(base, jobs, device),
-                        key=lambda g: -sum((jobs[i].get("train") or {}).get("steps", 0) for i in g))
-        if len(groups) > 1:
-            runner(base, [[jobs[i] for i in g] for g in groups], device)
+    train_groups_apart(base, jobs, device)
     return finetune_many(base, jobs, progress, device)
 
 

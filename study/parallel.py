@@ -1,14 +1,20 @@
 """Independent stages in parallel on Ray (`prefixlab reproduce --workers N` / `--ray ADDRESS`).
 
-Each uncached stage is one Ray task; its upstream stages' tasks are passed as arguments, so Ray
-starts it once they are done: the graph is Ray's, not a scheduler of ours. Every task pins its
-torch threads (the machine's cores divided among the workers), so 2 workers x 1 thread on 2
-cores do not oversubscribe. Stages stay cached and resumable exactly as in a sequential study:
-a task writes the same out/stages/<name>-<key>/result.json, and a worker killed mid-stage loses
-nothing, because its runs resume from their last checkpoint when the stage runs again (Ray
-retries it, or the next `reproduce` does). Inside a stage, independent groups of runs (a stage's
-fused groups, `tuning.fused.plan_groups`) are Ray tasks too, so E4's LoRA and prefix, or E3's
-short and long runs, train in parallel. On a cluster, `out` must be a path every node sees.
+Each uncached stage is one Ray task, and inside a stage each independent group of runs (a stage's
+fused groups, `tuning.fused.plan_groups`, through `study.groups`) is a task too, so E4's LoRA and
+prefix, or E3's short and long runs, train side by side. Ray executes; the order is ours: a
+broker actor (`study.schedule.CoreBroker`) grants the worker slots, the longest chain first, and
+a task is submitted only once it holds its slots, so nothing queues in Ray behind short work.
+A stage whose groups train elsewhere hands its slot back meanwhile. When the study's threads are
+not pinned, a piece that is alone in the queue takes every free slot (torch threads = slots x
+cores per worker); pinned (`threads=`, and always on a cluster) every piece gets one slot.
+
+Stages stay cached and resumable exactly as in a sequential study: a task writes the same
+out/stages/<name>-<key>/result.json, and a worker killed mid-stage loses nothing, because its
+runs resume from their last checkpoint when the stage runs again (Ray retries it, or the next
+`reproduce` does). Running pieces write their step, loss and ETA to progress files
+(`study.progress`), which the driver reads for its progress callbacks. On a cluster, `out` must
+be a path every node sees.
 
 A cluster started with `ray start --head` may ask for a token (Ray's token authentication,
 https://docs.ray.io/en/latest/ray-security/token-auth.html): the driver sends one only under
@@ -18,46 +24,124 @@ RAY_AUTH_MODE=token, so a token given the ways Ray documents (RAY_AUTH_TOKEN, RA
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import time
 from pathlib import Path
 
+from study.cache import cached, run_stage, stage_dir
+from study.groups import group_steps, use_group_runner
+from study.progress import ProgressFile, read_progress
+from study.schedule import TOP, CoreBroker, priorities, read_history, record_history, stage_cost
+from study.stages import stages_for
+from study.timing import StageClock
 from toy_models.errors import UserError
 from toy_models.lock import STORAGE_ERRNOS
 
+POLL_S = 2.0  # how often the driver reads the running pieces' progress files
 
-def _stage_task(out: str, preset: str, name: str, key: str, threads: int, device, *upstream: dict) -> dict:
+
+class _Broker:
+    """`CoreBroker` as an async Ray actor: wait(ticket) returns the slots once they are granted."""
+
+    def __init__(self, slots: int, pinned: bool):
+        self.b = CoreBroker(slots, pinned)
+        self.events: dict[str, asyncio.Event] = {}
+
+    def _wake(self, granted: list[str]) -> None:
+        for t in granted:
+            self.events.setdefault(t, asyncio.Event()).set()
+
+    async def request(self, tickets: list, release: list = ()) -> None:
+        self._wake(self.b.request(tickets, release))
+
+    async def release(self, tickets: list) -> None:
+        self._wake(self.b.release(tickets))
+
+    async def drop(self, owner: str) -> None:
+        self._wake(self.b.drop(owner))
+
+    async def wait(self, ticket: str) -> int:
+        while ticket not in self.b.grants:
+            ev = self.events.setdefault(ticket, asyncio.Event())
+            await ev.wait()
+            ev.clear()
+        return self.b.grants.pop(ticket)
+
+
+class _GroupRunner:
+    """Inside a stage task: its groups of runs as Ray tasks, each once the broker grants it slots
+    (the longest group first, at the stage's priority); the stage's own slot is handed back
+    meanwhile and taken back, ahead of everything, when its groups are done."""
+
+    def __init__(self, broker, name: str, priority: float, slots: int, slot_threads: int, clock: StageClock,
+                 progress_dir: Path):
+        self.broker, self.name, self.priority, self.slots = broker, name, priority, slots
+        self.slot_threads, self.clock, self.progress_dir = slot_threads, clock, progress_dir
+
+    def __call__(self, base, groups: list[list[dict]], device) -> None:
+        import ray
+        task = ray.remote(max_retries=2)(_group_task)
+        t_away = time.perf_counter()
+        tickets = {f"{self.name}/g{i}": g for i, g in enumerate(groups)}
+        ray.get(self.broker.request.remote([(t, (self.priority, group_steps(g)), None) for t, g in tickets.items()],
+                                           [self.name]))
+        waits = {self.broker.wait.remote(t): t for t in tickets}
+        running: dict = {}
+        errors = []
+        while waits or running:
+            ready, _ = ray.wait(list(waits) + list(running), num_returns=1)
+            ref = ready[0]
+            if ref in waits:
+                t, n = waits.pop(ref), ray.get(ref)
+                if not running and not self.clock.groups:  # nothing of the stage computed meanwhile
+                    self.clock.waited_s += time.perf_counter() - t_away
+                threads = n * self.slot_threads
+                running[task.options(num_cpus=n).remote(str(base), tickets[t], threads, device,
+                                                        str(self.progress_dir / f"{t.split('/')[1]}.json"))] = (t, threads)
+                continue
+            t, threads = running.pop(ref)
+            try:
+                self.clock.groups.append((ray.get(ref), threads))
+            except Exception as e:  # past its retries: the stage fails once its other groups are done
+                errors.append(getattr(e, "cause", e))
+            self.broker.release.remote([t])
+        t_back = time.perf_counter()
+        ray.get(self.broker.request.remote([(self.name, TOP, self.slots)]))
+        ray.get(self.broker.wait.remote(self.name))
+        self.clock.waited_s += time.perf_counter() - t_back
+        self.clock.away_s += time.perf_counter() - t_away
+        if errors:
+            raise errors[0]
+
+
+def _stage_task(out: str, preset: str, name: str, key: str, slots: int, slot_threads: int, priority: float,
+                broker, device, upstream: dict) -> dict:
+    import ray
     import torch
-    from study.experiments import GROUP_RUNNER
-    from study.runner import run_stage
-    from study.stages import stages_for
+    ray.get(broker.drop.remote(name))  # what a killed attempt of this stage still held
+    threads = slots * slot_threads
     torch.set_num_threads(threads)
     stage = next(s for s in stages_for(preset, Path(out)) if s.name == name)
-    token = GROUP_RUNNER.set(_group_runner(threads))
-    try:
-        return run_stage(Path(out), stage, key, {u["name"]: u for u in upstream}, None, device)
-    finally:
-        GROUP_RUNNER.reset(token)
+    clock = StageClock(threads=threads)
+    progress_dir = stage_dir(Path(out), stage, key) / "progress"
+    for old in progress_dir.glob("*.json"):  # an earlier attempt's
+        old.unlink(missing_ok=True)
+    runner = _GroupRunner(broker, name, priority, slots, slot_threads, clock, progress_dir)
+    with use_group_runner(runner), ProgressFile(progress_dir / "stage.json", threads) as prog:
+        return run_stage(Path(out), stage, key, upstream, prog, device, clock)
 
 
-def _group_task(base: str, jobs: list[dict], threads: int, device) -> int:
-    """One group of a stage's runs (`tuning.fused.plan_groups`), trained in a task of its own."""
+def _group_task(base: str, jobs: list[dict], threads: int, device, progress: str) -> float:
+    """One group of a stage's runs, trained in a task of its own; returns its seconds."""
     import torch
     from tuning.fused import finetune_many
     torch.set_num_threads(threads)
-    finetune_many(base, jobs, None, device)
-    return len(jobs)
-
-
-def _group_runner(threads: int):
-    """Inside a stage task: train the stage's independent groups of runs as Ray tasks. The stage
-    task waits in ray.get, which hands its CPU back to Ray, so the groups take the free workers
-    (and no more: 2 workers never run more than 2 tasks at once)."""
-    def run(base, groups: list[list[dict]], device) -> None:
-        import ray
-        task = ray.remote(num_cpus=1, max_retries=2)(_group_task)
-        ray.get([task.remote(str(base), g, threads, device) for g in groups])
-    return run
+    t0 = time.perf_counter()
+    with ProgressFile(Path(progress), threads) as prog:
+        finetune_many(base, jobs, prog, device)
+    return time.perf_counter() - t0
 
 
 def _init_ray(workers: int, ray_address: str | None, threads: int):
@@ -131,45 +215,112 @@ def default_threads(workers: int, ray_address: str | None) -> int:
     return 1 if (ray_address or os.environ.get("RAY_ADDRESS")) else _threads(workers)
 
 
+def _slots(ray, workers: int, ray_address: str | None) -> int:
+    if ray_address or os.environ.get("RAY_ADDRESS"):
+        return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return workers
+
+
 def run_parallel(out: Path, preset: str, stages: list, keys: dict[str, str], only, workers: int,
                  ray_address: str | None, on_done=None, threads: int | None = None, device=None,
-                 on_note=None) -> dict:
-    from study.runner import cached
+                 on_note=None, progress_factory=None, pinned: bool = True) -> dict:
+    """Run every uncached stage on Ray (module docstring). threads: torch threads per worker slot;
+    pinned: every piece gets one slot (else a piece alone in the queue takes every free slot).
+    progress_factory(i, n, stage) -> callback(step, total, info), called as a stage starts; its
+    callback hears the stage's progress files every POLL_S seconds."""
     if threads is None:
         threads = default_threads(workers, ray_address)
     ray, started = _init_ray(workers, ray_address, threads)
-    task = ray.remote(num_cpus=1, max_retries=2)(_stage_task)
+    task = ray.remote(max_retries=2)(_stage_task)
     records: dict[str, dict] = {}
-    refs: dict[str, object] = {}
+    todo = [s for s in stages if not only or s.name in only]
+    for stage in list(todo):
+        rec = cached(out, stage, keys[stage.name], on_note)
+        if rec is not None:
+            records[stage.name] = rec
+            todo.remove(stage)
+    history = read_history(out)
+    prio = priorities({s.name: stage_cost(s.name, keys[s.name], s.estimate, history) for s in todo},
+                      {s.name: s.needs for s in stages})
+    n_total = len(records) + len(todo)
+    for i, n in enumerate(records):
+        if on_done:
+            on_done(n, records[n], i + 1, n_total)
     try:
-        for stage in stages:
-            if only and stage.name not in only:
-                continue
-            rec = cached(out, stage, keys[stage.name], on_note)
-            if rec is not None:
-                records[stage.name] = rec
-                continue
-            upstream = [refs.get(n, records.get(n)) for n in stage.needs if n in refs or n in records]
-            refs[stage.name] = task.remote(str(out), preset, stage.name, keys[stage.name], threads, device, *upstream)
-        names = {ref: n for n, ref in refs.items()}
-        pending, n_total = list(refs.values()), len(records) + len(refs)
-        for n, rec in records.items():
-            if on_done:
-                on_done(n, rec, list(records).index(n) + 1, n_total)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            name = names[ready[0]]
-            try:
-                records[name] = ray.get(ready[0])
-            except Exception as e:  # the task died past its retries (or an upstream one did)
-                cause = getattr(e, "cause", e)  # a RayTaskError carries the task's own exception
-                if isinstance(cause, OSError) and cause.errno in STORAGE_ERRNOS:
-                    raise OSError(cause.errno, cause.strerror, cause.filename) from None  # a full disk stops the study
-                records[name] = {"name": name, "status": "failed", "key": keys[name], "seconds": 0.0, "cached": False,
-                                 "error": f"{e.__class__.__name__}: {e}".splitlines()[0][:300]}
-            if on_done:
-                on_done(name, records[name], n_total - len(pending), n_total)
+        slots = _slots(ray, workers, ray_address)
+        broker = ray.remote(num_cpus=0)(_Broker).remote(slots, pinned or slots == 1)
+        _drive(ray, out, preset, stages, todo, keys, records, prio, broker, task, threads, device,
+               on_done, progress_factory, n_total)
     finally:
         if started:
             ray.shutdown()
     return {s.name: records[s.name] for s in stages if s.name in records}
+
+
+def _drive(ray, out, preset, stages, todo, keys, records, prio, broker, task, slot_threads, device,
+           on_done, progress_factory, n_total) -> None:
+    """The driver's loop: ask the broker for slots as stages become ready, submit each stage once
+    it holds them, collect it, and relay the running stages' progress."""
+    by_name = {s.name: s for s in stages}
+    asked: set[str] = set()
+    waits: dict = {}  # broker.wait ref -> stage name
+    running: dict = {}  # stage task ref -> stage name
+    progs: dict[str, object] = {}
+    release: list[str] = []
+    scheduled = {s.name for s in todo}
+    while len(asked) < len(todo) or waits or running:
+        # upstream stages outside this study (--stage) are not waited for, as in a sequential study
+        ready = [s for s in todo if s.name not in asked and all(n in records for n in s.needs if n in scheduled)]
+        dead = [s for s in ready if any(records[n].get("died") for n in s.needs if n in records)]
+        for s in dead:
+            records[s.name] = {"name": s.name, "title": s.title, "status": "failed", "key": keys[s.name],
+                               "seconds": 0.0, "cached": False, "error": "an upstream stage's task died"}
+            asked.add(s.name)
+            if on_done:
+                on_done(s.name, records[s.name], len(records), n_total)
+        ready = [s for s in ready if s.name not in asked]
+        if ready or release:
+            ray.get(broker.request.remote([(s.name, prio[s.name], None) for s in ready], release))
+            waits.update({broker.wait.remote(s.name): s.name for s in ready})
+            asked.update(s.name for s in ready)
+            release = []
+        if not waits and not running:
+            if not ready and not dead and len(asked) < len(todo):
+                raise RuntimeError("the stage graph has a cycle")  # stages_for orders them: cannot happen
+            continue
+        done, _ = ray.wait(list(waits) + list(running), num_returns=1, timeout=POLL_S)
+        for ref in done:
+            if ref in waits:
+                name, n = waits.pop(ref), ray.get(ref)
+                stage = by_name[name]
+                if progress_factory:
+                    progs[name] = progress_factory(list(by_name).index(name), len(stages), stage)
+                up = {u: records[u] for u in stage.needs if u in records}
+                running[task.options(num_cpus=n).remote(str(out), preset, name, keys[name], n, slot_threads,
+                                                        prio[name], broker, device, up)] = name
+                continue
+            name = running.pop(ref)
+            records[name] = _collect(ray, ref, name, keys[name])
+            ray.get(broker.drop.remote(name))  # what a task that died in its groups still held
+            release.append(name)
+            if records[name].get("timing"):
+                record_history(out, name, keys[name], by_name[name].estimate, records[name]["timing"])
+            if on_done:
+                on_done(name, records[name], len(records), n_total)
+        for name in running.values():
+            if progs.get(name):
+                state = read_progress(stage_dir(out, by_name[name], keys[name]) / "progress")
+                if state:
+                    progs[name](state["step"], state["total"], state["info"])
+
+
+def _collect(ray, ref, name: str, key: str) -> dict:
+    try:
+        return ray.get(ref)
+    except Exception as e:  # the task died past its retries (or its upstream did)
+        cause = getattr(e, "cause", e)  # a RayTaskError carries the task's own exception
+        if isinstance(cause, OSError) and cause.errno in STORAGE_ERRNOS:
+            raise OSError(cause.errno, cause.strerror, cause.filename) from None  # a full disk stops the study
+        return {"name": name, "status": "failed", "key": key, "seconds": 0.0, "cached": False, "died": True,
+                "error": f"{e.__class__.__name__}: {e}".splitlines()[0][:300]}
+

@@ -3,9 +3,11 @@ The HTML report is rendered from what this returns (`reports.study`)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from study.runner import plan, run_stages
+from study.timing import study_timing
 from study.table import paper_vs_lab
 from toy_models.errors import UserError
 from toy_models.lock import DirLock
@@ -31,7 +33,8 @@ def reproduce(out: Path, preset: str = "quick", progress_factory=None, only: lis
               workers: int = 1, ray_address: str | None = None, on_done=None, threads: int | None = None,
               device=None, on_note=None) -> dict:
     """Run every stage (cached; in parallel on Ray with workers > 1 or a Ray address), then write
-    report.json (the table and each stage's content, identical whichever way the stages ran).
+    report.json (the table and each stage's content, identical whichever way the stages ran, and
+    apart from them the study's timing: its wall time, its stages' work, its longest chain).
     device: where the toy runs train ("auto", "cpu", "cuda", "mps"); probes stay on the CPU in fp32.
     The study is the one writer of `out` meanwhile (`toy_models.lock`): a second study on it stops
     at once, naming the first. on_note(line): what the study healed or took over; the same lines
@@ -52,10 +55,15 @@ def reproduce(out: Path, preset: str = "quick", progress_factory=None, only: lis
     with DirLock(out, "study") as lock:
         if lock.note:
             note(lock.note)
+        t0 = time.perf_counter()
         records = run_stages(out, preset, progress_factory, only, workers, ray_address, on_done, threads, device,
                              on_note=note)
+        stages, _ = plan(out, preset, only)
+        # the study's speed from its own records: wall time against work and the longest chain
+        timing = study_timing(records, {s.name: s.needs for s in stages}, time.perf_counter() - t0,
+                              workers if workers > 1 or ray_address else 1)
         table = paper_vs_lab(records)
-        content = {"preset": preset, "table": table, "stages": _content(records)}
+        content = {"preset": preset, "table": table, "stages": _content(records), "timing": timing}
         write_json(out / "report.json", content)
     return {"preset": preset, "records": records, "table": table, "report_json": str(out / "report.json"),
-            "notes": notes}
+            "notes": notes, "timing": timing}

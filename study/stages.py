@@ -46,6 +46,7 @@ class Stage:
     config: dict
     fn: Callable[..., dict]  # (dir, config, upstream results, progress, device=None) -> result
     needs: tuple[str, ...] = ()
+    estimate: float = 1.0  # seconds at one thread, roughly (the schedule's guess before a measurement)
 
     def key(self, upstream_keys: dict[str, str]) -> str:
         blob = json.dumps({"name": self.name, "config": self.config,
@@ -144,6 +145,37 @@ def _reparam(d: Path, cfg: dict, up: dict, progress, device=None) -> dict:
     return res.to_json()
 
 
+# Seconds per training step at one thread and batch 64, per layer and unit of width, fitted to the
+# quick bases (docs/benchmarks.md: base-E3 680 s, base-E2 259 s, base-E1 32 s at one thread); a
+# tuning step costs about 0.7 of a pretraining step. Only the schedule's order depends on them.
+_STEP_S = 2.5e-4
+_FIXED_S = {"probes": 10.0, "llama": 30.0, "thm1": 3.0, "thm2": 5.0, "d2t": 3600.0}
+
+
+def _step_s(r: dict) -> float:
+    from toy_models.model import PRESETS as MODELS  # lazy, as the stage functions: the catalogue loads without torch
+    m = {**MODELS.get(r["preset"], {}), **r.get("model", {})}
+    return _STEP_S * m.get("n_layers", 1) * m.get("d_model", 64) * r.get("batch_size", 64) / 64
+
+
+def estimate(name: str, cfg: dict) -> float:
+    """A stage's seconds at one thread from its config alone: steps x runs x a step's cost."""
+    if name in _FIXED_S:
+        return _FIXED_S[name]
+    if name == "reparam":
+        return {"micro": 2.0, "quick": 40.0}.get(cfg["mode"], 900.0)
+    r = cfg["recipe"]
+    step, seeds, tune, long = _step_s(r), len(r["seeds"]), r["tune_steps"], r["long_steps"] or r["tune_steps"]
+    if name.startswith("base-"):
+        return step * r["pretrain_steps"]
+    if name == "sample_eff":
+        grid = sum(len(g) for g in cfg["lr_grid"].values())
+        runs = grid + len(cfg["variants"]) * (len(cfg["sizes"]) * len(cfg["seeds"]) - 1)
+        return 0.7 * step * cfg["steps"] * runs
+    steps = {"E1": 6 * tune, "E2": 4 * tune, "E3": 4 * tune + 2 * long, "E4": 2 * long}[name]
+    return 0.7 * step * steps * seeds
+
+
 def stages_for(preset: str, out: Path) -> list[Stage]:
     """The study's stages in dependency order. Each base model is a stage of its own, so the
     experiments that share it can run in parallel without pretraining it twice."""
@@ -194,4 +226,6 @@ def stages_for(preset: str, out: Path) -> list[Stage]:
                     {"mode": "micro" if micro else ("quick" if preset == "quick" else "full"),
                      "overrides": {"ns": [100, 300], "replicates": 2, "steps": 5, "restarts": 2,
                                    "bootstrap": 50, "heldout": 256} if micro else {}}, _reparam))
+    for stage in st:
+        stage.estimate = estimate(stage.name, stage.config)
     return st

@@ -1,10 +1,11 @@
 """A parallel study trains a stage's independent groups of runs as tasks of their own
-(`study.experiments.GROUP_RUNNER`, set by `study.parallel` inside a Ray stage task)."""
+(`study.groups`, installed by `study.parallel` inside a Ray stage task)."""
 
 from toy_models.pipeline import pretrain
 from toy_models.tasks import TaskSpec
 from toy_models.training import TrainConfig
-from study.experiments import GROUP_RUNNER, run_jobs
+from study.experiments import run_jobs
+from study.groups import use_group_runner
 from tuning.fused import finetune_many
 
 SPEC = TaskSpec(length=4, num_digits=4, prompt_len=2)
@@ -24,11 +25,8 @@ def test_run_jobs_hands_its_groups_to_the_runner(tmp_path):
         for g in groups:
             finetune_many(base_, g, None, device)
 
-    token = GROUP_RUNNER.set(runner)
-    try:
+    with use_group_runner(runner):
         metrics = run_jobs(base, jobs)
-    finally:
-        GROUP_RUNNER.reset(token)
     # the longest group first
     assert [sorted(g) for g in seen[0]] == [["lora-0", "lora-1"], ["prefix-0", "prefix-1"]]
     alone = run_jobs(base, [dict(j, out=tmp_path / "seq" / j["out"].name) for j in jobs])

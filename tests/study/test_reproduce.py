@@ -140,3 +140,20 @@ def test_micro_study_numbers_and_verdicts_are_anchored(sequential):
 
 def write_anchor(records: dict) -> None:
     ANCHOR.write_text(json.dumps(anchor_of(records), indent=1, ensure_ascii=False) + "\n")
+
+
+def test_a_study_records_each_stage_s_work_and_wall_and_its_own_wall_time(sequential):
+    """report.json says how fast the study ran (issue 21, item 4), apart from its content."""
+    path, full = sequential
+    report = json.loads((path / "report.json").read_text())
+    t = report["timing"]
+    assert t == full["timing"] and t["cores"] == 1 and t["stages_run"] == len(full["records"])
+    stages = [r["timing"] for r in full["records"].values()]
+    assert all(0 < s["work_s"] <= s["wall_s"] + 1e-9 and s["threads"] >= 1 for s in stages)
+    assert t["work_s"] == sum(s["work_s"] for s in stages) <= t["wall_s"]
+    assert t["longest_chain"][0].startswith("base-") and 0 < t["longest_chain_s"] <= t["work_s"]
+    # each stage's measured work is kept for the next study's schedule
+    history = json.loads((path / "timings.json").read_text())
+    assert {n: h["work_s"] for n, h in history.items()} == {n: s["work_s"] for n, s in zip(full["records"], stages)}
+    html = (path / "report.html").read_text()
+    assert "longest chain" in html and "waited" in html
