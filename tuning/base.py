@@ -4,7 +4,7 @@
 A method describes itself (tuning/options.py): its options, a few example option sets the tests
 run it with, the option `budget_match` varies, its parameter count without building it, and a
 short label for reports. A new method is one file declaring these plus one line in
-tuning/registry.py; tests/tuning/test_registry.py then covers it."""
+tuning/registry.py; tests/tuning/test_method_registry.py then covers it."""
 
 from __future__ import annotations
 

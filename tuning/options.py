@@ -15,7 +15,7 @@ from toy_models.errors import UserError
 class Option:
     name: str  # the constructor's keyword; the CLI flag is --name with '-' for '_'
     type: type  # int, float or str (of each element when `many`)
-    default: Any  # equals the constructor's default (tests/tuning/test_registry.py)
+    default: Any  # equals the constructor's default (tests/tuning/test_method_registry.py)
     help: str
     source: str  # where the default came from: a paper's section, or the lab's own measurement
     many: bool = False  # a comma-separated list on the command line, e.g. --tokens 11,3

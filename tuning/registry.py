@@ -36,7 +36,7 @@ def make_method(name: str, model, **opts) -> Method:
 
 def options_by_flag() -> dict[str, list]:
     """Each option name with the (method, Option) pairs that declare it: one CLI flag serves every
-    method that has an option of that name (tests/tuning/test_registry.py: same type and spelling)."""
+    method that has an option of that name (tests/tuning/test_method_registry.py: same type and spelling)."""
     out: dict[str, list] = {}
     for cls in METHODS.values():
         for o in cls.options:
