@@ -36,8 +36,10 @@ import torch
 from torch import nn
 
 from llama_checks.d2t_data import Example, grammar_summary, make_splits
+from llama_checks.models import load_model
 from llama_checks.prefix import Prefix, hard_prompt_prefix, prefix_cache
 from toy_models.errors import UserError
+from toy_models.training import resolve_device
 
 SHARES = ("none", "simple", "deep")
 START_TEXT = "Describe the restaurant in one sentence from its attributes:"
@@ -302,8 +304,6 @@ def parse_lrs(items) -> dict:
 
 def pick_device(device) -> str:
     """cpu, cuda, cuda:N, mps or auto (toy_models.training's rule); a device torch lacks is a UserError."""
-    from toy_models.training import resolve_device
-
     return str(resolve_device(device))
 
 
@@ -316,8 +316,6 @@ def run_data_to_text(model: str = "smollm2", shares=("none", "deep"), sizes=(16,
     (papers.md §6b: [L] and Li & Liang chose each method's lr on validation data)."""
     grid = check_inputs(shares, sizes, steps, prefix_len, seeds, batch_size, lrs, n_val, n_test, eval_every)
     device = pick_device(device)
-    from llama_checks.models import load_model
-
     t0 = time.perf_counter()
     loaded = load_model(model)
     lm, tok = loaded.model.to(device), loaded.tokenizer
@@ -437,8 +435,6 @@ def measure_step_seconds(model: str = "smollm2", shares=("none", "deep"), batch_
     per share and torch thread count; the first step of each is a warm-up and not counted."""
     device = pick_device(device)
     check_inputs(shares, (1,), steps, prefix_len, (0,), batch_size, None, 1, 1, 1)
-    from llama_checks.models import load_model
-
     loaded = load_model(model)
     lm, tok = loaded.model.to(device), loaded.tokenizer
     for p in lm.parameters():

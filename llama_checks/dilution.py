@@ -41,8 +41,18 @@ from typing import Callable
 
 import torch
 
+from llama_checks.bridge import capture, content_kv, kv_hook_names, model_dims
+from llama_checks.identities import finite_json
 from llama_checks.models import LoadedModel, load_model, resolve_dtype
-from llama_checks.prefix import Prefix, dart_lines, hard_prompt_prefix, load_peft_prefix, prefix_cache, train_prefix
+from llama_checks.prefix import (
+    Prefix,
+    dart_lines,
+    hard_prompt_prefix,
+    load_peft_prefix,
+    prefix_cache,
+    prefix_from_source,
+    train_prefix,
+)
 from llama_checks.soft_prompt import adapter_kind, load_peft_prompt, soft_prompt_prefix
 from toy_models.errors import UserError
 
@@ -91,7 +101,7 @@ class DilutionResult:
                                 "output is scaled by alpha_i, so alpha's decay exponent is the decay of the prefix's "
                                 "effect on that head with input length")
         out["decay_exponents"] = {str(l.layer): l.fit["exponent"] for l in self.layers}
-        out = _finite(out)
+        out = finite_json(out)
         json.dumps(out, allow_nan=False)
         return out
 
@@ -106,16 +116,6 @@ class DilutionResult:
 
 def _fmt(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.3f}"
-
-
-def _finite(obj):
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def parse_lengths(text: str | None) -> list[int] | None:
@@ -254,9 +254,7 @@ def build_prefix(loaded: LoadedModel, prefix: str, adapter: str | None, prefix_l
                  say: Callable[[str], None] = lambda m: None, train_steps: int = 30) -> Prefix:
     """The prefix cache of the dilution probe from its source (random/train/file/PEFT adapter of
     either kind: a prompt-tuning adapter enters as its per-layer keys/values, `soft_prompt_prefix`)."""
-    from llama_checks.check import _build_prefix, _capture, _dims, _kv
-
-    n_layers, n_heads, kv_heads, d_head = _dims(loaded.config)
+    n_layers, n_heads, kv_heads, d_head = model_dims(loaded.config)
     if adapter is not None:
         if adapter_kind(adapter) == "soft_prompt":
             prompt = load_peft_prompt(adapter, loaded.config.hidden_size, n_layers, n_heads)
@@ -271,11 +269,10 @@ def build_prefix(loaded: LoadedModel, prefix: str, adapter: str | None, prefix_l
     if prefix == "random":
         # scaled to the content keys/values of a fixed 64-token reference input (the same for every length)
         ref = long_text_ids(loaded.tokenizer, loaded.bos_token_id, 64, seed)
-        names = [n for l in range(n_layers) for n in (f"blocks.{l}.attn.hook_rot_k", f"blocks.{l}.attn.hook_v")]
-        store = _capture(loaded.bridged(), ref.unsqueeze(0), names)
-        return _build_prefix("random", None, n_layers, kv_heads, d_head, prefix_len, seed,
-                             lambda l: _kv(store, l, len(ref), kv_heads, d_head))
-    return _build_prefix(prefix, None, n_layers, kv_heads, d_head, prefix_len, seed, None)
+        store = capture(loaded.bridged(), ref.unsqueeze(0), kv_hook_names(n_layers))
+        return prefix_from_source("random", None, n_layers, kv_heads, d_head, prefix_len, seed,
+                                  lambda l: content_kv(store, l, len(ref), kv_heads, d_head))
+    return prefix_from_source(prefix, None, n_layers, kv_heads, d_head, prefix_len, seed, None)
 
 
 def dilution_loaded(
@@ -284,12 +281,10 @@ def dilution_loaded(
     say: Callable[[str], None] = lambda m: None, t0: float | None = None,
 ) -> DilutionResult:
     """The dilution probe on an already-loaded model. `prefix` may be a ready `Prefix` (tests)."""
-    from llama_checks.check import _dims
-
     t0 = t0 if t0 is not None else time.perf_counter()
     config = loaded.config
     torch_dtype = next(loaded.model.parameters()).dtype
-    n_layers, n_heads, kv_heads, d_head = _dims(config)
+    n_layers, n_heads, kv_heads, d_head = model_dims(config)
     how, idx = parse_heads(heads, n_heads)
     limit = context_limit(config)
     if isinstance(prefix, Prefix):

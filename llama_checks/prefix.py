@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -260,3 +261,23 @@ def load_peft_prefix(adapter_dir: str | Path, n_layers: int, kv_heads: int, d_he
     keys = [kv[2 * l].contiguous() for l in range(n_layers)]
     values = [kv[2 * l + 1].contiguous() for l in range(n_layers)]
     return Prefix(keys, values, {"source": "peft", "adapter": str(adapter_dir), "base_model": config.get("base_model_name_or_path")})
+
+
+def prefix_from_source(prefix: str, adapter: str | None, n_layers: int, kv_heads: int, d_head: int, prefix_len: int,
+                       seed: int, content_kv: Callable[[int], tuple] | None) -> Prefix:
+    """The prefix from its source: a PEFT adapter, ``random`` (also the start of ``train``, whose
+    training is the caller's) or a prefix file. `content_kv(l)` gives layer l's content
+    keys/values ``[T, kv, d]``, the scale of a random prefix (unused for the other sources)."""
+    if adapter is not None:
+        return load_peft_prefix(adapter, n_layers, kv_heads, d_head)
+    if prefix in ("random", "train"):
+        zk, zv = random_normals(n_layers, kv_heads, prefix_len, d_head, seed)
+        keys, values = [], []
+        for l in range(n_layers):
+            k, v = random_prefix_layer(zk[l], zv[l], *content_kv(l))
+            keys.append(k)
+            values.append(v)
+        return Prefix(keys, values, {"source": "random", "seed": seed})
+    pre = load_prefix(prefix)
+    pre.check_matches(n_layers, kv_heads, d_head, "prefix file")
+    return pre

@@ -1,6 +1,7 @@
 """[P]'s layer-0 identities for a soft prompt on a LLaMA-family model, and the hierarchy check
 (a soft prompt's per-layer keys/values, used as a prefix, reproduce its forward). The identities
-themselves (`layer_check`) and the result type are shared with the prefix check in `check.py`."""
+themselves (`layer_check`) and the result type are shared with the prefix check (`check.py`) through
+`identities.py`; the hook capture through `bridge.py`."""
 
 from __future__ import annotations
 
@@ -9,20 +10,18 @@ from typing import Callable
 
 import torch
 
-from llama_checks.check import (
-    TEST_SAMPLE,
-    TOLERANCES,
-    LlamaCheckResult,
-    _capture,
-    _dims,
-    _kv,
-    _names,
-    _result,
-    _select,
-    _token_ids,
-    _token_strings,
-    layer_check,
+from llama_checks.bridge import (
+    capture,
+    content_kv,
+    hook_names,
+    kv_hook_names,
+    model_dims,
+    rope_shift_error,
+    select_indices,
+    token_ids,
+    token_strings,
 )
+from llama_checks.identities import TEST_SAMPLE, TOLERANCES, LlamaCheckResult, check_result, layer_check
 from llama_checks.models import LoadedModel
 from llama_checks.prefix import prefix_cache
 from llama_checks.soft_prompt import (
@@ -37,7 +36,7 @@ from llama_checks.soft_prompt import (
 
 def _soft_prompt(loaded: LoadedModel, source: str, adapter: str | None, prompt_len: int, seed: int) -> SoftPrompt:
     """The soft prompt from its source: a PEFT prompt-tuning adapter, ``random`` or a file."""
-    n_layers, n_heads, _, _ = _dims(loaded.config)
+    n_layers, n_heads, _, _ = model_dims(loaded.config)
     d_model = loaded.config.hidden_size
     if adapter is not None:
         return load_peft_prompt(adapter, d_model, n_layers, n_heads)
@@ -72,12 +71,12 @@ def check_soft_loaded(
     config = loaded.config
     torch_dtype = next(loaded.model.parameters()).dtype
     dtype_name = dtype_name or str(torch_dtype).removeprefix("torch.")
-    n_layers, n_heads, kv_heads, d_head = _dims(config)
-    layers = _select(layers, n_layers, "layer")
-    heads = _select(heads, n_heads, "head")
+    n_layers, n_heads, kv_heads, d_head = model_dims(config)
+    layers = select_indices(layers, n_layers, "layer")
+    heads = select_indices(heads, n_heads, "head")
     prompt = _soft_prompt(loaded, soft_prompt, adapter, prompt_len, seed).to(torch_dtype)
     P = prompt.prompt_len
-    ids = _token_ids(loaded.tokenizer, loaded.bos_token_id, text)
+    ids = token_ids(loaded.tokenizer, loaded.bos_token_id, text)
     T = len(ids)
     say("building the TransformerBridge")
     bridge = loaded.bridged()
@@ -85,22 +84,21 @@ def check_soft_loaded(
     inp = ids.unsqueeze(0)
 
     say("forward without soft prompt")
-    base = _capture(bridge, inp, list(dict.fromkeys([n for l in layers for n in _names(l)] + ["blocks.0.attn.hook_pattern"])))
-    shifted = _capture(bridge, inp, ["blocks.0.attn.hook_pattern"], position_ids=(torch.arange(T) + P).unsqueeze(0))
-    rope_err = float((shifted["blocks.0.attn.hook_pattern"].double() - base["blocks.0.attn.hook_pattern"].double()).abs().max())
+    base = capture(bridge, inp, list(dict.fromkeys([n for l in layers for n in hook_names(l)] + ["blocks.0.attn.hook_pattern"])))
+    rope_err = rope_shift_error(bridge, inp, base["blocks.0.attn.hook_pattern"], P)
 
     say("forward with soft prompt")
     embeds = torch.cat([prompt.embeddings, embedding_matrix(loaded.model).detach()[ids]]).unsqueeze(0)
     last = f"blocks.{n_layers - 1}.hook_resid_post"
-    kv_names = [n for l in range(n_layers) for n in (f"blocks.{l}.attn.hook_rot_k", f"blocks.{l}.attn.hook_v")]
+    kv_names = kv_hook_names(n_layers)
     soft_out: dict = {}
-    soft = _capture(bridge, embeds, list(dict.fromkeys([n for l in layers for n in _names(l)] + kv_names + [last])),
-                    extra_hooks=pt_hooks, output=soft_out)
+    soft = capture(bridge, embeds, list(dict.fromkeys([n for l in layers for n in hook_names(l)] + kv_names + [last])),
+                   extra_hooks=pt_hooks, output=soft_out)
 
     say("soft prompt as a prefix (its per-layer keys/values)")
     pre = soft_prompt_prefix(loaded.model, prompt)
     pre_out: dict = {}
-    as_prefix = _capture(bridge, inp, [last], cache=prefix_cache(pre, config), output=pre_out)
+    as_prefix = capture(bridge, inp, [last], cache=prefix_cache(pre, config), output=pre_out)
 
     checks, patterns = [], {}
     for l in layers:
@@ -113,7 +111,7 @@ def check_soft_loaded(
     logits_soft, logits_pre = soft_out["logits"][P:].double(), pre_out["logits"].double()
     kv_diff = 0.0
     for l in range(n_layers):
-        k, v = _kv(soft, l, P + T, kv_heads, d_head)
+        k, v = content_kv(soft, l, P + T, kv_heads, d_head)
         kv_diff = max(kv_diff, float((k[:P].permute(1, 0, 2).double() - pre.keys[l].double()).abs().max()),
                       float((v[:P].permute(1, 0, 2).double() - pre.values[l].double()).abs().max()))
     logits_diff = float((logits_soft - logits_pre).abs().max())
@@ -129,9 +127,9 @@ def check_soft_loaded(
         "tolerance_rel": TOLERANCES[dtype_name]["bias_rel"],
     }
     hierarchy["passed"] = hierarchy["logits_rel_diff"] <= hierarchy["tolerance_rel"]
-    result = _result(loaded.name, config, dtype_name, pre, "soft", None, text, _token_strings(loaded.tokenizer, ids),
-                     layers, heads, seed, False, rope_err, checks, [], patterns,
-                     {"load_s": t_load, "check_s": time.perf_counter() - t0 - t_load, "total_s": time.perf_counter() - t0})
+    result = check_result(loaded.name, config, dtype_name, pre, "soft", None, text, token_strings(loaded.tokenizer, ids),
+                          layers, heads, seed, False, rope_err, checks, [], patterns,
+                          {"load_s": t_load, "check_s": time.perf_counter() - t0 - t_load, "total_s": time.perf_counter() - t0})
     source = prompt.meta.get("source")
     result.prefix_source = (f"peft-prompt:{adapter}" if adapter is not None
                             else "soft:random" if source == "random" else f"soft:{soft_prompt}")

@@ -1,15 +1,17 @@
-"""The LLaMA "your model" page: figure builders for prefix dilution and the attention sink, and
-the page that puts [P]'s identity check (Fig. 5 panels), the dilution curves and the sink
-comparison of one model on one self-contained HTML page.
+"""The LLaMA "your model" page: figure builders for [P]'s Fig. 5 panels, prefix dilution and the
+attention sink, and the page that puts the identity check (Fig. 5 panels), the dilution curves and
+the sink comparison of one model on one self-contained HTML page.
 
-The figure builders take the JSON summary of a dilution run
-(`llama_checks.dilution.DilutionResult.to_json()`) and return a `go.Figure`; nothing here shows a
-figure. `write_page` renders with `reports.html` and writes atomically. Labels coming from a
-model, a path or a token go through `reports.figures.escape_token`.
+`llama_fig5` takes a `llama_checks.identities.LlamaCheckResult`; the dilution and sink builders
+take the JSON summary of a dilution run (`llama_checks.dilution.DilutionResult.to_json()`). Each
+returns a `go.Figure`; nothing here shows a figure. `write_page` renders with `reports.html` and
+writes atomically. Labels coming from a model, a path or a token go through
+`reports.figures.escape_token` (`llama_fig5`: `html.escape`, which also turns quotes into entities).
 """
 
 from __future__ import annotations
 
+import html
 import json
 import math
 from pathlib import Path
@@ -18,8 +20,8 @@ import plotly.graph_objects as go
 from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 
-from llama_checks.check import LlamaCheckResult, llama_fig5
 from llama_checks.dilution import DilutionResult
+from llama_checks.identities import LlamaCheckResult
 from reports.figures import PREFIX_COLOR, escape_token
 from reports.html import Pre, Section, Table, check_output, render_report, write_report
 from toy_models.errors import UserError
@@ -39,6 +41,38 @@ def _check(d: dict) -> None:
 def _positive(values):
     """Log axes cannot show zeros: None (a gap) instead."""
     return [v if v is not None and v > 0 else None for v in values]
+
+
+def llama_fig5(result: LlamaCheckResult, layer: int, head: int) -> go.Figure:
+    """papers.md Fig. 5: with-prefix (or soft-prompt) pattern over content queries, renormalized over
+    content, and without it."""
+    key = (layer, head)
+    if key not in result.patterns:
+        raise UserError(f"layer {layer}, head {head} was not checked; run the check with that layer and head")
+    pats = result.patterns[key]
+    with_p, without = pats["with_prefix"], pats["without_prefix"]
+    P = result.prefix_len
+    toks = [html.escape(t) for t in result.tokens]
+    keys_pt = [f"[{'prompt' if result.method == 'soft_prompt' else 'prefix'} {k}]" for k in range(P)] + toks
+    alpha = with_p[:, :P].sum(-1, keepdims=True)
+    renorm = with_p[:, P:] / (1 - alpha).clip(min=1e-30)
+
+    def hover(mat, xs):
+        return [[f"query {i} {toks[i]!s}<br>key {xs[j]}<br>{mat[i, j]:.5f}" for j in range(mat.shape[1])] for i in range(mat.shape[0])]
+
+    what = "soft prompt" if result.method == "soft_prompt" else "prefix"
+    titles = (f"with {what} (P={P})", f"with {what}, renormalized over content", f"without {what}")
+    fig = make_subplots(rows=1, cols=3, subplot_titles=titles, horizontal_spacing=0.06)
+    for col, (mat, xs) in enumerate(((with_p, keys_pt), (renorm, toks), (without, toks)), start=1):
+        fig.add_trace(go.Heatmap(z=mat, text=hover(mat, xs), hovertemplate="%{text}<extra></extra>", zmin=0, zmax=1,
+                                 colorscale="Blues", showscale=col == 3), row=1, col=col)
+        fig.update_xaxes(tickmode="array", tickvals=list(range(len(xs))), ticktext=xs, tickangle=-60, row=1, col=col)
+        fig.update_yaxes(tickmode="array", tickvals=list(range(len(toks))), ticktext=toks, autorange="reversed", row=1, col=col)
+    check = next((c for c in result.checks if c.layer == layer), None)
+    note = f" — rescale err {check.rescale_max_err:.1e}, drift {check.renorm_max_diff:.1e}" if check else ""
+    fig.update_layout(title=html.escape(f"{result.model}: layer {layer}, head {head}, {result.dtype}") + note,
+                      height=520, width=1500)
+    return fig
 
 
 def dilution_figure(d: dict, title: str | None = None) -> go.Figure:

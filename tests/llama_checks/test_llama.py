@@ -8,9 +8,11 @@ import json
 import pytest
 import torch
 
-from llama_checks.check import TOLERANCES, check_loaded, llama_fig5, run_llama_check
+from llama_checks.check import check_loaded, run_llama_check
+from llama_checks.identities import TOLERANCES
 from llama_checks.models import tiny_llama, write_random_llama_checkpoint
 from llama_checks.prefix import Prefix, load_peft_prefix, load_prefix, prefix_cache, save_prefix
+from reports.llama_figures import llama_fig5
 from toy_models.errors import UserError
 
 FP32 = TOLERANCES["float32"]

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama_checks.check import TOLERANCES, run_llama_check
+from llama_checks.check import run_llama_check
+from llama_checks.identities import TOLERANCES
 from llama_checks.dilution import dilution_loaded, loglog_fit
 from llama_checks.soft_check import check_soft_loaded
 from llama_checks.models import tiny_llama
