@@ -660,14 +660,13 @@ def reproduce(preset: str = typer.Option("quick", help="quick (what make demo ru
     only = [s for s in stage.split(",")] if stage else None
     if workers < 1:
         _fail(f"--workers must be at least 1, got {workers}")
-    if workers > 1 or ray:
-        def done(name, rec, i, n):
-            what = "cached" if rec.get("cached") else f"{rec['status']} in {rec.get('seconds', 0):.0f} s"
-            print(f"[{i}/{n}] {name}: {what}", file=sys.stderr, flush=True)
-        res = _reproduce(out, preset, None, only, workers, ray, done, device=device, on_note=_note)
-    else:
-        with StageProgress() as sp:
-            res = _reproduce(out, preset, sp.factory, only, device=device, on_note=_note)
+    from study.progress import StudyProgress
+    with StudyProgress(sys.stderr) as sp:
+        res = _reproduce(out, preset, sp.factory, only, workers, ray, sp.done, device=device, on_note=_note)
+    t = res.get("timing")
+    if t:
+        print(f"study: wall {t['wall_s']:.0f} s, stage work {t['work_s']:.0f} s, longest chain "
+              f"{t['longest_chain_s']:.0f} s ({' -> '.join(t['longest_chain'])})", file=sys.stderr)
     report = render_study(out, res)
     failed = [n for n, r in res["records"].items() if r["status"] != "done"]
     for row in res["table"]:
@@ -684,43 +683,6 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="where the study goes"
          workers: int = typer.Option(2, help="parallel stage workers (local Ray)")):
     """The main job on its built-in default: `reproduce --preset quick`."""
     reproduce(preset="quick", out=out, stage=None, workers=workers, ray=None, device="cpu")
-
-
-class StageProgress:
-    """One overall display: stages done / total, and the current stage's own bar."""
-
-    def __init__(self):
-        self.tty = sys.stderr.isatty()
-        self.bar = None
-
-    def __enter__(self):
-        if self.tty:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RP, TextColumn, TimeElapsedColumn
-            self.bar = RP(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-            self.bar.__enter__()
-            self.overall = self.bar.add_task("stages", total=None)
-            self.current = self.bar.add_task("", total=None)
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-
-    def factory(self, i: int, n: int, stage):
-        if self.bar is not None:
-            self.bar.update(self.overall, completed=i, total=n, description=f"stage {i + 1}/{n}")
-            self.bar.reset(self.current, total=None, description=stage.title)
-        else:
-            print(f"[stage {i + 1}/{n}] {stage.title}", file=sys.stderr, flush=True)
-
-        def prog(step, total, info):
-            if self.bar is not None:
-                self.bar.update(self.current, completed=step, total=total)
-                if info.get("cached"):
-                    self.bar.update(self.current, description=f"{stage.title} (cached)")
-            elif info.get("cached"):
-                print(f"  cached: {stage.name}", file=sys.stderr, flush=True)
-        return prog
 
 
 if __name__ == "__main__":
