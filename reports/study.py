@@ -81,9 +81,11 @@ def _experiments_sections(records: dict) -> list:
     if ok("E1"):
         r = records["E1"]["result"]
         rows = [[k, _pct(v["mean"]), f"{100 * v['std']:.1f}", len(v["values"])] for k, v in r["descending_acc"].items()]
-        out.append(("E1: ascending base, tuned for descending", [
-            Table(["method", "exact accuracy on descending", "std (pp)", "seeds"], rows),
-            f"Base model: ascending {_pct(r['base_acc']['ascending'])}, descending {_pct(r['base_acc']['descending'])}."]))
+        items = [Table(["method", "exact accuracy on descending", "std (pp)", "seeds"], rows),
+                 f"Base model: ascending {_pct(r['base_acc']['ascending'])}, descending {_pct(r['base_acc']['descending'])}."]
+        if "prompt" in r:
+            items.append(prompt_table(r["prompt"]["P"], {"descending": {**r["prompt"], "acc": r["descending_acc"]["prompt"]}}))
+        out.append(("E1: ascending base, tuned for descending", items))
     if ok("E2"):
         r = records["E2"]["result"]
         items = [accuracy_figure({f"prefix for {t}": row for t, row in r["cross_task"].items()},
@@ -97,6 +99,10 @@ def _experiments_sections(records: dict) -> list:
             items.append(clusters_figure(obj, c["tasks"], ["prefix"] * len(c["tasks"]),
                                          title="Figure 3: attention output at the last input position, with and without each task's prefix"))
         items.append(curves_figure(r["curves"], "E2: loss and accuracy of each task's P=1 prefix"))
+        if "prompt" in r:
+            p = r["prompt"]
+            items.append(prompt_table(p["P"], {t: {k: p[k][t] for k in ("acc", "length", "tokens", "by_length")}
+                                               for t in p["acc"]}, r["own_task_acc"]))
         out.append(("E2: extracting pretrained tasks from mix4", items,
                     f"Base: {of_ceiling(r['base_acc'])}. [P] evaluated mix4 without y1 (≈ 25 %)."))
     if ok("E3"):
@@ -124,7 +130,9 @@ def _experiments_sections(records: dict) -> list:
                  for k, v in pr["bias"].items()]
         out.append(("Identities on every tuned run", [
             Table(["run", "layer-0 max |A^pt/(1-α) − A|", "layer-0 invariance", "by layer"], rows),
-            Table(["run", "layer-0 bias residual (relative)", "P=1: min cosine of the bias direction"], brows)],
+            Table(["run", "layer-0 bias residual (relative)", "P=1: min cosine of the bias direction"], brows)]
+            + ([Table(["run", "class in [P]'s hierarchy", "evidence"],
+                      [[k, v["class"], v["evidence"]] for k, v in pr["hierarchy"].items()])] if pr.get("hierarchy") else []),
             "papers.md §4: exact at layer 0 for prefixes and soft prompts; deeper layers drift; weight methods that touch q/k break it."))
     if ok("llama"):
         r = records["llama"]["result"]
@@ -160,6 +168,17 @@ def _experiments_sections(records: dict) -> list:
                     "log-log slopes against n with 95 % bootstrap CIs. Theory: f at −1/2 for every model; D at "
                     "−1/2 with a known shared map; without sharing the split cell far slower (docs/reparam.md)."))
     return out
+
+
+def prompt_table(P: int, per_task: dict, prefix: dict | None = None) -> Table:
+    """The best hard prompt of length ≤ P per task (E1: descending; E2: each pretrained task): the
+    length and tokens the search chose on its training batch (first seed), its test accuracy, each
+    length's accuracy and, in E2, the P=1 prefix on the same task."""
+    rows = [[t, p["length"][0], "[" + " ".join(map(str, p["tokens"][0])) + "]", _pct(p["acc"]["mean"]),
+             ", ".join(f"P={n}: {_pct(v['mean'])}" for n, v in p["by_length"].items())]
+            + ([_pct(prefix[t]["mean"])] if prefix else []) for t, p in per_task.items()]
+    return Table(["task", "chosen length", "tokens (first seed)", f"best hard prompt (length ≤ {P})",
+                  "each length"] + (["P=1 prefix"] if prefix else []), rows)
 
 
 def sample_eff_figure(r: dict):

@@ -113,8 +113,40 @@ def _prefix(P: int, r: Recipe, share: str = "simple") -> dict:
     return opts
 
 
-def run_e1(out: Path, bases: Path, r: Recipe, progress: Progress | None = None, device=None) -> dict:
-    """E1, 'cannot learn a new task': pretrained on ascending, tuned for descending."""
+def _prompt_jobs(out: Path, name: str, task: str, prompt: dict, r: Recipe, seed: int) -> list[dict]:
+    """Hard prompts of length 1..P on `task` (tuning/prompt.py): searched, not trained; each search
+    scores its candidates on one training batch of prompt["batch_size"] (no lr, steps or schedule)."""
+    return [{"name": f"{name}|{n}", "method": "prompt", "task": task, "out": out / f"{name}-P{n}-s{seed}",
+             "opts": {"length": n}, "train": {"batch_size": prompt["batch_size"], "eval_size": r.eval_size},
+             "seed": seed} for n in range(1, prompt["P"] + 1)]
+
+
+def best_prompts(jobs: list[dict], metrics: list[dict]) -> dict[str, dict]:
+    """Per prompt name, "the best hard prompt of length <= P": for each seed the length whose
+    search found the least training loss (chosen on the training batch, never on the test set; a tie
+    goes to the shorter), its test accuracy over seeds, its length and tokens, the first seed's run,
+    and each length's accuracy."""
+    best: dict[str, dict[int, tuple]] = {}
+    by_length: dict[str, dict[str, list[float]]] = {}
+    for j, m in zip(jobs, metrics):
+        name, n = j["name"].split("|")
+        by_length.setdefault(name, {}).setdefault(n, []).append(m["exact_acc"])
+        cur = best.setdefault(name, {}).get(j["seed"])
+        if cur is None or m["search"]["train_loss"] < cur[0]:
+            best[name][j["seed"]] = (m["search"]["train_loss"], int(n), m["search"]["tokens"], m["exact_acc"], str(j["out"]))
+    out = {}
+    for name, per_seed in best.items():
+        picks = [per_seed[s] for s in per_seed]
+        out[name] = {"acc": _mean_std([p[3] for p in picks]), "length": [p[1] for p in picks],
+                     "tokens": [p[2] for p in picks], "run": picks[0][4],
+                     "by_length": {n: _mean_std(v) for n, v in by_length[name].items()}}
+    return out
+
+
+def run_e1(out: Path, bases: Path, r: Recipe, progress: Progress | None = None, device=None,
+           prompt: dict | None = None) -> dict:
+    """E1, 'cannot learn a new task': pretrained on ascending, tuned for descending; with `prompt`
+    ({"P", "batch_size"}), also the best hard prompt of length <= P ("prompt")."""
     base = _ensure_pretrain(bases, "E1", r, progress, device)
     methods = {
         "full": ("full", {}),
@@ -126,23 +158,41 @@ def run_e1(out: Path, bases: Path, r: Recipe, progress: Progress | None = None, 
     }
     jobs = [_job(out, name, method, "descending", opts, r, seed)
             for seed in r.seeds for name, (method, opts) in methods.items()]
-    acc, runs, curves = _collect(jobs, run_jobs(base, jobs, progress, device))
+    hard = [j for seed in r.seeds for j in _prompt_jobs(out, "prompt", "descending", prompt, r, seed)] if prompt else []
+    metrics = run_jobs(base, jobs + hard, progress, device)
+    acc, runs, curves = _collect(jobs, metrics[:len(jobs)])
     base_acc = evaluate_run(load_run(base), ["ascending", "descending"], r.eval_size)
-    return {"experiment": "E1", "base": str(base), "runs": runs, "curves": curves,
-            "base_acc": {t: v["exact_acc"] for t, v in base_acc.items()}, "descending_acc": acc}
+    res = {"experiment": "E1", "base": str(base), "runs": runs, "curves": curves,
+           "base_acc": {t: v["exact_acc"] for t, v in base_acc.items()}, "descending_acc": acc}
+    if prompt:
+        best = best_prompts(hard, metrics[len(jobs):])["prompt"]
+        res["runs"]["prompt"] = best.pop("run")
+        res["descending_acc"]["prompt"] = best.pop("acc")
+        res["prompt"] = {"P": prompt["P"], **best}
+    return res
 
 
-def run_e2(out: Path, bases: Path, r: Recipe, progress: Progress | None = None, device=None) -> dict:
+def run_e2(out: Path, bases: Path, r: Recipe, progress: Progress | None = None, device=None,
+           prompt: dict | None = None) -> dict:
     """E2, 'can extract a pretrained task': mix4 base, one P=1 prefix per task, each evaluated on
-    every task (the cross-task matrix, first seed)."""
+    every task (the cross-task matrix, first seed); with `prompt` ({"P", "batch_size"}), also the
+    best hard prompt of length <= P for each task: can a hard token select a task as a virtual one does?"""
     base = _ensure_pretrain(bases, "E2", r, progress, device)
     jobs = [_job(out, f"prefix-{t}", "prefix", t, _prefix(1, r), r, seed) for seed in r.seeds for t in MIX4]
-    acc, runs, curves = _collect(jobs, run_jobs(base, jobs, progress, device))
+    hard = [j for seed in r.seeds for t in MIX4 for j in _prompt_jobs(out, f"prompt-{t}", t, prompt, r, seed)] if prompt else []
+    metrics = run_jobs(base, jobs + hard, progress, device)
+    acc, runs, curves = _collect(jobs, metrics[:len(jobs)])
     matrix = {t: {k: v["exact_acc"] for k, v in evaluate_run(load_run(runs[f"prefix-{t}"]), list(MIX4),
                                                              r.eval_size).items()} for t in MIX4}
-    return {"experiment": "E2", "base": str(base), "runs": {t: runs[f"prefix-{t}"] for t in MIX4},
-            "curves": {t: curves[f"prefix-{t}"] for t in MIX4}, "base_acc": base_accuracy(base, r),
-            "own_task_acc": {t: acc[f"prefix-{t}"] for t in MIX4}, "cross_task": matrix}
+    res = {"experiment": "E2", "base": str(base), "runs": {t: runs[f"prefix-{t}"] for t in MIX4},
+           "curves": {t: curves[f"prefix-{t}"] for t in MIX4}, "base_acc": base_accuracy(base, r),
+           "own_task_acc": {t: acc[f"prefix-{t}"] for t in MIX4}, "cross_task": matrix}
+    if prompt:
+        best = best_prompts(hard, metrics[len(jobs):])
+        res["prompt_runs"] = {t: best[f"prompt-{t}"].pop("run") for t in MIX4}
+        res["prompt"] = {"P": prompt["P"], **{k: {t: best[f"prompt-{t}"][k] for t in MIX4}
+                                              for k in ("acc", "length", "tokens", "by_length")}}
+    return res
 
 
 E3_NEW = ("ascending_add1", "double_hist")  # new tasks: the long runs

@@ -36,6 +36,13 @@ SAMPLE_EFF = {
               "sizes": [32, 128, 512, 2048, None], "seeds": [0, 1, 2], "steps": 3000, "val_size": 1000,
               "lr_grid": {"none": _DIRECT, "simple": _DIRECT, "deep48": _MLP, "deep512": _MLP}},
 }
+# Hard prompting in E1 and E2 (tuning/prompt.py, issue 19): the best hard prompt of length <= P,
+# each length searched exhaustively on one training batch of batch_size. P = 1: the E1 and E2 bases
+# have one prompt slot, so a search scores the 12 tokens of the vocabulary. In the stages' configs,
+# so that a cached E1/E2 without the prompt rows is not reused.
+PROMPTING = {"micro": {"P": 1, "batch_size": 64}, "quick": {"P": 1, "batch_size": 256},
+             "paper": {"P": 1, "batch_size": 256}}
+PROMPTED = ("E1", "E2")
 Progress = Callable[[int, int, dict], None]
 
 
@@ -73,7 +80,8 @@ def _experiment(name: str):
     def fn(d: Path, cfg: dict, up: dict, progress, device=None) -> dict:
         from study.experiments import EXPERIMENTS
         from study.recipes import RECIPES
-        return EXPERIMENTS[name](d, _bases(d), RECIPES[cfg["preset"]][name], progress, device)
+        extra = {"prompt": cfg["prompt"]} if "prompt" in cfg else {}
+        return EXPERIMENTS[name](d, _bases(d), RECIPES[cfg["preset"]][name], progress, device, **extra)
     return fn
 
 
@@ -85,11 +93,13 @@ def _sample_efficiency(d: Path, cfg: dict, up: dict, progress, device=None) -> d
 
 
 def _probes(d: Path, cfg: dict, up: dict, progress, device=None) -> dict:
-    """Invariance and bias on E1 (full vs prefix vs LoRA) and E3, Figure-3 clusters on E2."""
+    """Invariance, bias and the hierarchy class on E1 (full vs prefix vs LoRA vs prompts) and E3,
+    Figure-3 clusters on E2."""
     from probes.clusters import activation_clusters
+    from probes.hierarchy import classify
     from probes.run import identity_probes, probe_inputs
     from tuning.pipeline import load_run
-    out: dict = {"invariance": {}, "bias": {}}
+    out: dict = {"invariance": {}, "bias": {}, "hierarchy": {}}
     n = cfg["n_inputs"]
     for exp in ("E1", "E3"):
         if up.get(exp, {}).get("status") != "done":
@@ -100,6 +110,8 @@ def _probes(d: Path, cfg: dict, up: dict, progress, device=None) -> dict:
             res = identity_probes(r.model, r.state, toks, ["invariance", "bias"])  # one shared pass
             out["invariance"][f"{exp}/{name}"] = res["invariance"].to_json()
             out["bias"][f"{exp}/{name}"] = res["bias"].to_json()
+            # [P]'s hierarchy class of each run (a hard prompt: "prompting"), from the same pass
+            out["hierarchy"][f"{exp}/{name}"] = classify(r.model, r.state, res["invariance"].summary["layer0_invariant"])
     if up.get("E2", {}).get("status") == "done":
         runs = {t: load_run(p) for t, p in up["E2"]["result"]["runs"].items()}
         first = next(iter(runs.values()))
@@ -197,10 +209,11 @@ def stages_for(preset: str, out: Path) -> list[Stage]:
         base_of[e] = base_of[key]
     if base_of["E4"] != base_of["E3"]:
         raise UserError(f"preset {preset!r}: E3 and E4 must share one base (same model and pretraining)")
-    st += [Stage(e, f"{e}: " + t, recipe(e), _experiment(e), needs=(base_of[e],)) for e, t in (
+    config = lambda e: {**recipe(e), **({"prompt": PROMPTING[preset]} if e in PROMPTED else {})}
+    st += [Stage(e, f"{e}: " + t, config(e), _experiment(e), needs=(base_of[e],)) for e, t in (
         ("E4", "prefix vs rank-1 LoRA at equal budget on double_hist"),
         ("E3", "new tasks on a deeper mix4 model"),
-        ("E2", "extracting pretrained tasks from mix4 with P=1 prefixes"),
+        ("E2", "extracting pretrained tasks from mix4 with P=1 prefixes and hard prompts"),
         ("E1", "pretrained on ascending, tuned for descending"))]
     st.append(Stage("sample_eff", "[L]'s claim on a toy: No/Simple/Deep-share prefixes learning a new task from n examples",
                     {**recipe("E3"), "experiment": "E3", **SAMPLE_EFF[preset]},

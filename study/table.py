@@ -120,6 +120,39 @@ def of_ceiling(b: dict) -> str:
             + (" (y1 given)" if b.get("y1_given") else ""))
 
 
+def _tokens(t: list[int]) -> str:
+    return "[" + " ".join(str(x) for x in t) + "]"
+
+
+def prompt_e1_row(e1: dict) -> dict:
+    """Hard prompting on E1: [P]'s hierarchy (prompting ⊆ soft prompting ⊆ prefix-tuning) puts a
+    hard prompt below every context method, none of which can learn descending; [P] did not run it."""
+    a, p = e1["descending_acc"]["prompt"], e1["prompt"]
+    return _row("[P] E1", f"a hard prompt (best of length ≤ {p['P']}) cannot learn descending either",
+                "(not run in [P]; prompting ⊆ prefix-tuning)",
+                f"{_ms(a)} (length {p['length'][0]}, tokens {_tokens(p['tokens'][0])})",
+                a["mean"] <= 0.05, "≤ 5 %", f"{100 * a['mean']:+.1f} pp")
+
+
+PROMPT_TOLERANCE = 0.05  # a trained P=1 prefix is not the best one: a hard prompt may beat it by this
+
+
+def prompt_e2_row(e2: dict) -> dict:
+    """Hard prompting on E2, the lab's own measurement ([P] reports no hard prompt on its toys):
+    can a hard token select a pretrained task as well as a virtual one? The criterion is [P]'s
+    hierarchy: on every task the best hard prompt is at most the P=1 prefix plus a tolerance."""
+    hard, own, p = e2["prompt"]["acc"], e2["own_task_acc"], e2["prompt"]
+    over = {t: hard[t]["mean"] - own[t]["mean"] for t in hard}
+    worst = max(over, key=lambda t: over[t])
+    lab = (", ".join(f"{t} {_ms(v)} {_tokens(p['tokens'][t][0])}" for t, v in hard.items())
+           + "; P=1 prefix " + ", ".join(f"{t} {_ms(own[t])}" for t in hard))
+    return _row("[P] E2", f"a hard prompt (best of length ≤ {p['P']}) selects a pretrained task at most as well as "
+                "the P=1 prefix", "not reported in [P] (the lab's measurement); prompting ⊆ prefix-tuning", lab,
+                all(hard[t]["mean"] <= own[t]["mean"] + PROMPT_TOLERANCE for t in hard),
+                f"hard ≤ prefix + {100 * PROMPT_TOLERANCE:.0f} pp on every task",
+                f"{worst}: hard − prefix {100 * over[worst]:+.1f} pp")
+
+
 def paper_vs_lab(records: dict) -> list[dict]:
     rows = []
     res = lambda n: records.get(n, {}).get("result") if records.get(n, {}).get("status") == "done" else None
@@ -134,6 +167,8 @@ def paper_vs_lab(records: dict) -> list[dict]:
             a = acc[k]["mean"]
             rows.append(_row("[P] E1", f"{label} cannot learn descending", "0.0 %" if "prefix" in k else "(not run in [P])",
                              _ms(acc[k]), a <= 0.05, "≤ 5 %", f"{100 * a:+.1f} pp"))
+        if "prompt" in acc:
+            rows.append(prompt_e1_row(e1))
     else:
         rows.append(_row("[P] E1", "E1", "—", "stage failed or not run", None, ""))
     e2 = res("E2")
@@ -147,6 +182,8 @@ def paper_vs_lab(records: dict) -> list[dict]:
         off = max(v for t, row in e2["cross_task"].items() for u, v in row.items() if u != t)
         rows.append(_row("[P] E2", "… and ≈ 0 on the other tasks (max off-diagonal)", "≈ 0 %", _pct(off),
                          off <= 0.05, "≤ 5 %", f"{100 * off:+.1f} pp"))
+        if "prompt" in e2:
+            rows.append(prompt_e2_row(e2))
     e3 = res("E3")
     if e3:
         acc = e3["acc"]
@@ -172,7 +209,7 @@ def paper_vs_lab(records: dict) -> list[dict]:
                          f"{100 * (pr - 0.003):+.1f} pp" if pr > 0.05 else "LoRA did not learn it either: no contrast"))
     pr = res("probes")
     if pr:
-        ctx = {k: v for k, v in pr["invariance"].items() if any(s in k for s in ("prefix", "soft", "E3/"))}
+        ctx = {k: v for k, v in pr["invariance"].items() if any(s in k for s in ("prefix", "prompt", "E3/"))}
         worst = max((v["layer0_max_abs_diff"] for v in ctx.values()), default=None)
         full = [v["layer0_max_abs_diff"] for k, v in pr["invariance"].items() if k.endswith("/full")]
         rows.append(_row("[P] §4", "layer-0 attention invariance for every prefix / soft prompt (max error)", "exact",
@@ -180,7 +217,7 @@ def paper_vs_lab(records: dict) -> list[dict]:
         if full:
             rows.append(_row("[P] §4", "full fine-tuning breaks it (contrast)", "changes the pattern", f"{full[0]:.1e}",
                              full[0] > 1e-3, "> 1e-3"))
-        bias = [v["layer0_rel_residual"] for k, v in pr["bias"].items() if any(s in k for s in ("prefix", "soft", "E3/"))]
+        bias = [v["layer0_rel_residual"] for k, v in pr["bias"].items() if any(s in k for s in ("prefix", "prompt", "E3/"))]
         if bias:
             rows.append(_row("[P] §4", "bias identity at layer 0 (relative residual)", "exact", f"{max(bias):.1e}",
                              max(bias) <= 1e-5, "≤ 1e-5"))

@@ -116,7 +116,7 @@ def anchor_of(records: dict) -> dict:
     out = {}
     for n in STAGES:
         res = dict(records[n]["result"])
-        res.pop("base", None), res.pop("runs", None)
+        res.pop("base", None), res.pop("runs", None), res.pop("prompt_runs", None)
         res["curves"] = {k: c[-1][1] for k, c in res.pop("curves", {}).items()}
         out[n] = res
     out["rows"] = [r for r in paper_vs_lab({n: records[n] for n in STAGES}) if r["source"].split()[-1] in STAGES]
@@ -157,3 +157,51 @@ def test_a_study_records_each_stage_s_work_and_wall_and_its_own_wall_time(sequen
     assert {n: h["work_s"] for n, h in history.items()} == {n: s["work_s"] for n, s in zip(full["records"], stages)}
     html = (path / "report.html").read_text()
     assert "longest chain" in html and "waited" in html
+
+
+def test_micro_study_has_hard_prompt_rows_searched_not_trained(sequential):
+    """Hard prompting in E1 and E2 (issue 19): the best hard prompt of length ≤ P=1 on each task,
+    found by an exhaustive search of the V tokens on one training batch (no optimizer steps); its
+    rows in the table; the probes stage classes E1's prompt run as prompting."""
+    from tuning.pipeline import load_run
+    path, full = sequential
+    rec = full["records"]
+    e1, e2 = rec["E1"]["result"], rec["E2"]["result"]
+    runs = [e1["runs"]["prompt"]] + list(e2["prompt_runs"].values())
+    assert len(runs) == 5 and len(set(runs)) == 5
+    for run_path in runs:
+        run = load_run(run_path)
+        m = json.loads((Path(run_path) / "metrics.json").read_text())
+        assert run.config["method"]["name"] == "prompt" and run.config["method"]["length"] == 1
+        s = m["search"]
+        assert (s["kind"], s["candidates"], s["batch"]) == ("exhaustive", run.model.cfg.d_vocab, 64)
+        assert len(s["tokens"]) == 1  # micro: V = 7 (4 digits, the counts, SLOT); quick/paper: V = 12
+        assert run.state.prompt.equal(run.model.embed.W_E[s["tokens"]])  # the tokens it chose are its state
+        assert m["exact_acc"] in (e1["descending_acc"]["prompt"]["values"][0],
+                                  *[v["values"][0] for v in e2["prompt"]["acc"].values()])
+    assert e1["prompt"]["P"] == e2["prompt"]["P"] == 1
+    assert set(e2["prompt"]["acc"]) == set(e2["own_task_acc"]) == {"ascending", "descending", "add1", "add2"}
+    assert e1["prompt"]["tokens"][0] == json.loads((Path(e1["runs"]["prompt"]) / "metrics.json").read_text())["search"]["tokens"]
+    claims = [r["claim"] for r in full["table"] if "hard prompt" in r["claim"]]
+    assert claims == ["a hard prompt (best of length ≤ 1) cannot learn descending either",
+                      "a hard prompt (best of length ≤ 1) selects a pretrained task at most as well as the P=1 prefix"]
+    assert rec["probes"]["result"]["hierarchy"]["E1/prompt"]["class"] == "prompting (hard prompt)"
+    assert rec["probes"]["result"]["hierarchy"]["E1/soft_prompt"]["class"] == "soft prompting"
+    assert "E1/prompt" in rec["probes"]["result"]["invariance"]
+    html = (path / "report.html").read_text()
+    assert "best hard prompt (length ≤ 1)" in html and "class in [P]" in html and "prompting (hard prompt)" in html
+
+
+def test_e1_and_e2_stage_keys_carry_the_prompt_settings(tmp_path):
+    """A cached E1/E2 from before the prompt rows is not reused: their configs (so their keys) hold
+    the prompt settings; the other experiments' and the bases' configs do not."""
+    from study.stages import PROMPTING, stages_for
+    for scale in ("micro", "quick", "paper"):
+        st = {s.name: s for s in stages_for(scale, tmp_path)}
+        for e in ("E1", "E2"):
+            assert st[e].config["prompt"] == PROMPTING[scale] and PROMPTING[scale]["P"] == 1
+            old = dict(st[e].config)
+            del old["prompt"]
+            keys = {n: "k" for n in st[e].needs}
+            assert st[e].key(keys) != type(st[e])(e, "", old, st[e].fn, st[e].needs).key(keys)
+        assert not any("prompt" in s.config for n, s in st.items() if n not in ("E1", "E2"))

@@ -23,9 +23,13 @@ def good() -> dict:
     tasks = ("ascending", "descending", "add1", "add2")
     return {
         "E1": done({"descending_acc": {"full": m(0.8), "prefix_simple": m(0.01), "prefix_none": m(0.02),
-                                       "prefix_deep": m(0.0), "soft_prompt": m(0.03)}}),
+                                       "prefix_deep": m(0.0), "soft_prompt": m(0.03), "prompt": m(0.02)},
+                    "prompt": {"P": 1, "length": [1], "tokens": [[7]], "by_length": {"1": m(0.02)}}}),
         "E2": done({"own_task_acc": {t: m(0.9) for t in tasks}, "base_acc": base,
-                    "cross_task": {t: {u: (0.9 if u == t else 0.01) for u in tasks} for t in tasks}}),
+                    "cross_task": {t: {u: (0.9 if u == t else 0.01) for u in tasks} for t in tasks},
+                    "prompt": {"P": 1, "acc": {t: m(0.3) for t in tasks}, "length": {t: [1] for t in tasks},
+                               "tokens": {t: [[i]] for i, t in enumerate(tasks)},
+                               "by_length": {t: {"1": m(0.3)} for t in tasks}}}),
         "E3": done({"acc": {**{t: m(0.97) for t in tasks}, "ascending_add1": m(0.6), "double_hist": m(0.01)},
                     "base_acc": base}),
         "E4": done({"double_hist_acc": {"lora": m(0.9), "prefix": m(0.01)}, "prefix_len": 12,
@@ -79,6 +83,9 @@ THRESHOLDS = [
     ("No-share prefix cannot", ("E1", "result", "descending_acc", "prefix_none", "mean"), 0.05, "le"),
     ("Deep-share prefix cannot", ("E1", "result", "descending_acc", "prefix_deep", "mean"), 0.05, "le"),
     ("soft prompt cannot", ("E1", "result", "descending_acc", "soft_prompt", "mean"), 0.05, "le"),
+    ("hard prompt (best of length ≤ 1) cannot", ("E1", "result", "descending_acc", "prompt", "mean"), 0.05, "le"),
+    # prompting ⊆ prefix-tuning: add2's hard prompt at most its P=1 prefix (0.9) + 5 pp
+    ("at most as well as the P=1 prefix", ("E2", "result", "prompt", "acc", "add2", "mean"), 0.9 + 0.05, "le"),
     ("solves its own pretrained task", ("E2", "result", "own_task_acc", "add2", "mean"), 0.75, "ge"),
     ("≈ 0 on the other tasks", ("E2", "result", "cross_task", "add1", "descending"), 0.05, "le"),
     ("solve the pretraining tasks", ("E3", "result", "acc", "descending", "mean"), 0.9, "ge"),
@@ -98,7 +105,7 @@ THRESHOLDS = [
 
 def test_the_reference_study_reproduces_every_p_row():
     v = verdicts(good())
-    assert len(v) == 20
+    assert len(v) == 22
     assert set(v.values()) == {"reproduced"}, v
 
 
@@ -288,3 +295,22 @@ def test_edges_of_the_rows_a_reader_sees():
     assert row(rec, "more completions")["verdict"] == "differs"
     rec["thm2"]["result"]["capacity"] = {"virtual_distinct": 1}
     assert row(rec, "more completions")["verdict"] == "reproduced"
+
+
+def test_prompt_rows_need_their_records_and_read_every_task():
+    """A study recorded before the hard-prompt rows has none (its E1/E2 stage keys differ, so it is
+    not reused: tests/study/test_reproduce.py); E2's hierarchy row reads every task and names the worst."""
+    rec = good()
+    del rec["E1"]["result"]["descending_acc"]["prompt"], rec["E2"]["result"]["prompt"]
+    assert not [c for c in p_rows(rec) if "hard prompt" in c]
+    rec = good()
+    _set(rec, ("E2", "result", "prompt", "acc", "ascending", "mean"), 0.96)  # one task over, the others far under
+    r = row(rec, "at most as well as the P=1 prefix")
+    assert r["verdict"] == "differs (ascending: hard − prefix +6.0 pp)"
+    _set(rec, ("E2", "result", "own_task_acc", "ascending", "mean"), 0.95)  # the prefix better: holds again
+    assert row(rec, "at most as well as the P=1 prefix")["verdict"] == "reproduced"
+    r = row(good(), "at most as well as the P=1 prefix")
+    assert r["lab"] == ("ascending 30.0 % [0], descending 30.0 % [1], add1 30.0 % [2], add2 30.0 % [3]; "
+                        "P=1 prefix ascending 90.0 %, descending 90.0 %, add1 90.0 %, add2 90.0 %")
+    assert r["verdict"] == "reproduced"
+    assert row(good(), "hard prompt (best of length ≤ 1) cannot")["lab"] == "2.0 % (length 1, tokens [7])"
