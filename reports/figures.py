@@ -134,6 +134,60 @@ def _position_name(i: int, prompt_len: int | None) -> str:
     return f"x{i + 1}" if i < prompt_len else f"y{i - prompt_len + 1}"
 
 
+def _panel_labels(p: AttentionPanel, positions: list[int]) -> tuple[list[str], list[str], list[list[str]]]:
+    """A panel's key tokens, query tokens and hover text (position and token of query and key)."""
+    content = [p.content_labels[j] for j in positions]
+    pre_names = [f"{p.pre_label}{k + 1}" for k in range(p.n_pre)]
+    key_tok = pre_names + content
+    key_pos = pre_names + [_position_name(j, p.prompt_len) for j in positions]
+    qpre = [f"{p.pre_label}{k + 1}" for k in range(p.n_query_pre)]
+    q_tok = qpre + content
+    q_pos = qpre + [_position_name(j, p.prompt_len) for j in positions]
+    text = [[f"query {escape_token(q_pos[a])}: {escape_token(q_tok[a])}<br>"
+             f"key {escape_token(key_pos[b])}: {escape_token(key_tok[b])}"
+             for b in range(len(key_tok))] for a in range(len(q_tok))]
+    return key_tok, q_tok, text
+
+
+def _panel_shapes(p: AttentionPanel, positions: list[int], xref: str, yref: str, nk: int, nq: int,
+                  nq_pre: int) -> list[dict]:
+    """One panel's marks: red boxes around the prefix-slot keys and the soft-prompt queries, and a
+    dashed line at the end of the prompt X (when the window shows it)."""
+    shapes = []
+    box = dict(type="rect", xref=xref, yref=yref, line=dict(color=PREFIX_COLOR, width=2.5),
+               fillcolor="rgba(0,0,0,0)", layer="above")
+    if p.n_pre:
+        shapes.append({**box, "x0": -0.5, "x1": p.n_pre - 0.5, "y0": -0.5, "y1": nq - 0.5})
+    if nq_pre:
+        shapes.append({**box, "x0": -0.5, "x1": nk - 0.5, "y0": -0.5, "y1": nq_pre - 0.5})
+    if p.prompt_len is not None and positions[0] < p.prompt_len <= positions[-1]:
+        kx = p.n_pre + positions.index(p.prompt_len) - 0.5
+        qy = nq_pre + positions.index(p.prompt_len) - 0.5
+        line = dict(type="line", xref=xref, yref=yref, layer="above",
+                    line=dict(color=PROMPT_COLOR, width=1.5, dash="dash"))
+        shapes.append({**line, "x0": kx, "x1": kx, "y0": -0.5, "y1": nq - 0.5})
+        shapes.append({**line, "x0": -0.5, "x1": nk - 0.5, "y0": qy, "y1": qy})
+    return shapes
+
+
+def _attention_menus(vis_raw: list[bool], vis_ren: list[bool], names: list[str], layer: int, head: int,
+                     n_heads: int) -> list[dict]:
+    """The raw/renormalized buttons and the layer and head dropdowns (the page's script swaps the
+    heatmaps' data when a dropdown changes)."""
+    return [
+        dict(type="buttons", direction="right", x=0.0, xanchor="left", y=1.0, yanchor="bottom",
+             pad=dict(t=0, b=52), showactive=True, active=0, name="view",
+             buttons=[dict(label="raw", method="restyle", args=[{"visible": vis_raw}]),
+                      dict(label="renormalized over content", method="restyle", args=[{"visible": vis_ren}])]),
+        dict(type="dropdown", x=0.42, xanchor="left", y=1.0, yanchor="bottom", pad=dict(t=0, b=52),
+             active=layer, name="layer",
+             buttons=[dict(label=escape_token(n), method="skip", args=[None]) for n in names]),
+        dict(type="dropdown", x=0.58, xanchor="left", y=1.0, yanchor="bottom", pad=dict(t=0, b=52),
+             active=head, name="head",
+             buttons=[dict(label=f"head {h}", method="skip", args=[None]) for h in range(n_heads)]),
+    ]
+
+
 def attention_figure(panels: list[AttentionPanel], title: str = "Attention patterns",
                      window: tuple[int, int] | None = None, max_tokens: int = 48,
                      layer: int = 0, head: int = 0, cols: int = 3,
@@ -170,16 +224,7 @@ def attention_figure(panels: list[AttentionPanel], title: str = "Attention patte
         pat, positions = _crop(p, window)
         ren = renormalized_pattern(pat, p.n_pre)
         nq_pre = p.n_query_pre
-        content = [p.content_labels[j] for j in positions]
-        pre_names = [f"{p.pre_label}{k + 1}" for k in range(p.n_pre)]
-        key_tok = pre_names + content
-        key_pos = pre_names + [_position_name(j, p.prompt_len) for j in positions]
-        qpre = [f"{p.pre_label}{k + 1}" for k in range(nq_pre)]
-        q_tok = qpre + content
-        q_pos = qpre + [_position_name(j, p.prompt_len) for j in positions]
-        text = [[f"query {escape_token(q_pos[a])}: {escape_token(q_tok[a])}<br>"
-                 f"key {escape_token(key_pos[b])}: {escape_token(key_tok[b])}"
-                 for b in range(len(key_tok))] for a in range(len(q_tok))]
+        key_tok, q_tok, text = _panel_labels(p, positions)
         for l in range(n_layers):
             for h in range(n_heads):
                 raw_store[l][h].append(encode_array(pat[l, h].float().numpy()))
@@ -199,35 +244,12 @@ def attention_figure(panels: list[AttentionPanel], title: str = "Attention patte
         fig.update_yaxes(tickmode="array", tickvals=list(range(nq)), ticktext=[escape_token(t) for t in q_tok],
                          autorange="reversed", showgrid=False, title_text="query" if c == 1 else None,
                          row=r, col=c)
-        box = dict(type="rect", xref=xref, yref=yref, line=dict(color=PREFIX_COLOR, width=2.5),
-                   fillcolor="rgba(0,0,0,0)", layer="above")
-        if p.n_pre:
-            shapes.append({**box, "x0": -0.5, "x1": p.n_pre - 0.5, "y0": -0.5, "y1": nq - 0.5})
-        if nq_pre:
-            shapes.append({**box, "x0": -0.5, "x1": nk - 0.5, "y0": -0.5, "y1": nq_pre - 0.5})
-        if p.prompt_len is not None and positions[0] < p.prompt_len <= positions[-1]:
-            kx = p.n_pre + positions.index(p.prompt_len) - 0.5
-            qy = nq_pre + positions.index(p.prompt_len) - 0.5
-            line = dict(type="line", xref=xref, yref=yref, layer="above",
-                        line=dict(color=PROMPT_COLOR, width=1.5, dash="dash"))
-            shapes.append({**line, "x0": kx, "x1": kx, "y0": -0.5, "y1": nq - 0.5})
-            shapes.append({**line, "x0": -0.5, "x1": nk - 0.5, "y0": qy, "y1": qy})
+        shapes += _panel_shapes(p, positions, xref, yref, nk, nq, nq_pre)
     names = layer_names or [f"layer {l}" for l in range(n_layers)]
     n_vis = len(fig.data)
     vis_raw = [k in raw_traces for k in range(n_vis)]
     vis_ren = [k in ren_traces for k in range(n_vis)]
-    menus = [
-        dict(type="buttons", direction="right", x=0.0, xanchor="left", y=1.0, yanchor="bottom",
-             pad=dict(t=0, b=52), showactive=True, active=0, name="view",
-             buttons=[dict(label="raw", method="restyle", args=[{"visible": vis_raw}]),
-                      dict(label="renormalized over content", method="restyle", args=[{"visible": vis_ren}])]),
-        dict(type="dropdown", x=0.42, xanchor="left", y=1.0, yanchor="bottom", pad=dict(t=0, b=52),
-             active=layer, name="layer",
-             buttons=[dict(label=escape_token(n), method="skip", args=[None]) for n in names]),
-        dict(type="dropdown", x=0.58, xanchor="left", y=1.0, yanchor="bottom", pad=dict(t=0, b=52),
-             active=head, name="head",
-             buttons=[dict(label=f"head {h}", method="skip", args=[None]) for h in range(n_heads)]),
-    ]
+    menus = _attention_menus(vis_raw, vis_ren, names, layer, head, n_heads)
     height = 150 + rows * max(340, 16 * max(len(p.query_labels) for p in panels) + 90)
     fig.update_layout(
         title=dict(text=escape_token(title), x=0.0, xanchor="left", y=0.995, yanchor="top"),

@@ -71,102 +71,108 @@ def _bases_section(records: dict) -> tuple | None:
         "tell descending from add1/add2 (papers.md §3b). Accuracies are reported against that ceiling.")
 
 
-def _experiments_sections(records: dict) -> list:
+def _e1_section(r: dict, records: dict) -> tuple:
+    rows = [[k, _pct(v["mean"]), f"{100 * v['std']:.1f}", len(v["values"])] for k, v in r["descending_acc"].items()]
+    items = [Table(["method", "exact accuracy on descending", "std (pp)", "seeds"], rows),
+             f"Base model: ascending {_pct(r['base_acc']['ascending'])}, descending {_pct(r['base_acc']['descending'])}."]
+    if "prompt" in r:
+        items.append(prompt_table(r["prompt"]["P"], {"descending": {**r["prompt"], "acc": r["descending_acc"]["prompt"]}}))
+    return ("E1: ascending base, tuned for descending", items)
+
+
+def _e2_section(r: dict, records: dict) -> tuple:
     from reports.figures import accuracy_figure, clusters_figure
-    out = []
-    ok = lambda n: records.get(n, {}).get("status") == "done"
+    items = [accuracy_figure({f"prefix for {t}": row for t, row in r["cross_task"].items()},
+                             "E2: each task's P=1 prefix evaluated on every task")]
+    pr = records["probes"].get("result") if records.get("probes", {}).get("status") == "done" else None
+    if pr and "clusters_E2" in pr:
+        c = pr["clusters_E2"]
+        obj = SimpleNamespace(pca=torch.tensor(c["pca"]), tasks=c["tasks"], layer=c["layer"],
+                              separability={k: c.get(k) for k in ("nearest_centroid_acc_with_method",
+                                                                  "nearest_centroid_acc_without_method", "chance")})
+        items.append(clusters_figure(obj, c["tasks"], ["prefix"] * len(c["tasks"]),
+                                     title="Figure 3: attention output at the last input position, with and without each task's prefix"))
+    items.append(curves_figure(r["curves"], "E2: loss and accuracy of each task's P=1 prefix"))
+    if "prompt" in r:
+        p = r["prompt"]
+        items.append(prompt_table(p["P"], {t: {k: p[k][t] for k in ("acc", "length", "tokens", "by_length")}
+                                           for t in p["acc"]}, r["own_task_acc"]))
+    return ("E2: extracting pretrained tasks from mix4", items,
+            f"Base: {of_ceiling(r['base_acc'])}. [P] evaluated mix4 without y1 (≈ 25 %).")
+
+
+def _e3_section(r: dict, records: dict) -> tuple:
+    rows = [[t, _pct(v["mean"]), f"{100 * v['std']:.1f}"] for t, v in r["acc"].items()]
+    return ("E3: P=10 prefixes on a deeper mix4 model", [
+        Table(["task", "exact accuracy", "std (pp)"], rows),
+        curves_figure({t: r["curves"][t] for t in r["curves"] if t in ("ascending_add1", "double_hist")},
+                      "E3: the new tasks' prefixes (plateau and crossing)")],
+        f"Base: {of_ceiling(r['base_acc'])}.")
+
+
+def _e4_section(r: dict, records: dict) -> tuple:
+    rows = [[k, f"{r['params'][k]:,}", _pct(v["mean"]), f"{100 * v['std']:.1f}"] for k, v in r["double_hist_acc"].items()]
+    return ("E4: prefix vs rank-1 LoRA at equal budget (double_hist)",
+            [Table(["method", "trainable parameters", "exact accuracy", "std (pp)"], rows),
+             curves_figure(r["curves"], "E4: rank-1 LoRA against an equal-budget prefix on double_hist")],
+            "[P]'s LoRA sat on a plateau (loss 1.08 → 0.85 over 4k steps), then dropped to 0.19 by 6k.")
+
+
+def _probes_section(pr: dict, records: dict) -> tuple:
+    rows = [[k, f"{v['layer0_max_abs_diff']:.2e}", "holds" if v["layer0_invariant"] else "broken",
+             ", ".join(f"L{l}: {x:.1e}" for l, x in v["max_abs_diff_by_layer"].items())]
+            for k, v in pr["invariance"].items()]
+    brows = [[k, f"{v['layer0_rel_residual']:.2e}",
+              "—" if v.get("layer0_min_bias_cosine") is None else f"{v['layer0_min_bias_cosine']:.6f}"]
+             for k, v in pr["bias"].items()]
+    return ("Identities on every tuned run", [
+        Table(["run", "layer-0 max |A^pt/(1-α) − A|", "layer-0 invariance", "by layer"], rows),
+        Table(["run", "layer-0 bias residual (relative)", "P=1: min cosine of the bias direction"], brows)]
+        + ([Table(["run", "class in [P]'s hierarchy", "evidence"],
+                  [[k, v["class"], v["evidence"]] for k, v in pr["hierarchy"].items()])] if pr.get("hierarchy") else []),
+        "papers.md §4: exact at layer 0 for prefixes and soft prompts; deeper layers drift; weight methods that touch q/k break it.")
+
+
+def _llama_section(r: dict, records: dict) -> tuple:
+    rows = [[c["layer"], f"{c['prefix_mass_mean']:.4f}", f"{c['sink_mass_base']:.4f}", f"{c['rescale_max_err']:.2e}",
+             f"{c['bias_rel_residual']:.2e}", f"{c['renorm_mean_js']:.2e}",
+             "—" if c["passed"] is None else ("pass" if c["passed"] else "FAIL")] for c in r["checks"]]
+    return (f"LLaMA check: {r['note']}", [
+        Table(["layer", "prefix mass", "BOS/sink mass (base)", "rescaling error", "bias residual (rel.)",
+               "renormalized drift (JS)", "verdict"], rows)],
+        f"dtype {r['dtype']}, P={r['prefix_len']} {r['prefix_source']} prefix, tolerance {json.dumps(r['tolerance'])}.")
+
+
+def _reparam_section(r: dict, records: dict) -> tuple:
+    from reports.theory_figures import reparam_figure
+    from theory.reparam import ReparamResult
+    items = []
+    try:
+        items.append(reparam_figure(ReparamResult.from_json(r)))
+    except Exception as e:  # the table below still says what was measured
+        items.append(f"(figure unavailable: {e})")
+    fmt = lambda x: "n/a" if not x else f"{x['slope']:+.2f} [{x['ci_low']:+.2f}, {x['ci_high']:+.2f}]"
+    keys = ("D", "D_multi", "D_single", "L2")
+    rows = [[m] + [fmt(sl.get(k)) for k in keys] + [f"{sum(r['certified'].get(m, []))}"]
+            for m, sl in r["slopes"].items()]
+    items.append(Table(["model", "D", "D in the split (multi-atom) cell", "D in singleton cells",
+                        "‖f̂ − f*‖", "certified fits"], rows))
+    return ("Reparameterization study ([L] §6)", items,
+            "log-log slopes against n with 95 % bootstrap CIs. Theory: f at −1/2 for every model; D at "
+            "−1/2 with a known shared map; without sharing the split cell far slower (docs/reparam.md).")
+
+
+def _experiments_sections(records: dict) -> list:
+    """Each finished stage's evidence section, in the report's order (the bases first)."""
+    sections = (("E1", _e1_section), ("E2", _e2_section), ("E3", _e3_section), ("E4", _e4_section),
+                ("probes", _probes_section), ("llama", _llama_section),
+                ("thm1", lambda r, _: _thm1_section(r)), ("thm2", lambda r, _: _thm2_section(r)),
+                ("sample_eff", lambda r, _: sample_eff_section(r)), ("reparam", _reparam_section))
     bases = _bases_section(records)
-    if bases:
-        out.append(bases)
-    if ok("E1"):
-        r = records["E1"]["result"]
-        rows = [[k, _pct(v["mean"]), f"{100 * v['std']:.1f}", len(v["values"])] for k, v in r["descending_acc"].items()]
-        items = [Table(["method", "exact accuracy on descending", "std (pp)", "seeds"], rows),
-                 f"Base model: ascending {_pct(r['base_acc']['ascending'])}, descending {_pct(r['base_acc']['descending'])}."]
-        if "prompt" in r:
-            items.append(prompt_table(r["prompt"]["P"], {"descending": {**r["prompt"], "acc": r["descending_acc"]["prompt"]}}))
-        out.append(("E1: ascending base, tuned for descending", items))
-    if ok("E2"):
-        r = records["E2"]["result"]
-        items = [accuracy_figure({f"prefix for {t}": row for t, row in r["cross_task"].items()},
-                                 "E2: each task's P=1 prefix evaluated on every task")]
-        pr = records.get("probes", {}).get("result") if ok("probes") else None
-        if pr and "clusters_E2" in pr:
-            c = pr["clusters_E2"]
-            obj = SimpleNamespace(pca=torch.tensor(c["pca"]), tasks=c["tasks"], layer=c["layer"],
-                                  separability={k: c.get(k) for k in ("nearest_centroid_acc_with_method",
-                                                                      "nearest_centroid_acc_without_method", "chance")})
-            items.append(clusters_figure(obj, c["tasks"], ["prefix"] * len(c["tasks"]),
-                                         title="Figure 3: attention output at the last input position, with and without each task's prefix"))
-        items.append(curves_figure(r["curves"], "E2: loss and accuracy of each task's P=1 prefix"))
-        if "prompt" in r:
-            p = r["prompt"]
-            items.append(prompt_table(p["P"], {t: {k: p[k][t] for k in ("acc", "length", "tokens", "by_length")}
-                                               for t in p["acc"]}, r["own_task_acc"]))
-        out.append(("E2: extracting pretrained tasks from mix4", items,
-                    f"Base: {of_ceiling(r['base_acc'])}. [P] evaluated mix4 without y1 (≈ 25 %)."))
-    if ok("E3"):
-        r = records["E3"]["result"]
-        rows = [[t, _pct(v["mean"]), f"{100 * v['std']:.1f}"] for t, v in r["acc"].items()]
-        out.append(("E3: P=10 prefixes on a deeper mix4 model", [
-            Table(["task", "exact accuracy", "std (pp)"], rows),
-            curves_figure({t: r["curves"][t] for t in r["curves"] if t in ("ascending_add1", "double_hist")},
-                          "E3: the new tasks' prefixes (plateau and crossing)")],
-            f"Base: {of_ceiling(r['base_acc'])}."))
-    if ok("E4"):
-        r = records["E4"]["result"]
-        rows = [[k, f"{r['params'][k]:,}", _pct(v["mean"]), f"{100 * v['std']:.1f}"] for k, v in r["double_hist_acc"].items()]
-        out.append(("E4: prefix vs rank-1 LoRA at equal budget (double_hist)",
-                    [Table(["method", "trainable parameters", "exact accuracy", "std (pp)"], rows),
-                     curves_figure(r["curves"], "E4: rank-1 LoRA against an equal-budget prefix on double_hist")],
-                    "[P]'s LoRA sat on a plateau (loss 1.08 → 0.85 over 4k steps), then dropped to 0.19 by 6k."))
-    if ok("probes"):
-        pr = records["probes"]["result"]
-        rows = [[k, f"{v['layer0_max_abs_diff']:.2e}", "holds" if v["layer0_invariant"] else "broken",
-                 ", ".join(f"L{l}: {x:.1e}" for l, x in v["max_abs_diff_by_layer"].items())]
-                for k, v in pr["invariance"].items()]
-        brows = [[k, f"{v['layer0_rel_residual']:.2e}",
-                  "—" if v.get("layer0_min_bias_cosine") is None else f"{v['layer0_min_bias_cosine']:.6f}"]
-                 for k, v in pr["bias"].items()]
-        out.append(("Identities on every tuned run", [
-            Table(["run", "layer-0 max |A^pt/(1-α) − A|", "layer-0 invariance", "by layer"], rows),
-            Table(["run", "layer-0 bias residual (relative)", "P=1: min cosine of the bias direction"], brows)]
-            + ([Table(["run", "class in [P]'s hierarchy", "evidence"],
-                      [[k, v["class"], v["evidence"]] for k, v in pr["hierarchy"].items()])] if pr.get("hierarchy") else []),
-            "papers.md §4: exact at layer 0 for prefixes and soft prompts; deeper layers drift; weight methods that touch q/k break it."))
-    if ok("llama"):
-        r = records["llama"]["result"]
-        rows = [[c["layer"], f"{c['prefix_mass_mean']:.4f}", f"{c['sink_mass_base']:.4f}", f"{c['rescale_max_err']:.2e}",
-                 f"{c['bias_rel_residual']:.2e}", f"{c['renorm_mean_js']:.2e}",
-                 "—" if c["passed"] is None else ("pass" if c["passed"] else "FAIL")] for c in r["checks"]]
-        out.append((f"LLaMA check: {r['note']}", [
-            Table(["layer", "prefix mass", "BOS/sink mass (base)", "rescaling error", "bias residual (rel.)",
-                   "renormalized drift (JS)", "verdict"], rows)],
-            f"dtype {r['dtype']}, P={r['prefix_len']} {r['prefix_source']} prefix, tolerance {json.dumps(r['tolerance'])}."))
-    if ok("thm1"):
-        out.append(_thm1_section(records["thm1"]["result"]))
-    if ok("thm2"):
-        out.append(_thm2_section(records["thm2"]["result"]))
-    if ok("sample_eff"):
-        out.append(sample_eff_section(records["sample_eff"]["result"]))
-    if ok("reparam"):
-        from reports.theory_figures import reparam_figure
-        from theory.reparam import ReparamResult
-        r = records["reparam"]["result"]
-        items = []
-        try:
-            items.append(reparam_figure(ReparamResult.from_json(r)))
-        except Exception as e:  # the table below still says what was measured
-            items.append(f"(figure unavailable: {e})")
-        fmt = lambda x: "n/a" if not x else f"{x['slope']:+.2f} [{x['ci_low']:+.2f}, {x['ci_high']:+.2f}]"
-        keys = ("D", "D_multi", "D_single", "L2")
-        rows = [[m] + [fmt(sl.get(k)) for k in keys] + [f"{sum(r['certified'].get(m, []))}"]
-                for m, sl in r["slopes"].items()]
-        items.append(Table(["model", "D", "D in the split (multi-atom) cell", "D in singleton cells",
-                            "‖f̂ − f*‖", "certified fits"], rows))
-        out.append(("Reparameterization study ([L] §6)", items,
-                    "log-log slopes against n with 95 % bootstrap CIs. Theory: f at −1/2 for every model; D at "
-                    "−1/2 with a known shared map; without sharing the split cell far slower (docs/reparam.md)."))
+    out = [bases] if bases else []
+    for name, section in sections:
+        if records.get(name, {}).get("status") == "done":
+            out.append(section(records[name]["result"], records))
     return out
 
 

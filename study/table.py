@@ -153,118 +153,139 @@ def prompt_e2_row(e2: dict) -> dict:
                 f"{worst}: hard − prefix {100 * over[worst]:+.1f} pp")
 
 
+def _e1_rows(e1: dict) -> list[dict]:
+    acc = e1["descending_acc"]
+    full = acc["full"]["mean"]
+    rows = [_row("[P] E1", "full fine-tuning learns descending (ascending base)", "84.9 %", _ms(acc["full"]),
+                 full >= 0.5, "≥ 50 %", f"{100 * (full - 0.849):+.1f} pp")]
+    for k, label in (("prefix_simple", "Simple-share prefix"), ("prefix_none", "No-share prefix"),
+                     ("prefix_deep", "Deep-share prefix"), ("soft_prompt", "soft prompt")):
+        a = acc[k]["mean"]
+        rows.append(_row("[P] E1", f"{label} cannot learn descending", "0.0 %" if "prefix" in k else "(not run in [P])",
+                         _ms(acc[k]), a <= 0.05, "≤ 5 %", f"{100 * a:+.1f} pp"))
+    if "prompt" in acc:
+        rows.append(prompt_e1_row(e1))
+    return rows
+
+
+def _e2_rows(e2: dict) -> list[dict]:
+    own = e2["own_task_acc"]
+    low = min(v["mean"] for v in own.values())
+    rows = [_row("[P] E2", "each task's P=1 prefix solves its own pretrained task (min over 4)", "≥ 83.7 %",
+                 ", ".join(f"{t} {_ms(v)}" for t, v in own.items()) + f" (base: {of_ceiling(e2['base_acc'])})",
+                 low >= 0.75, "min ≥ 75 %",
+                 f"min {100 * (low - 0.837):+.1f} pp")]
+    off = max(v for t, row in e2["cross_task"].items() for u, v in row.items() if u != t)
+    rows.append(_row("[P] E2", "… and ≈ 0 on the other tasks (max off-diagonal)", "≈ 0 %", _pct(off),
+                     off <= 0.05, "≤ 5 %", f"{100 * off:+.1f} pp"))
+    if "prompt" in e2:
+        rows.append(prompt_e2_row(e2))
+    return rows
+
+
+def _e3_rows(e3: dict) -> list[dict]:
+    acc = e3["acc"]
+    pre = min(acc[t]["mean"] for t in ("ascending", "descending", "add1", "add2"))
+    a, h = acc["ascending_add1"]["mean"], acc["double_hist"]["mean"]
+    return [_row("[P] E3", "P=10 prefixes solve the pretraining tasks (min over 4)", "≈ 100 %",
+                 f"{_pct(pre)} (base: {of_ceiling(e3['base_acc'])})",
+                 pre >= 0.9, "≥ 90 %", f"{100 * (pre - 1):+.1f} pp"),
+            _row("[P] E3", "prefix partly learns ascending_add1 (new composition)", "71.6 %",
+                 _ms(acc["ascending_add1"]), 0.1 <= a, "≥ 10 % (partly or fully)", f"{100 * (a - 0.716):+.1f} pp"),
+            _row("[P] E3", "prefix fails double_hist (new attention pattern)", "0.6 %", _ms(acc["double_hist"]),
+                 h <= 0.05, "≤ 5 %", f"{100 * (h - 0.006):+.1f} pp")]
+
+
+def _e4_rows(e4: dict) -> list[dict]:
+    acc = e4["double_hist_acc"]
+    lo, pr = acc["lora"]["mean"], acc["prefix"]["mean"]
+    n = e4["params"]
+    return [_row("[P] E4", f"rank-1 LoRA learns double_hist ({n['lora']:,} params)", "92.4 % (12,288 params)",
+                 _ms(acc["lora"]), lo >= 0.5, "≥ 50 %", f"{100 * (lo - 0.924):+.1f} pp"),
+            _row("[P] E4", f"P={e4['prefix_len']} prefix does not ({n['prefix']:,} params)", "0.3 %",
+                 _ms(acc["prefix"]), pr <= 0.05 and lo >= 0.5, "≤ 5 %, with LoRA ≥ 50 % in the same study",
+                 f"{100 * (pr - 0.003):+.1f} pp" if pr > 0.05 else "LoRA did not learn it either: no contrast")]
+
+
+def _probe_rows(pr: dict) -> list[dict]:
+    ctx = {k: v for k, v in pr["invariance"].items() if any(s in k for s in ("prefix", "prompt", "E3/"))}
+    worst = max((v["layer0_max_abs_diff"] for v in ctx.values()), default=None)
+    full = [v["layer0_max_abs_diff"] for k, v in pr["invariance"].items() if k.endswith("/full")]
+    rows = [_row("[P] §4", "layer-0 attention invariance for every prefix / soft prompt (max error)", "exact",
+                 "—" if worst is None else f"{worst:.1e}", worst is not None and worst <= 1e-5, "≤ 1e-5 (fp32)")]
+    if full:
+        rows.append(_row("[P] §4", "full fine-tuning breaks it (contrast)", "changes the pattern", f"{full[0]:.1e}",
+                         full[0] > 1e-3, "> 1e-3"))
+    bias = [v["layer0_rel_residual"] for k, v in pr["bias"].items() if any(s in k for s in ("prefix", "prompt", "E3/"))]
+    if bias:
+        rows.append(_row("[P] §4", "bias identity at layer 0 (relative residual)", "exact", f"{max(bias):.1e}",
+                         max(bias) <= 1e-5, "≤ 1e-5"))
+    c = pr.get("clusters_E2")
+    if c and c.get("nearest_centroid_acc_with_method") is not None:
+        w, wo = c["nearest_centroid_acc_with_method"], c["nearest_centroid_acc_without_method"]
+        rows.append(_row("[P] Fig. 3", "prefixes move activations into task clusters (nearest-centroid acc.)",
+                         "visibly separate", f"{100 * w:.0f} % with vs {100 * wo:.0f} % without (chance {100 * c['chance']:.0f} %)",
+                         w > wo + 0.2, "with > without + 20 pp"))
+    return rows
+
+
+def _llama_rows(ll: dict) -> list[dict]:
+    l0 = next((c for c in ll["checks"] if c["layer"] == 0), None)
+    if not l0:
+        return []
+    return [_row("[P] Fig. 5", f"LLaMA layer-0 identities, {ll['model']} ({ll['dtype']})",
+                 "hold to fp16 precision (LLaMA-7B)",
+                 f"rescaling {l0['rescale_max_err']:.1e}, bias (rel.) {l0['bias_rel_residual']:.1e}",
+                 bool(ll["passed"]), f"within {ll['dtype']} tolerance")]
+
+
+def _thm1_rows(t1: dict) -> list[dict]:
+    ok = all(c.get("success_rate", 0) == 1.0 for c in t1["checks"])
+    return [_row("[P] Thm 1", "one virtual token generates any sequence", "any Y ∈ [V]^N",
+                 "; ".join(f"V={c.get('V')} N={c.get('N')}: {100 * c.get('success_rate', 0):.1f} %" for c in t1["checks"]),
+                 ok, "all targets exact")]
+
+
+def _thm2_rows(t2: dict) -> list[dict]:
+    ok = all(c.get("success_rate", 0) == 1.0 for c in t2["thm2"])
+    cap = t2["capacity"]
+    return [_row("[P] Thm 2", "one virtual token realises any map [V]→[V]", "V^V maps",
+                 "; ".join(f"V={c.get('V')}: {100 * c.get('success_rate', 0):.1f} %" for c in t2["thm2"]), ok, "all maps exact"),
+            _row("[P] §3", "virtual tokens reach more completions than hard tokens", "24,426 hard vs 46,812 virtual (LLaMA-7B)",
+                 f"{cap.get('hard_distinct')} hard vs {cap.get('virtual_distinct')} virtual",
+                 (cap.get("virtual_distinct") or 0) > (cap.get("hard_distinct") or 0), "virtual > hard")]
+
+
+def _reparam_rows(rp: dict) -> list[dict]:
+    """theory.reparam computes its own verdict; a slope it could not measure is no reproduction."""
+    r = reparam_row(rp)
+    return [_row("[L] §6", r["claim"], r["paper"], r["lab"], bool(r["holds"]), r["criterion"], r["gap"])]
+
+
+def _d2t_rows(d2t: dict) -> list[dict]:
+    """llama_checks.data_to_text computes its own verdict; too few seeds or sizes is no reproduction."""
+    r = d2t["table_row"]
+    return [_row("[L] language", r["claim"], r["paper"], r["lab"], bool(r["holds"]), r["criterion"], r["gap"])]
+
+
+# each stage's rows from its result, in the table's order (a stage that did not finish has none)
+STAGE_ROWS = (("E1", _e1_rows), ("E2", _e2_rows), ("E3", _e3_rows), ("E4", _e4_rows), ("probes", _probe_rows),
+              ("llama", _llama_rows), ("thm1", _thm1_rows), ("thm2", _thm2_rows), ("sample_eff", sample_eff_rows),
+              ("reparam", _reparam_rows), ("d2t", _d2t_rows))
+
+
 def paper_vs_lab(records: dict) -> list[dict]:
     rows = []
-    res = lambda n: records.get(n, {}).get("result") if records.get(n, {}).get("status") == "done" else None
-    e1 = res("E1")
-    if e1:
-        acc = e1["descending_acc"]
-        full = acc["full"]["mean"]
-        rows.append(_row("[P] E1", "full fine-tuning learns descending (ascending base)", "84.9 %", _ms(acc["full"]),
-                         full >= 0.5, "≥ 50 %", f"{100 * (full - 0.849):+.1f} pp"))
-        for k, label in (("prefix_simple", "Simple-share prefix"), ("prefix_none", "No-share prefix"),
-                         ("prefix_deep", "Deep-share prefix"), ("soft_prompt", "soft prompt")):
-            a = acc[k]["mean"]
-            rows.append(_row("[P] E1", f"{label} cannot learn descending", "0.0 %" if "prefix" in k else "(not run in [P])",
-                             _ms(acc[k]), a <= 0.05, "≤ 5 %", f"{100 * a:+.1f} pp"))
-        if "prompt" in acc:
-            rows.append(prompt_e1_row(e1))
-    else:
-        rows.append(_row("[P] E1", "E1", "—", "stage failed or not run", None, ""))
-    e2 = res("E2")
-    if e2:
-        own = e2["own_task_acc"]
-        low = min(v["mean"] for v in own.values())
-        rows.append(_row("[P] E2", "each task's P=1 prefix solves its own pretrained task (min over 4)", "≥ 83.7 %",
-                         ", ".join(f"{t} {_ms(v)}" for t, v in own.items()) + f" (base: {of_ceiling(e2['base_acc'])})",
-                         low >= 0.75, "min ≥ 75 %",
-                         f"min {100 * (low - 0.837):+.1f} pp"))
-        off = max(v for t, row in e2["cross_task"].items() for u, v in row.items() if u != t)
-        rows.append(_row("[P] E2", "… and ≈ 0 on the other tasks (max off-diagonal)", "≈ 0 %", _pct(off),
-                         off <= 0.05, "≤ 5 %", f"{100 * off:+.1f} pp"))
-        if "prompt" in e2:
-            rows.append(prompt_e2_row(e2))
-    e3 = res("E3")
-    if e3:
-        acc = e3["acc"]
-        pre = min(acc[t]["mean"] for t in ("ascending", "descending", "add1", "add2"))
-        rows.append(_row("[P] E3", "P=10 prefixes solve the pretraining tasks (min over 4)", "≈ 100 %",
-                         f"{_pct(pre)} (base: {of_ceiling(e3['base_acc'])})",
-                         pre >= 0.9, "≥ 90 %", f"{100 * (pre - 1):+.1f} pp"))
-        a = acc["ascending_add1"]["mean"]
-        rows.append(_row("[P] E3", "prefix partly learns ascending_add1 (new composition)", "71.6 %",
-                         _ms(acc["ascending_add1"]), 0.1 <= a, "≥ 10 % (partly or fully)", f"{100 * (a - 0.716):+.1f} pp"))
-        h = acc["double_hist"]["mean"]
-        rows.append(_row("[P] E3", "prefix fails double_hist (new attention pattern)", "0.6 %", _ms(acc["double_hist"]),
-                         h <= 0.05, "≤ 5 %", f"{100 * (h - 0.006):+.1f} pp"))
-    e4 = res("E4")
-    if e4:
-        acc = e4["double_hist_acc"]
-        lo, pr = acc["lora"]["mean"], acc["prefix"]["mean"]
-        n = e4["params"]
-        rows.append(_row("[P] E4", f"rank-1 LoRA learns double_hist ({n['lora']:,} params)", "92.4 % (12,288 params)",
-                         _ms(acc["lora"]), lo >= 0.5, "≥ 50 %", f"{100 * (lo - 0.924):+.1f} pp"))
-        rows.append(_row("[P] E4", f"P={e4['prefix_len']} prefix does not ({n['prefix']:,} params)", "0.3 %",
-                         _ms(acc["prefix"]), pr <= 0.05 and lo >= 0.5, "≤ 5 %, with LoRA ≥ 50 % in the same study",
-                         f"{100 * (pr - 0.003):+.1f} pp" if pr > 0.05 else "LoRA did not learn it either: no contrast"))
-    pr = res("probes")
-    if pr:
-        ctx = {k: v for k, v in pr["invariance"].items() if any(s in k for s in ("prefix", "prompt", "E3/"))}
-        worst = max((v["layer0_max_abs_diff"] for v in ctx.values()), default=None)
-        full = [v["layer0_max_abs_diff"] for k, v in pr["invariance"].items() if k.endswith("/full")]
-        rows.append(_row("[P] §4", "layer-0 attention invariance for every prefix / soft prompt (max error)", "exact",
-                         "—" if worst is None else f"{worst:.1e}", worst is not None and worst <= 1e-5, "≤ 1e-5 (fp32)"))
-        if full:
-            rows.append(_row("[P] §4", "full fine-tuning breaks it (contrast)", "changes the pattern", f"{full[0]:.1e}",
-                             full[0] > 1e-3, "> 1e-3"))
-        bias = [v["layer0_rel_residual"] for k, v in pr["bias"].items() if any(s in k for s in ("prefix", "prompt", "E3/"))]
-        if bias:
-            rows.append(_row("[P] §4", "bias identity at layer 0 (relative residual)", "exact", f"{max(bias):.1e}",
-                             max(bias) <= 1e-5, "≤ 1e-5"))
-        c = pr.get("clusters_E2")
-        if c and c.get("nearest_centroid_acc_with_method") is not None:
-            w, wo = c["nearest_centroid_acc_with_method"], c["nearest_centroid_acc_without_method"]
-            rows.append(_row("[P] Fig. 3", "prefixes move activations into task clusters (nearest-centroid acc.)",
-                             "visibly separate", f"{100 * w:.0f} % with vs {100 * wo:.0f} % without (chance {100 * c['chance']:.0f} %)",
-                             w > wo + 0.2, "with > without + 20 pp"))
-    ll = res("llama")
-    if ll:
-        l0 = next((c for c in ll["checks"] if c["layer"] == 0), None)
-        if l0:
-            rows.append(_row("[P] Fig. 5", f"LLaMA layer-0 identities, {ll['model']} ({ll['dtype']})",
-                             "hold to fp16 precision (LLaMA-7B)",
-                             f"rescaling {l0['rescale_max_err']:.1e}, bias (rel.) {l0['bias_rel_residual']:.1e}",
-                             bool(ll["passed"]), f"within {ll['dtype']} tolerance"))
-    t1 = res("thm1")
-    if t1:
-        ok = all(c.get("success_rate", 0) == 1.0 for c in t1["checks"])
-        rows.append(_row("[P] Thm 1", "one virtual token generates any sequence", "any Y ∈ [V]^N",
-                         "; ".join(f"V={c.get('V')} N={c.get('N')}: {100 * c.get('success_rate', 0):.1f} %" for c in t1["checks"]),
-                         ok, "all targets exact"))
-    t2 = res("thm2")
-    if t2:
-        ok = all(c.get("success_rate", 0) == 1.0 for c in t2["thm2"])
-        rows.append(_row("[P] Thm 2", "one virtual token realises any map [V]→[V]", "V^V maps",
-                         "; ".join(f"V={c.get('V')}: {100 * c.get('success_rate', 0):.1f} %" for c in t2["thm2"]), ok, "all maps exact"))
-        cap = t2["capacity"]
-        rows.append(_row("[P] §3", "virtual tokens reach more completions than hard tokens", "24,426 hard vs 46,812 virtual (LLaMA-7B)",
-                         f"{cap.get('hard_distinct')} hard vs {cap.get('virtual_distinct')} virtual",
-                         (cap.get("virtual_distinct") or 0) > (cap.get("hard_distinct") or 0), "virtual > hard"))
-    se = res("sample_eff")
-    if se:
-        rows += sample_eff_rows(se)
-    rp = res("reparam")
-    if rp:  # theory.reparam computes its own verdict; a slope it could not measure is no reproduction
-        r = reparam_row(rp)
-        rows.append(_row("[L] §6", r["claim"], r["paper"], r["lab"], bool(r["holds"]), r["criterion"], r["gap"]))
-    d2t = res("d2t")
-    if d2t:  # llama_checks.data_to_text computes its own verdict; too few seeds or sizes is no reproduction
-        r = d2t["table_row"]
-        rows.append(_row("[L] language", r["claim"], r["paper"], r["lab"], bool(r["holds"]), r["criterion"], r["gap"]))
-    elif "d2t" not in records:
-        rows.append(_row("[L] language", "Deep-share more sample-efficient than No-share on data-to-text (SmolLM2)",
-                         "GPT-2 on E2E, BART on XSUM", "not in this preset: SmolLM2 training takes hours on a "
-                         "CPU (`--preset paper`, or `prefixlab data-to-text`; docs/llama.md)", None, ""))
+    for name, stage_rows in STAGE_ROWS:
+        rec = records.get(name, {})
+        if rec.get("status") == "done" and rec.get("result"):
+            rows += stage_rows(rec["result"])
+        elif name == "E1":
+            rows.append(_row("[P] E1", "E1", "—", "stage failed or not run", None, ""))
+        elif name == "d2t" and "d2t" not in records:
+            rows.append(_row("[L] language", "Deep-share more sample-efficient than No-share on data-to-text (SmolLM2)",
+                             "GPT-2 on E2E, BART on XSUM", "not in this preset: SmolLM2 training takes hours on a "
+                             "CPU (`--preset paper`, or `prefixlab data-to-text`; docs/llama.md)", None, ""))
     rows.append(_row("[L] FGVC", "No-share 82.3 < Deep-share 88.3 < Simple-share 89.1 (ViT-B/16, 5 data sets)",
                      "82.3 / 88.3 / 89.1",
                      "cannot run offline: no pretrained ViT-B/16 and none of CUB, NABirds, Flowers, Dogs, Cars "
