@@ -28,7 +28,7 @@ def _user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from toy_models.errors import UserError
+        from prefixlab_common.errors import UserError
         from toy_models.lock import STORAGE_ERRNOS
         try:
             return fn(*args, **kwargs)
@@ -69,7 +69,7 @@ def command(*args, **kwargs):
 
 
 def _fail(msg: str):
-    from toy_models.errors import UserError
+    from prefixlab_common.errors import UserError
     raise UserError(msg)
 
 
@@ -93,8 +93,9 @@ def _ints(text: Optional[str], what: str) -> Optional[List[int]]:
         _fail(f"{what} must be comma-separated integers, got {text!r}")
 
 
-class Progress:
-    """A rich progress bar on a terminal; plain log lines (at each evaluation) otherwise."""
+class ProgressBar:
+    """A rich progress bar on a terminal; plain log lines (at each evaluation) otherwise. An instance
+    is a `prefixlab_common.progress.Progress` callback."""
 
     def __init__(self, label: str):
         self.label = label
@@ -183,7 +184,7 @@ def pretrain(task: str = typer.Option("mix4", help="task to pretrain on (see `pr
     opts = {k: v for k, v in _train_opts(steps, lr, batch_size, seed, schedule, warmup, eval_every).items()
             if v is not None}
     train = TrainConfig(**{**PRETRAIN_DEFAULTS, **opts})
-    with Progress(f"pretrain {task}") as prog:
+    with ProgressBar(f"pretrain {task}") as prog:
         m = _pretrain(out, task, preset, spec, train, overwrite=overwrite, resume=resume, progress=prog,
                       slots=slots, device=dev, on_note=_note)
     if json_out:
@@ -274,7 +275,7 @@ def finetune(ctx: typer.Context,
     if (seed_list or len(task_list) > 1) and resume:
         _fail("--resume applies to one run; with --seeds or several tasks, complete runs are reused "
               "and interrupted ones resumed by `prefixlab reproduce` (rerun with --overwrite to start afresh)")
-    with Progress(f"{method} on {task}") as prog:
+    with ProgressBar(f"{method} on {task}") as prog:
         if seeds is not None or len(task_list) > 1:
             res = sweep(base, method, task_list, out, seed_list if seeds is not None else None, opts, train,
                         overwrite=overwrite, progress=prog, fuse=fuse, device=dev)
@@ -569,7 +570,7 @@ def data_to_text_cmd(preset: str = typer.Option("quick", help="micro (tiny model
         step = max(res["seconds_per_step"].values())
         res["estimate"] = {"preset": preset, **estimate_seconds(cfg, step)}
     else:
-        with Progress("data-to-text") as prog:
+        with ProgressBar("data-to-text") as prog:
             res = run_preset(preset, device=dev, progress=lambda i, n, info: prog(i, n, {**info, "eval": True}), **over)
     if json_path is not None:
         from reports.html import write_report
@@ -607,7 +608,7 @@ def reparam_sim(quick: bool = typer.Option(False, "--quick", help="n = 10^3..10^
     rd = RunDir(out)
     rd.check_new(overwrite, False)
     cfg = ReparamConfig.quick() if quick else ReparamConfig.full()
-    with Progress("reparam") as prog:
+    with ProgressBar("reparam") as prog:
         res = run_reparam_study(cfg, progress=lambda i, n, msg: prog(i, n, {}))
     rd.prepare(overwrite, False)
     write_json(rd.path / "reparam.json", res.to_json())

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 
 
 def model_dims(config) -> tuple[int, int, int, int]:

@@ -89,7 +89,7 @@ from llama_checks.prefix import (
 )
 from llama_checks.soft_check import check_soft_loaded
 from llama_checks.soft_prompt import adapter_kind, load_soft_prompt
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 
 
 def run_llama_check(

@@ -30,7 +30,6 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -38,7 +37,8 @@ from torch import nn
 from llama_checks.d2t_data import Example, grammar_summary, make_splits
 from llama_checks.models import load_model
 from llama_checks.prefix import Prefix, hard_prompt_prefix, prefix_cache
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
+from prefixlab_common.progress import Progress
 from toy_models.training import resolve_device
 
 SHARES = ("none", "simple", "deep")
@@ -60,7 +60,6 @@ PRESETS = {
                   prefix_len=5, seeds=(0, 1, 2), batch_size=8, n_val=64, n_test=200, eval_every=50,
                   lrs=DEFAULT_LRS, n_generate=4, max_new_tokens=48),
 }
-Progress = Callable[[int, int, dict], None]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from typing import Callable
 import torch
 
 from llama_checks.bridge import capture, content_kv, kv_hook_names, model_dims
-from llama_checks.identities import finite_json
+from prefixlab_common.jsonsafe import finite_json
 from llama_checks.models import LoadedModel, load_model, resolve_dtype
 from llama_checks.prefix import (
     Prefix,
@@ -54,7 +54,7 @@ from llama_checks.prefix import (
     train_prefix,
 )
 from llama_checks.soft_prompt import adapter_kind, load_peft_prompt, soft_prompt_prefix
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 
 DEFAULT_LENGTHS = (16, 32, 64, 128, 256, 512, 1024)
 WINDOW_FRACTION = 8  # alpha(L): queries in the last ceil(L/8) positions

@@ -11,12 +11,13 @@ business of `llama_checks.check` and `llama_checks.soft_check`; the tolerances a
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from llama_checks.bridge import model_dims
+from prefixlab_common.attention import js_divergence_clamped_inputs as js_divergence  # the LLaMA checks' form
+from prefixlab_common.jsonsafe import finite_json  # noqa: F401 (re-exported: llama_checks.identities.finite_json)
 
 TEST_SAMPLE = "TABLE: Fourth Round Qualifying : NEW_ENTRIES_THIS_ROUND : 24 TEXT: Fourth round qualifying had 24 new entries."
 RENORM_MIN_CONTENT_MASS = 1e-3
@@ -25,17 +26,6 @@ TOLERANCES = {
     "bfloat16": {"rescale": 4e-2, "bias_rel": 5e-2},
     "float16": {"rescale": 5e-3, "bias_rel": 8e-3},
 }
-
-
-def finite_json(obj):
-    """NaN/inf -> None, recursively (strict JSON has no NaN)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: finite_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite_json(v) for v in obj]
-    return obj
 
 
 @dataclass
@@ -121,17 +111,6 @@ class LlamaCheckResult:
                 "-" if c.passed is None else ("PASS" if c.passed else "FAIL"),
             ])
         return rows
-
-
-def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Jensen–Shannon divergence (nats) along the last axis; 0·log 0 = 0."""
-    p, q = p.clamp_min(0), q.clamp_min(0)
-    m = (p + q) / 2
-
-    def kl(a, b):
-        return torch.xlogy(a, a).sum(-1) - torch.xlogy(a, b).sum(-1)
-
-    return (kl(p, m) + kl(q, m)) / 2
 
 
 def within_tolerance(rescale_err: float, bias_rel: float, dtype_name: str, rope_shift_error: float = 0.0) -> bool:

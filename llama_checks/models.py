@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

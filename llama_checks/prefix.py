@@ -33,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 
 DATA_DIR = Path(__file__).parent / "data"
 FORMAT = "prefixlab.prefix"

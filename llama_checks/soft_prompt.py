@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from llama_checks.prefix import Prefix, read_tagged
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 
 FORMAT = "prefixlab.soft_prompt"
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from probes.common import Probe, check_layers_heads, probe_inputs
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 from toy_models.model import MethodState, ToyTransformer
 
 

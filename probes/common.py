@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 from toy_models.model import MethodState, ToyTransformer, base_view
 from toy_models.pipeline import LoadedRun
 from toy_models.tasks import fixed_test_set, resolve_task

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from probes.common import Accumulator, Probe, accumulate, require_state
-from probes.invariance import js_divergence
+from prefixlab_common.attention import js_divergence
 from toy_models.model import MethodState, ToyTransformer
 
 JS_FLOOR = 1e-6

@@ -15,17 +15,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from prefixlab_common.attention import js_divergence  # the toy probes' form (probes.drift uses it too)
 from probes.common import Accumulator, Probe, accumulate, check_layers_heads, require_state
 from toy_models.model import MethodState, ToyTransformer
 
 TOL = 1e-5  # fp32
-
-
-def js_divergence(p: Tensor, q: Tensor) -> Tensor:
-    """Jensen-Shannon divergence (nats) between distributions on the last axis."""
-    m = 0.5 * (p + q)
-    kl = lambda a, b: (torch.xlogy(a, a) - torch.xlogy(a, b)).sum(-1)
-    return (0.5 * kl(p, m) + 0.5 * kl(q, m)).clamp_min(0)
 
 
 @dataclass

@@ -11,7 +11,7 @@ import torch
 from probes.common import accumulate, probe_inputs, require_state
 from probes.hierarchy import check_hierarchy, classify
 from probes.registry import PROBES
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 from toy_models.pipeline import LoadedRun
 from toy_models.runs import RunDir, save_tensors, write_json
 from toy_models.training import resolve_device

@@ -19,7 +19,7 @@ from probes.run import collect, probe_inputs
 from reports.figures import (AttentionPanel, accuracy_figure, attention_figure, clusters_figure,
                              invariance_figure, learning_curves_figure)
 from reports.html import Pre, Section, Table, as_section, check_output, export_pngs, render_report, write_report
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 from toy_models.pipeline import LoadedRun, base_sha
 from tuning.pipeline import load_run
 from tuning.registry import METHODS

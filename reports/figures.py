@@ -23,7 +23,7 @@ import torch
 from plotly.subplots import make_subplots
 from torch import Tensor
 
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 
 META_KEY = "prefixlab_attention"
 VIEWS = ("raw", "renormalized")

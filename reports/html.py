@@ -26,7 +26,7 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 
 
 @dataclass(frozen=True)

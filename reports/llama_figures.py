@@ -24,7 +24,7 @@ from llama_checks.dilution import DilutionResult
 from llama_checks.identities import LlamaCheckResult
 from reports.figures import PREFIX_COLOR, escape_token
 from reports.html import Pre, Section, Table, check_output, render_report, write_report
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 
 BASE_COLOR = "#1f77b4"
 

@@ -24,7 +24,7 @@ import torch
 
 from study.stages import Stage
 from study.timing import StageClock
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 from toy_models.lock import STORAGE_ERRNOS
 from toy_models.runs import MODEL_FILE, RunDir, load_tensors, read_json, set_aside, write_json
 

@@ -9,11 +9,11 @@ import hashlib
 import json
 import statistics
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
+from prefixlab_common.progress import Progress
 from study.groups import train_groups_apart
 from study.recipes import Recipe
 from toy_models.pipeline import pretrain, evaluate_run
@@ -24,7 +24,6 @@ from tuning import make_method
 from tuning.fused import finetune_many
 from tuning.pipeline import budget_match, load_run
 
-Progress = Callable[[int, int, dict], None]
 
 
 # Which base each experiment pretrains: (task, prompt slots). E3 and E4 share theirs (12 slots,

@@ -36,7 +36,7 @@ from study.progress import ProgressFile, read_progress
 from study.schedule import TOP, CoreBroker, priorities, read_history, record_history, stage_cost
 from study.stages import stages_for
 from study.timing import StageClock
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 from toy_models.lock import STORAGE_ERRNOS
 
 POLL_S = 2.0  # how often the driver reads the running pieces' progress files

@@ -9,7 +9,7 @@ from pathlib import Path
 from study.runner import plan, run_stages
 from study.timing import study_timing
 from study.table import paper_vs_lab
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 from toy_models.lock import DirLock
 from toy_models.runs import write_json
 

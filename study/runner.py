@@ -16,7 +16,7 @@ from study.parallel import default_threads, run_parallel
 from study.progress import with_eta
 from study.schedule import record_history
 from study.stages import Stage, stages_for
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 
 
 def plan(out: Path, preset: str, only: list[str] | None) -> tuple[list[Stage], dict[str, str]]:

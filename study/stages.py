@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
+from prefixlab_common.progress import Progress
 
 PRESETS = ("quick", "paper", "micro")
 
@@ -43,7 +44,6 @@ SAMPLE_EFF = {
 PROMPTING = {"micro": {"P": 1, "batch_size": 64}, "quick": {"P": 1, "batch_size": 256},
              "paper": {"P": 1, "batch_size": 256}}
 PROMPTED = ("E1", "E2")
-Progress = Callable[[int, int, dict], None]
 
 
 @dataclass
@@ -153,7 +153,7 @@ def _reparam(d: Path, cfg: dict, up: dict, progress, device=None) -> dict:
     from theory.reparam import ReparamConfig, run_reparam_study
     rc = ReparamConfig.quick() if cfg["mode"] == "quick" else (
         ReparamConfig.full() if cfg["mode"] == "full" else ReparamConfig.quick(**cfg["overrides"]))
-    res = run_reparam_study(rc, progress=(lambda i, n, msg: progress(i, n, {})) if progress else None)
+    res = run_reparam_study(rc, progress=(lambda i, n, info: progress(i, n, {})) if progress else None)
     return res.to_json()
 
 

@@ -65,7 +65,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 from toy_models.model import MethodState, ToyConfig, ToyTransformer
 
 DEFAULT_BETA = 50.0  # [P]: "large inverse temperature (≈50) makes the heads hard"

@@ -76,13 +76,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
+from prefixlab_common.jsonsafe import finite_json
+from prefixlab_common.progress import Progress
 
 MODELS = ("shared-linear", "shared-tanh", "no-share")
 METRICS = ("D", "D_multi", "D_single", "dist_multi", "L2")
@@ -90,7 +91,6 @@ _PURPOSE_DATA, _PURPOSE_INIT, _PURPOSE_TRUTH, _PURPOSE_HELDOUT, _PURPOSE_BOOT = 
 DT = torch.float64  # certification compares losses to ~1e-8 relative: float32 cannot
 _CERT_ATOL = 1e-20  # float64 round-off of a split truth on noiseless data is ~1e-32
 
-Progress = Callable[[int, int, str], None]
 
 
 @dataclass
@@ -632,8 +632,8 @@ def _fit_records(fit: dict[str, Tensor], ev: dict[str, Tensor]) -> list[dict]:
                     "train_loss": float(fit["train_loss"][r]), "truth_loss": float(fit["truth_loss"][r]),
                     "certified": bool(fit["certified"][r]), "start": int(fit["start"][r]),
                     "iters": int(fit["iters"][r]), "grad_norm": float(fit["grad_norm"][r]),
-                    "D_at": _finite(ev["D_at"][r]), "D_multi_at": _finite(ev["D_multi_at"][r]),
-                    **{k: _finite(ev[k][r:r + 1])[0] for k in METRICS}})
+                    "D_at": finite_json(ev["D_at"][r]), "D_multi_at": finite_json(ev["D_multi_at"][r]),
+                    **{k: finite_json(ev[k][r:r + 1])[0] for k in METRICS}})
     return out
 
 
@@ -657,10 +657,6 @@ def _median_drift(row: list[dict]) -> float | None:
          and f["D_multi_at"] and f["D_multi_at"][-1] is not None
          and (end := f["D_multi"]) is not None and end > 0]
     return float(np.median(v)) if v else None
-
-
-def _finite(t: Tensor) -> list:
-    return [float(v) if math.isfinite(v) else None for v in t.tolist()]
 
 
 def _run_study(cfg: ReparamConfig, progress: Progress | None) -> ReparamResult:
@@ -689,7 +685,7 @@ def _run_study(cfg: ReparamConfig, progress: Progress | None) -> ReparamResult:
             seconds[model].append(time.perf_counter() - t0)
             done += 1
             if progress is not None:
-                progress(done, total, f"{model} n={n}")
+                progress(done, total, {"what": f"{model} n={n}"})
     slopes, certified = {}, {}
     for k, m in enumerate(cfg.models):
         ok = np.array([[f["certified"] for f in row] for row in fits[m]])

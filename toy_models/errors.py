@@ -1,9 +1,6 @@
-"""The one exception type for mistakes a user can make (bad task, size, path, checkpoint...).
+"""`UserError` lives in `prefixlab_common.errors` (the bottom package, which every package may
+import); it is re-exported here so that `from toy_models.errors import UserError` keeps working."""
 
-Library code raises it with a one-line message that says what was wrong and how to mend it;
-`cli.py` prints the message and exits with code 2.
-"""
+from prefixlab_common.errors import UserError
 
-
-class UserError(Exception):
-    """An input the user can get wrong. The message is one line, shown as-is."""
+__all__ = ["UserError"]

@@ -19,7 +19,7 @@ import socket
 import time
 from pathlib import Path
 
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 
 
 # What the file system answers when the output cannot be written (full, read-only, forbidden): no

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 
 
 SLOT_PROTOCOLS = ("token", "empty")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 from toy_models.lock import DirLock
 from toy_models.model import MethodState, ToyConfig, ToyTransformer, preset_config
 from toy_models.runs import MODEL_FILE, RunDir, load_tensors, provenance, save_tensors, sha256

@@ -31,7 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 
 MODEL_FILE = "model.safetensors"
 METHOD_FILE = "method.safetensors"

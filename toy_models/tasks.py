@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 
 # --------------------------------------------------------------------------------------------
 # Task functions: int64 arrays [batch, L] -> [batch, L]. `x[:, :1]` is x[0] of each sample.

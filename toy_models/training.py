@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
+from prefixlab_common.progress import Progress
 from toy_models.model import MethodState, ToyTransformer
 from toy_models.runs import RunDir, load_tensors, save_tensors
 from toy_models.tasks import Batch, ResolvedTask, TaskSpec, sample_batch, step_rng, fixed_test_set
@@ -185,7 +186,7 @@ def evaluate(model: ToyTransformer, state: MethodState | None, batch: Batch, gre
 # --------------------------------------------------------------------------------------------
 # The loop.
 
-Progress = Callable[[int, int, dict], None]  # (step, total, info) -> None
+# Progress (prefixlab_common.progress): (step, total, info) -> None, imported above
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 from toy_models.model import MethodState, ToyTransformer
 from tuning.options import Option, check_options
 

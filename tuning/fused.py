@@ -17,7 +17,7 @@ import json
 
 import torch
 
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 from toy_models.lock import DirLock
 from toy_models.pipeline import load_model
 from toy_models.training import Progress, resolve_device

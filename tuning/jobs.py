@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 from toy_models.pipeline import base_sha
 from toy_models.runs import METHOD_FILE, RunDir, provenance, save_tensors
 from toy_models.tasks import ResolvedTask, TaskSpec, fixed_test_set, resolve_task

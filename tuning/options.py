@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 
 
 @dataclass(frozen=True)

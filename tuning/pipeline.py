@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 from toy_models.lock import DirLock
 from toy_models.pipeline import LoadedRun, base_sha, load_base_run, load_model, restart_or_resume
 from toy_models.runs import METHOD_FILE, RunDir, load_tensors

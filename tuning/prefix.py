@@ -16,7 +16,7 @@ import einops
 import torch
 from torch import nn
 
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 from toy_models.model import MethodState
 from tuning.base import Method, positive
 from tuning.options import Option

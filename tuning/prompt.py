@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 from toy_models.model import MethodState
 from toy_models.tasks import Batch, sample_batch, step_rng
 from tuning.base import Method, positive

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 from tuning.base import Method
 from tuning.full import FullFinetune
 from tuning.lora import LoRA

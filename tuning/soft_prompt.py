@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 from toy_models.model import MethodState
 from tuning.base import Method, positive
 from tuning.options import Option

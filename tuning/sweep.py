@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 from toy_models.lock import DirLock
 from toy_models.runs import RunDir
 from toy_models.training import Progress

@@ -9,7 +9,7 @@ import torch
 from llama_checks import data_to_text as d2t
 from llama_checks.d2t_data import make_splits
 from llama_checks.prefix import Prefix, hard_prompt_prefix, load_prefix, prefix_cache, save_prefix
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 
 
 def test_grammar_is_deterministic_and_splits_are_disjoint_and_nested():

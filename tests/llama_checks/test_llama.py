@@ -13,7 +13,7 @@ from llama_checks.identities import TOLERANCES
 from llama_checks.models import tiny_llama, write_random_llama_checkpoint
 from llama_checks.prefix import Prefix, load_peft_prefix, load_prefix, prefix_cache, save_prefix
 from reports.llama_figures import llama_fig5
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 
 FP32 = TOLERANCES["float32"]
 

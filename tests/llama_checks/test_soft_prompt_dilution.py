@@ -15,7 +15,7 @@ from llama_checks.soft_check import check_soft_loaded
 from llama_checks.models import tiny_llama
 from llama_checks.prefix import Prefix
 from llama_checks.soft_prompt import SoftPrompt, load_soft_prompt, save_soft_prompt, soft_prompt_prefix
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 
 FP32 = TOLERANCES["float32"]
 

@@ -14,7 +14,7 @@ from probes.drift import layer_drift
 from probes.invariance import attention_invariance
 from probes.registry import PROBES
 from probes.run import collect, load_tuned_runs, run_probes
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 from toy_models.pipeline import pretrain
 from toy_models.tasks import TaskSpec
 from toy_models.training import TrainConfig

@@ -12,7 +12,7 @@ from probes.drift import layer_drift
 from probes.hierarchy import check_hierarchy, classify, soft_prompt_to_prefix
 from probes.invariance import attention_invariance
 from tests.conftest import micro_model
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 from toy_models.model import MethodState
 from toy_models.tasks import TaskSpec
 from tuning import make_method

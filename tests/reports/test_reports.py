@@ -20,7 +20,7 @@ from reports.figures import (META_KEY, ZERO_FLOOR, AttentionPanel, accuracy_figu
                              learning_curves_figure, renormalized_pattern, stored_attention)
 from reports.html import Pre, Raw, Section, Table, render_report, write_figure_html, write_report
 from tests.conftest import micro_model
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 from toy_models.pipeline import pretrain
 from toy_models.tasks import TaskSpec
 from toy_models.training import TrainConfig

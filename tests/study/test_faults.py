@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from study.reproduce import _content, reproduce
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 from toy_models.runs import RunDir
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,7 +11,7 @@ from theory.constructions import (
     min_beta, parse_map, predicted_min_beta, thm1_check, thm1_text, thm1_virtual_token, thm2_check,
     thm2_virtual_token, START_TOKEN,
 )
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 from toy_models.model import MethodState, ToyTransformer
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from tests.conftest import micro_model
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 from toy_models.model import MethodState
 from toy_models.pipeline import load_model, pretrain
 from toy_models.tasks import TaskSpec

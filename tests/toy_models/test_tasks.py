@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 from toy_models.tasks import (TASKS, TaskSpec, input_hash, is_test_input, resolve_task, sample_batch,
                               step_rng, fixed_test_set)
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 from toy_models.model import MethodState
 from toy_models.pipeline import pretrain
 from toy_models.runs import load_tensors

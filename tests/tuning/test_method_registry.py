@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 from toy_models.pipeline import load_model, pretrain
 from toy_models.runs import load_tensors
 from toy_models.tasks import TaskSpec, resolve_task, sample_batch

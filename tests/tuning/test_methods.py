@@ -306,7 +306,7 @@ def test_lora_options_and_their_errors():
     """Bad ranks and targets are one-line errors naming the option; an attention-only model drops
     the MLP targets; the init is the generator's (same seed, same tensors); init_b 'normal' is
     N(0, 0.02²)."""
-    from toy_models.errors import UserError
+    from prefixlab_common.errors import UserError
     spec, model = two_layers()
     with pytest.raises(UserError, match=r"^LoRA rank r must be positive, got 0$"):
         LoRA(model, rank=0)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 from toy_models.pipeline import load_model, pretrain
 from toy_models.tasks import TaskSpec, resolve_task
 from toy_models.training import TrainConfig, loss_on

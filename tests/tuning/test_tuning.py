@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tests.conftest import micro_model
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 from toy_models.pipeline import pretrain
 from tuning.pipeline import load_run
 from toy_models.tasks import TaskSpec, resolve_task, sample_batch
