@@ -9,6 +9,8 @@ runs/mutate/report.txt (the table that docs/tests.md copies).
     python tools/mutate.py                      # every module in MODULES
     python tools/mutate.py study/table.py ...   # some of them
     python tools/mutate.py --list               # the module -> tests mapping
+    python tools/mutate.py --only 'toy_models.training.x_evaluate*' toy_models/training.py
+                                                # only the mutants of some functions (fnmatch)
 
 mutmut mutates code inside functions and methods only: module constants and class attributes
 (LoRA's DEFAULT_TARGETS, the methods' `defaults`) are pinned by tests of their own instead.
@@ -34,10 +36,13 @@ _TUNE = ["tests/tuning/test_methods.py"]
 _LLAMA = ["tests/llama_checks/test_llama.py", "tests/llama_checks/test_soft_prompt_dilution.py"]
 # module -> the fast test files that exercise it (never the whole suite: one mutant would take minutes)
 MODULES: dict[str, list[str]] = {
-    "toy_models/model.py": ["tests/toy_models/test_model.py", "tests/tuning/test_methods.py"],
+    "toy_models/model.py": ["tests/toy_models/test_model.py", "tests/toy_models/test_mutants_model.py",
+                            "tests/tuning/test_methods.py"],
     "toy_models/tasks.py": ["tests/toy_models/test_tasks.py"],
-    "toy_models/training.py": ["tests/toy_models/test_training.py", "tests/toy_models/test_tasks.py"],
-    "toy_models/runs.py": ["tests/toy_models/test_training.py", "tests/tuning/test_tuning.py"],
+    "toy_models/training.py": ["tests/toy_models/test_training.py", "tests/toy_models/test_mutants_training.py",
+                               "tests/toy_models/test_tasks.py"],
+    # test_tuning.py trains every method (minutes per mutant): the store's own tests instead
+    "toy_models/runs.py": ["tests/toy_models/test_mutants_runs.py", "tests/toy_models/test_training.py"],
     "tuning/lora.py": _TUNE,
     "tuning/base.py": _TUNE,
     "tuning/full.py": _TUNE,
@@ -115,24 +120,30 @@ def collect(work: Path, module: str) -> dict:
         counts[s] = counts.get(s, 0) + 1
     left = sorted(k for k, s in by.items() if s not in ("killed", "not checked"))
     d = diffs(work, module, left)
-    return {"total": len(by), "counts": counts,
+    # with --only, the other functions' mutants are "not checked": they count in neither column
+    return {"total": len(by) - counts.get("not checked", 0), "counts": counts,
             "survivors": {k: {"status": by[k], "diff": d[k]} for k in left}}
 
 
-def run_module(module: str, tests: list[str], keep: bool, previous: dict | None = None) -> dict:
+def run_module(module: str, tests: list[str], keep: bool, previous: dict | None = None,
+               only: list[str] | None = None) -> dict:
     """Mutate one module and collect; with `previous` (its entry of an earlier report, run with
-    --keep), only collect again from the kept work directory."""
+    --keep), only collect again from the kept work directory. only: fnmatch patterns of mutant
+    names (`toy_models.model.xǁAttentionǁforward*`, `toy_models.training.x_evaluate*`): run
+    those mutants only."""
     if previous is not None:
         work = OUT / "work" / module.replace("/", "__").removesuffix(".py")
-        res = {k: previous[k] for k in ("module", "tests", "wall_s", "cpu_s", "returncode")}
+        res = {k: previous[k] for k in ("module", "tests", "wall_s", "cpu_s", "returncode") if k in previous}
+        if previous.get("only"):
+            res["only"] = previous["only"]
     else:
         work = workdir_for(module, tests)
         t0, c0 = time.time(), os.times()
-        proc = mutmut(work, "run", "--max-children", "1")
+        proc = mutmut(work, "run", "--max-children", "1", *(only or []))
         c1 = os.times()
         res = {"module": module, "tests": tests, "wall_s": round(time.time() - t0, 1),
                "cpu_s": round((c1.children_user + c1.children_system) - (c0.children_user + c0.children_system), 1),
-               "returncode": proc.returncode}
+               "returncode": proc.returncode, **({"only": only} if only else {})}
         if proc.returncode or not (work / "mutants" / (module + ".meta")).exists():
             res["error"] = (proc.stdout + proc.stderr)[-3000:]
             return res
@@ -152,8 +163,9 @@ def table(results: list[dict]) -> str:
             lines.append(f"{r['module']:28} error (see report.json)")
             continue
         c = r["counts"]
-        lines.append(f"{r['module']:28} {r['total']:7} {c.get('killed', 0):6} {c.get('survived', 0):8} "
-                     f"{c.get('no tests', 0):8} {c.get('timeout', 0):7} {r['surviving_pct']:6.1f} {r['wall_s']:6.0f}s")
+        name = r["module"] + (" (part)" if r.get("only") else "")
+        lines.append(f"{name:28} {r['total']:7} {c.get('killed', 0):6} {c.get('survived', 0):8} "
+                     f"{c.get('no tests', 0):8} {c.get('timeout', 0):7} {r['surviving_pct']:6.1f} {r['wall_s'] or 0:6.0f}s")
     return "\n".join(lines)
 
 
@@ -163,6 +175,9 @@ def main(argv=None) -> int:
     ap.add_argument("--list", action="store_true", help="print the module -> tests mapping")
     ap.add_argument("--keep", action="store_true", help="keep runs/mutate/work/<module> (for `mutmut show`)")
     ap.add_argument("--collect", action="store_true", help="only collect again from kept work directories")
+    ap.add_argument("--only", action="append", metavar="PATTERN",
+                    help="run only the mutants whose names match (fnmatch; repeatable), e.g. "
+                         "'toy_models.training.x_evaluate*'; the report says so")
     args = ap.parse_args(argv)
     if args.list:
         for m, t in MODULES.items():
@@ -177,7 +192,9 @@ def main(argv=None) -> int:
     old = json.loads(report_path.read_text()) if report_path.exists() else {}
     t0 = time.time()
     for m in args.modules or list(MODULES):
-        r = run_module(m, MODULES[m], args.keep, old.get(m) if args.collect else None)
+        # --collect of an interrupted run (no report entry yet): statuses as far as it got
+        previous = old.get(m, {"module": m, "tests": MODULES[m], "wall_s": None}) if args.collect else None
+        r = run_module(m, MODULES[m], args.keep, previous, args.only)
         old[m] = r  # one module at a time: an interrupted run keeps what it measured
         tmp = report_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(old, indent=1))
