@@ -62,9 +62,49 @@ def _note(line: str) -> None:
     print(f"note: {line}", file=sys.stderr, flush=True)
 
 
+# Spellings renamed in this release (issue 19: one name, one meaning), kept working for one release
+# with a one-line warning on stderr: the study's size is --scale ("preset" is a model size), P is
+# -P/--prefix-len everywhere, L is --seq-len, and --json is a flag that prints JSON on every command.
+RENAMED = {
+    "reproduce": {"--preset": "--scale"},
+    "data-to-text": {"--preset": "--scale"},
+    "finetune": {"--length": "--prefix-len"},
+    "pretrain": {"--length": "--seq-len"},
+}
+JSON_FILE = ("dilution", "data-to-text")  # --json PATH wrote a file there: now --json-file PATH
+
+
+def renamed_args(command_name: str, args: list[str], warn) -> list[str]:
+    """`args` with this command's old spellings replaced by the new ones, warning once per spelling."""
+    renames = RENAMED.get(command_name, {})
+    out, i = [], 0
+    while i < len(args):
+        a = args[i]
+        flag, eq, value = a.partition("=") if a.startswith("--") else (a, "", "")
+        if flag in renames:
+            warn(f"warning: {flag} is deprecated; use {renames[flag]} (the old spelling goes in the next release)")
+            out.append(renames[flag] + eq + value)
+        elif (flag == "--json" and command_name in JSON_FILE
+              and (eq or (i + 1 < len(args) and not args[i + 1].startswith("-")))):
+            warn("warning: --json PATH is deprecated; use --json-file PATH (--json alone prints the JSON)")
+            out.append("--json-file" + eq + value)
+        else:
+            out.append(a)
+        i += 1
+    return out
+
+
+class _Renamed(typer.core.TyperCommand):
+    """A command that still accepts its renamed options' old spellings (RENAMED)."""
+
+    def parse_args(self, ctx, args):
+        warn = lambda msg: typer.echo(msg, err=True)  # noqa: E731
+        return super().parse_args(ctx, renamed_args(self.name, list(args), warn))
+
+
 def command(*args, **kwargs):
     def deco(fn):
-        return app.command(*args, **kwargs)(_user_errors(fn))
+        return app.command(*args, cls=kwargs.pop("cls", _Renamed), **kwargs)(_user_errors(fn))
     return deco
 
 
@@ -162,7 +202,7 @@ def pretrain(task: str = typer.Option("mix4", help="task to pretrain on (see `pr
              out: Path = typer.Option(..., help="run directory to write"),
              prompt_len: int = typer.Option(1, help="prompt slots P reserved before the content"),
              slots: Optional[str] = typer.Option(None, help="slot protocol: token (SLOT tokens fill the slots, as [P]; default) or empty"),
-             length: int = typer.Option(10, help="sequence length L of X and Y"),
+             seq_len: int = typer.Option(10, "--seq-len", help="sequence length L of X and Y"),
              num_digits: int = typer.Option(8, help="X digits are 0..num_digits-1"),
              steps: Optional[int] = typer.Option(None, help="training steps (default 3000)"),
              lr: Optional[float] = typer.Option(None, help="peak learning rate (default 3e-3)"),
@@ -180,7 +220,7 @@ def pretrain(task: str = typer.Option("mix4", help="task to pretrain on (see `pr
     dev = _device(device)
     from toy_models.tasks import TaskSpec
     from toy_models.training import TrainConfig
-    spec = TaskSpec(length=length, num_digits=num_digits, prompt_len=prompt_len)
+    spec = TaskSpec(length=seq_len, num_digits=num_digits, prompt_len=prompt_len)
     opts = {k: v for k, v in _train_opts(steps, lr, batch_size, seed, schedule, warmup, eval_every).items()
             if v is not None}
     train = TrainConfig(**{**PRETRAIN_DEFAULTS, **opts})
@@ -195,7 +235,7 @@ def pretrain(task: str = typer.Option("mix4", help="task to pretrain on (see `pr
               f"after {m['steps']} steps ({m['timing']['train_seconds']:.0f} s)")
 
 
-class _MethodOptions(typer.core.TyperCommand):
+class _MethodOptions(_Renamed):
     """`finetune`'s method options are the method registry's declarations (tuning/registry.py):
     one flag per option name, shared by the methods that declare it. They are read when the
     command parses or shows its help (that imports torch; `prefixlab --help` does not)."""
@@ -445,9 +485,10 @@ def dilution_cmd(model: str = typer.Option("tiny", help="tiny, tiny-gqa, smollm2
                  dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
                  text: Optional[str] = typer.Option(None, help="text to repeat as input (default: the shipped DART-style lines)"),
                  seed: int = typer.Option(0),
-                 json_path: Optional[Path] = typer.Option(None, "--json", help="write the curves and fits as JSON here"),
+                 json_out: bool = typer.Option(False, "--json", help="print the curves and fits as JSON"),
+                 json_path: Optional[Path] = typer.Option(None, "--json-file", help="write the curves and fits as JSON here"),
                  out: Optional[Path] = typer.Option(None, help="write the model page (HTML): dilution, sink, and a layer-0 Fig. 5 check"),
-                 overwrite: bool = typer.Option(False, help="replace existing --json / --out files")):
+                 overwrite: bool = typer.Option(False, help="replace existing --json-file / --out files")):
     """Prefix dilution: attention mass on the prefix and on the sink as the input grows."""
     from llama_checks.dilution import check_lengths, parse_lengths, run_dilution
     from reports.llama_figures import check_new_output
@@ -455,7 +496,7 @@ def dilution_cmd(model: str = typer.Option("tiny", help="tiny, tiny-gqa, smollm2
         if path is not None:
             check_new_output(path, overwrite)
     if json_path is not None and out is not None and json_path.resolve() == out.resolve():
-        _fail("--json and --out name the same file; give two different files")
+        _fail("--json-file and --out name the same file; give two different files")
     wanted = parse_lengths(lengths)
     if wanted is not None:
         check_lengths(wanted, None, prefix_len)
@@ -478,6 +519,12 @@ def dilution_cmd(model: str = typer.Option("tiny", help="tiny, tiny-gqa, smollm2
         else:
             check = check_loaded(loaded, prefix, str(adapter) if adapter else None, [0], None, prefix_len, seed=seed)
         write_page(out, check, res)
+    if json_out:
+        print(json.dumps(res.to_json(), indent=1))
+        for path in (json_path, out):
+            if path is not None:
+                print(f"wrote {path}", file=sys.stderr)
+        return
     from rich.console import Console
     from rich.table import Table
     rows = res.table_rows()
@@ -538,7 +585,7 @@ def construct_capacity(json_out: bool = typer.Option(False, "--json")):
 
 
 @command("data-to-text")
-def data_to_text_cmd(preset: str = typer.Option("quick", help="micro (tiny model, seconds), quick (~30 min of one core) or paper (hours on the CPU, minutes on a GPU)"),
+def data_to_text_cmd(scale: str = typer.Option("quick", "--scale", help="micro (tiny model, seconds), quick (~30 min of one core) or paper (hours on the CPU, minutes on a GPU)"),
                      model: Optional[str] = typer.Option(None, help="smollm2, tiny, or a local HF checkpoint directory (default: the preset's)"),
                      shares: Optional[str] = typer.Option(None, help="prefix parameterizations, e.g. none,deep (of none, simple, deep)"),
                      sizes: Optional[str] = typer.Option(None, help="training-set sizes n, e.g. 16,64,256"),
@@ -549,37 +596,43 @@ def data_to_text_cmd(preset: str = typer.Option("quick", help="micro (tiny model
                      batch_size: Optional[int] = typer.Option(None, "--batch-size"),
                      device: str = typer.Option("cpu", help=DEVICE_HELP),
                      cost: bool = typer.Option(False, "--cost", help="only measure seconds per training step and estimate the presets' cost"),
-                     json_path: Optional[Path] = typer.Option(None, "--json", help="write the result (or the cost) as JSON here"),
-                     overwrite: bool = typer.Option(False, help="replace an existing --json file")):
+                     json_out: bool = typer.Option(False, "--json", help="print the result (or the cost) as JSON"),
+                     json_path: Optional[Path] = typer.Option(None, "--json-file", help="write the result (or the cost) as JSON here"),
+                     overwrite: bool = typer.Option(False, help="replace an existing --json-file")):
     """[L]'s language analogue: No- vs Deep-share prefix-tuning of SmolLM2 on data-to-text at several n (docs/llama.md)."""
     from llama_checks.data_to_text import PRESETS, estimate_seconds, measure_step_seconds, parse_lrs, run_preset
     from reports.llama_figures import check_new_output
     if json_path is not None:
         check_new_output(json_path, overwrite)
-    if preset not in PRESETS:
-        _fail(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
+    if scale not in PRESETS:
+        _fail(f"unknown scale {scale!r}; use one of {', '.join(PRESETS)}")
     dev = str(_device(device))
     over = {k: v for k, v in {"model": model, "steps": steps, "prefix_len": prefix_len, "batch_size": batch_size,
                               "shares": tuple(s.strip() for s in shares.split(",") if s.strip()) if shares else None,
                               "sizes": _ints(sizes, "--sizes"), "seeds": _ints(seeds, "--seeds"),
                               "lrs": parse_lrs(lr) or None}.items() if v is not None}
     if cost:
-        cfg = {**PRESETS[preset], **over}
+        cfg = {**PRESETS[scale], **over}
         res = measure_step_seconds(cfg["model"], cfg["shares"], cfg["batch_size"], cfg["prefix_len"],
                                    threads=(1,), device=dev)
         step = max(res["seconds_per_step"].values())
-        res["estimate"] = {"preset": preset, **estimate_seconds(cfg, step)}
+        res["estimate"] = {"preset": scale, **estimate_seconds(cfg, step)}
     else:
         with ProgressBar("data-to-text") as prog:
-            res = run_preset(preset, device=dev, progress=lambda i, n, info: prog(i, n, {**info, "eval": True}), **over)
+            res = run_preset(scale, device=dev, progress=lambda i, n, info: prog(i, n, {**info, "eval": True}), **over)
     if json_path is not None:
         from reports.html import write_report
         write_report(json_path, json.dumps(res, indent=1) + "\n")
+    if json_out:
+        print(json.dumps(res, indent=1))
+        if json_path is not None:
+            print(f"wrote {json_path}", file=sys.stderr)
+        return
     if cost:
         for k, v in res["seconds_per_step"].items():
             print(f"{k}: {v:.2f} s per training step (batch {res['batch_size']}, P={res['prefix_len']}, {dev})")
         e = res["estimate"]
-        print(f"preset {preset}: {e['runs']} runs, {e['train_steps']} training steps, ~{e['seconds'] / 60:.0f} min at the slowest rate "
+        print(f"scale {scale}: {e['runs']} runs, {e['train_steps']} training steps, ~{e['seconds'] / 60:.0f} min at the slowest rate "
               f"(evaluation included; loading and generation not)")
         return
     from rich.console import Console
@@ -646,7 +699,7 @@ def report(runs: List[Path] = typer.Argument(..., help="run directories (base an
 
 
 @command()
-def reproduce(preset: str = typer.Option("quick", help="quick (what make demo runs) or paper (the papers' model sizes)"),
+def reproduce(scale: str = typer.Option("quick", "--scale", help="the study's size: quick (what make demo runs), paper (the papers' model sizes) or micro (seconds; its numbers mean nothing)"),
               out: Path = typer.Option(Path("runs/reproduce"), help="study directory (stages are cached here)"),
               stage: Optional[str] = typer.Option(None, help="run only these stages, e.g. E1,probes"),
               workers: int = typer.Option(1, help="run independent stages in parallel on a local Ray with N workers "
@@ -663,7 +716,7 @@ def reproduce(preset: str = typer.Option("quick", help="quick (what make demo ru
         _fail(f"--workers must be at least 1, got {workers}")
     from study.progress import StudyProgress
     with StudyProgress(sys.stderr) as sp:
-        res = _reproduce(out, preset, sp.factory, only, workers, ray, sp.done, device=device, on_note=_note)
+        res = _reproduce(out, scale, sp.factory, only, workers, ray, sp.done, device=device, on_note=_note)
     t = res.get("timing")
     if t:
         print(f"study: wall {t['wall_s']:.0f} s, stage work {t['work_s']:.0f} s, longest chain "
@@ -682,8 +735,8 @@ def reproduce(preset: str = typer.Option("quick", help="quick (what make demo ru
 @command()
 def demo(out: Path = typer.Option(Path("runs/demo"), help="where the study goes"),
          workers: int = typer.Option(2, help="parallel stage workers (local Ray)")):
-    """The main job on its built-in default: `reproduce --preset quick`."""
-    reproduce(preset="quick", out=out, stage=None, workers=workers, ray=None, device="cpu")
+    """The main job on its built-in default: `reproduce --scale quick`."""
+    reproduce(scale="quick", out=out, stage=None, workers=workers, ray=None, device="cpu")
 
 
 if __name__ == "__main__":

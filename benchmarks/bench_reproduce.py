@@ -21,7 +21,7 @@ from study.reproduce import reproduce
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=1)
-    ap.add_argument("--preset", default="quick")
+    ap.add_argument("--scale", "--preset", dest="preset", default="quick")  # --preset: the old spelling
     ap.add_argument("--workers", default="1", help="comma-separated worker counts, e.g. 1,2")
     ap.add_argument("--simulate", help="a JSON file {stage: one-thread seconds}: replay the schedule only")
     args = ap.parse_args()

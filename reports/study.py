@@ -23,7 +23,7 @@ def _pct(x):
 
 def _table_section(table: list[dict], preset: str) -> tuple:
     rows = [[r["source"], r["claim"], r["paper"], r["lab"], r["verdict"], r["criterion"]] for r in table]
-    intro = (f"Every headline number of papers.md against this lab's measurement (preset '{preset}'). "
+    intro = (f"Every headline number of papers.md against this lab's measurement (scale '{preset}'). "
              "'reproduced' means the paper's conclusion holds under the stated criterion; 'differs' "
              "gives the measured gap. Differences are results, not failures.")
     return ("Paper vs lab", [Table(["source", "claim", "paper", "lab", "verdict", "criterion"], rows)], intro)

@@ -16,7 +16,10 @@ from typing import Callable
 from prefixlab_common.errors import UserError
 from prefixlab_common.progress import Progress
 
-PRESETS = ("quick", "paper", "micro")
+# the study's scales (`reproduce --scale`); a model's size is its preset (toy_models.model.PRESETS).
+# Stage configs keep the key "preset" for the scale, so that cached stages stay valid.
+SCALES = ("quick", "paper", "micro")
+PRESETS = SCALES  # the old name, for callers that import it
 
 # [L]'s toy (study.experiments.run_sample_efficiency): E3's new composition on the E3/E4 base,
 # which a P=10 prefix can reach but must learn from its samples (docs/experiments.md). Learning-rate
@@ -193,8 +196,8 @@ def stages_for(preset: str, out: Path) -> list[Stage]:
     experiments that share it can run in parallel without pretraining it twice."""
     from study.experiments import base_key
     from study.recipes import RECIPES
-    if preset not in PRESETS:
-        raise UserError(f"unknown preset {preset!r}; use quick (default) or paper")
+    if preset not in SCALES:
+        raise UserError(f"unknown scale {preset!r}; use quick (default), paper or micro")
     micro = preset == "micro"
     recipes = RECIPES[preset]
     recipe = lambda e: {"preset": preset, "recipe": recipes[e].to_dict()}
@@ -208,7 +211,7 @@ def stages_for(preset: str, out: Path) -> list[Stage]:
             st.append(Stage(f"base-{e}", f"Base model for {e}: {what}", {**recipe(e), "experiment": e}, _base))
         base_of[e] = base_of[key]
     if base_of["E4"] != base_of["E3"]:
-        raise UserError(f"preset {preset!r}: E3 and E4 must share one base (same model and pretraining)")
+        raise UserError(f"scale {preset!r}: E3 and E4 must share one base (same model and pretraining)")
     config = lambda e: {**recipe(e), **({"prompt": PROMPTING[preset]} if e in PROMPTED else {})}
     st += [Stage(e, f"{e}: " + t, config(e), _experiment(e), needs=(base_of[e],)) for e, t in (
         ("E4", "prefix vs rank-1 LoRA at equal budget on double_hist"),

@@ -284,8 +284,8 @@ def paper_vs_lab(records: dict) -> list[dict]:
             rows.append(_row("[P] E1", "E1", "—", "stage failed or not run", None, ""))
         elif name == "d2t" and "d2t" not in records:
             rows.append(_row("[L] language", "Deep-share more sample-efficient than No-share on data-to-text (SmolLM2)",
-                             "GPT-2 on E2E, BART on XSUM", "not in this preset: SmolLM2 training takes hours on a "
-                             "CPU (`--preset paper`, or `prefixlab data-to-text`; docs/llama.md)", None, ""))
+                             "GPT-2 on E2E, BART on XSUM", "not at this scale: SmolLM2 training takes hours on a "
+                             "CPU (`--scale paper`, or `prefixlab data-to-text`; docs/llama.md)", None, ""))
     rows.append(_row("[L] FGVC", "No-share 82.3 < Deep-share 88.3 < Simple-share 89.1 (ViT-B/16, 5 data sets)",
                      "82.3 / 88.3 / 89.1",
                      "cannot run offline: no pretrained ViT-B/16 and none of CUB, NABirds, Flowers, Dogs, Cars "

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from cli import app
 
 runner = CliRunner()
-MICRO = ["--preset", "micro", "--length", "4", "--num-digits", "4", "--prompt-len", "3",
+MICRO = ["--preset", "micro", "--seq-len", "4", "--num-digits", "4", "--prompt-len", "3",
          "--steps", "20", "--batch-size", "16", "--eval-every", "10"]
 TUNE = ["--steps", "10", "--batch-size", "8", "--eval-every", "5"]
 
@@ -75,7 +75,7 @@ def test_bad_inputs_exit_2_and_write_nothing(base, tmp_path):
     bad(["pretrain", "--task", "sort_everything", "--out", out, *MICRO], "unknown task")
     bad(["pretrain", "--task", "add1", "--out", out, *MICRO[:-8], "--preset", "huge"], "unknown preset")
     bad(["pretrain", "--task", "add1", "--out", out, *MICRO, "--steps", "0"], "steps must be positive")
-    bad(["pretrain", "--task", "add1", "--out", out, *MICRO, "--length", "0"], "length must be positive")
+    bad(["pretrain", "--task", "add1", "--out", out, *MICRO, "--seq-len", "0"], "length must be positive")
     bad(["pretrain", "--task", "add1", "--out", out, *MICRO, "--prompt-len", "-2"], "prompt length")
     bad(["finetune", base, "--method", "magic", "--task", "add2", "--out", out], "unknown method")
     bad(["finetune", base, "--method", "prefix", "--task", "add2", "-P", "0", "--out", out], "positive")

@@ -11,9 +11,19 @@ from typing import Any
 from prefixlab_common.errors import UserError
 
 
+# CLI spellings that are not --name: P is -P/--prefix-len on every command (issue 19: finetune's
+# --length meant P while pretrain's meant L; the old spelling warns for one release, cli.RENAMED)
+FLAGS = {"length": "--prefix-len"}
+
+
+def flag_of(name: str) -> str:
+    """The command-line flag of the option `name`."""
+    return FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
 @dataclass(frozen=True)
 class Option:
-    name: str  # the constructor's keyword; the CLI flag is --name with '-' for '_'
+    name: str  # the constructor's keyword; the CLI flag is --name with '-' for '_' (or FLAGS[name])
     type: type  # int, float or str (of each element when `many`)
     default: Any  # equals the constructor's default (tests/tuning/test_method_registry.py)
     help: str
@@ -23,7 +33,7 @@ class Option:
 
     @property
     def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        return flag_of(self.name)
 
     def parse(self, text: str) -> Any:
         """A command-line value: `many` options split on commas into elements of `type`."""
@@ -41,6 +51,6 @@ def check_options(method: str, declared: tuple[Option, ...], given: dict) -> Non
     known = {o.name for o in declared}
     extra = sorted(set(given) - known)
     if extra:
-        raise UserError(f"option --{extra[0].replace('_', '-')} does not apply to method {method}"
+        raise UserError(f"option {flag_of(extra[0])} does not apply to method {method}"
                         + (f" (its options: {', '.join(o.flag for o in declared)})" if declared else
                            " (it takes no options)"))

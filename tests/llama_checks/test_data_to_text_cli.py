@@ -9,14 +9,14 @@ runner = CliRunner()
 
 
 @pytest.mark.parametrize("args, msg", [
-    (["--preset", "nope"], "unknown preset"),
-    (["--preset", "micro", "--shares", "bogus"], "unknown prefix share"),
-    (["--preset", "micro", "--sizes", "0,4"], "size"),
-    (["--preset", "micro", "--lr", "none"], "lr"),
+    (["--scale", "nope"], "unknown scale"),
+    (["--scale", "micro", "--shares", "bogus"], "unknown prefix share"),
+    (["--scale", "micro", "--sizes", "0,4"], "size"),
+    (["--scale", "micro", "--lr", "none"], "lr"),
 ])
 def test_bad_inputs_end_in_one_line(tmp_path, args, msg):
     out = tmp_path / "d2t.json"
-    r = runner.invoke(app, ["data-to-text", *args, "--json", str(out)])
+    r = runner.invoke(app, ["data-to-text", *args, "--json-file", str(out)])
     assert r.exit_code == 2, r.output
     lines = [l for l in r.output.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0].lower(), r.output
@@ -26,5 +26,5 @@ def test_bad_inputs_end_in_one_line(tmp_path, args, msg):
 def test_an_existing_json_is_not_overwritten(tmp_path):
     out = tmp_path / "d2t.json"
     out.write_text("{}")
-    r = runner.invoke(app, ["data-to-text", "--preset", "micro", "--json", str(out)])
+    r = runner.invoke(app, ["data-to-text", "--scale", "micro", "--json-file", str(out)])
     assert r.exit_code == 2 and out.read_text() == "{}"

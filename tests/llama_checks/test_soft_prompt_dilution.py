@@ -228,21 +228,21 @@ def test_cli_refuses_mismatched_adapter_in_one_line(tmp_path):
     assert _one_error_line(r.stderr) and "num_layers=3" in r.stderr
     assert not out.exists()
     j = tmp_path / "d.json"
-    r = _cli("dilution", "--model", "tiny", "--adapter", str(tmp_path / "deep"), "--json", str(j), "--lengths", "8,16")
+    r = _cli("dilution", "--model", "tiny", "--adapter", str(tmp_path / "deep"), "--json-file", str(j), "--lengths", "8,16")
     assert r.returncode == 2 and _one_error_line(r.stderr) and not j.exists()
-    r = _cli("dilution", "--model", "tiny", "--lengths", "8,x", "--json", str(j))
+    r = _cli("dilution", "--model", "tiny", "--lengths", "8,x", "--json-file", str(j))
     assert r.returncode == 2 and "--lengths" in r.stderr and _one_error_line(r.stderr) and not j.exists()
 
 
 def test_cli_dilution_writes_json_and_page(tmp_path):
     j, page = tmp_path / "d.json", tmp_path / "d.html"
-    r = _cli("dilution", "--model", "tiny", "--lengths", "8,16,64", "--json", str(j), "--out", str(page))
+    r = _cli("dilution", "--model", "tiny", "--lengths", "8,16,64", "--json-file", str(j), "--out", str(page))
     assert r.returncode == 0, r.stderr[-2000:]
     d = json.loads(j.read_text())
     assert len(d["layers"]) == 2 and d["lengths"] == [8, 16, 64] and set(d["decay_exponents"]) == {"0", "1"}
     assert "Prefix dilution" in page.read_text()
     before = j.read_text()
-    r = _cli("dilution", "--model", "tiny", "--lengths", "8,16", "--json", str(j))
+    r = _cli("dilution", "--model", "tiny", "--lengths", "8,16", "--json-file", str(j))
     assert r.returncode == 2 and "already exists" in r.stderr and j.read_text() == before
 
 

@@ -22,7 +22,7 @@ from toy_models.runs import RunDir
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-MICRO = ["--task", "add1", "--preset", "micro", "--length", "4", "--num-digits", "4", "--prompt-len", "2",
+MICRO = ["--task", "add1", "--preset", "micro", "--seq-len", "4", "--num-digits", "4", "--prompt-len", "2",
          "--batch-size", "16"]
 
 
@@ -80,7 +80,7 @@ def reference(tmp_path_factory):
 
 def test_second_study_stops_at_once_and_a_killed_ones_lock_is_taken_over(tmp_path, reference):
     out = tmp_path / "study"
-    first = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "reproduce", "--preset", "micro", "--out", str(out)],
+    first = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "reproduce", "--scale", "micro", "--out", str(out)],
                              cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
     try:
@@ -93,7 +93,7 @@ def test_second_study_stops_at_once_and_a_killed_ones_lock_is_taken_over(tmp_pat
         os.killpg(first.pid, signal.SIGSTOP)
         # 1. a second study on the same directory: one line naming the first, exit 2, at once
         t0 = time.time()
-        second = cli("reproduce", "--preset", "micro", "--out", out, "--stage", "thm2")
+        second = cli("reproduce", "--scale", "micro", "--out", out, "--stage", "thm2")
         assert second.returncode == 2, second.stderr
         line = one_line_error(second.stderr, "in use by another study")
         assert f"pid {first.pid} on host {socket.gethostname()}" in line
@@ -287,7 +287,7 @@ def test_a_study_on_a_full_disk_stops_with_one_line(tmp_path, monkeypatch):
     def full(tensors, path, metadata=None):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
     monkeypatch.setattr(runs, "save_file", full)
-    r = CliRunner().invoke(app, ["reproduce", "--preset", "micro", "--out", str(out), "--stage", "base-E1,E1,thm2"])
+    r = CliRunner().invoke(app, ["reproduce", "--scale", "micro", "--out", str(out), "--stage", "base-E1,E1,thm2"])
     assert r.exit_code == 2, r.output
     one_line_error(r.output, "no space left")
     assert not list(out.glob("stages/base-E1-*/result.json"))  # no record of a stage that could not run
@@ -334,7 +334,7 @@ def read_only(tmp_path, monkeypatch):
 
 
 def test_a_read_only_output_directory(read_only, tmp_path):
-    for args in (["reproduce", "--preset", "micro", "--stage", "thm2", "--out", str(read_only / "study")],
+    for args in (["reproduce", "--scale", "micro", "--stage", "thm2", "--out", str(read_only / "study")],
                  _pretrain_args(read_only / "base")):
         r = CliRunner().invoke(app, args)
         assert r.exit_code == 2, r.output

@@ -92,7 +92,7 @@ def reference(tmp_path_factory):
 
 
 def test_without_the_token_the_error_says_what_to_do(head, tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "reproduce", "--preset", "micro", "--stage", "thm2",
+    r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "reproduce", "--scale", "micro", "--stage", "thm2",
                         "--out", str(tmp_path / "s"), "--ray", f"127.0.0.1:{head['port']}"],
                        cwd=ROOT, env={**ENV, "HOME": str(tmp_path)},  # no ~/.ray/auth_token either
                        capture_output=True, text=True, timeout=300)
@@ -105,7 +105,7 @@ def test_without_the_token_the_error_says_what_to_do(head, tmp_path):
 def test_the_micro_study_through_a_head_node_with_a_worker_killed_mid_stage(head, reference, tmp_path):
     out = tmp_path / "cluster"
     # the address `ray start` printed, and the token the way Ray documents it (RAY_AUTH_MODE left unset)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "reproduce", "--preset", "micro",
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "reproduce", "--scale", "micro",
                              "--out", str(out), "--ray", head["address"]],
                             cwd=ROOT, env={**ENV, "RAY_AUTH_TOKEN": head["token"]},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -159,7 +159,7 @@ def test_language_row_says_where_it_runs_when_the_preset_has_no_stage():
     assert "d2t" in [s.name for s in stages_for("paper", Path("/tmp/x"))]
     assert "d2t" not in [s.name for s in stages_for("quick", Path("/tmp/x"))]
     row = [r for r in paper_vs_lab({}) if r["source"] == "[L] language"]
-    assert row[0]["verdict"] == "not run" and "--preset paper" in row[0]["lab"]
+    assert row[0]["verdict"] == "not run" and "--scale paper" in row[0]["lab"]
 
 
 def _rich():
