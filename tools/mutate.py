@@ -55,7 +55,7 @@ MODULES: dict[str, list[str]] = {
     "probes/hierarchy.py": ["tests/probes/test_probes.py", "tests/llama_checks/test_soft_prompt_dilution.py"],
     "llama_checks/prefix.py": _LLAMA,
     "llama_checks/soft_prompt.py": _LLAMA,
-    "theory/reparam.py": ["tests/theory/test_reparam.py"],
+    "theory/reparam.py": ["tests/theory/test_reparam.py", "tests/theory/test_mutants_reparam.py"],
 }
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped",
           36: "timeout", -24: "timeout", 24: "timeout", 152: "timeout", 255: "timeout", 37: "killed"}
