@@ -30,7 +30,7 @@ from study.recipes import RECIPES  # noqa: E402
 from study.stages import SAMPLE_EFF  # noqa: E402
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--sizes", default="64,128,256,512,1024", help="comma-separated n; 'fresh' for fresh data")
@@ -38,11 +38,13 @@ def main() -> int:
     ap.add_argument("--bases", type=Path, default=None, help="bases directory (default: <out>/bases)")
     ap.add_argument("--reuse", type=Path, default=None, help="a quick sample_eff stage directory to copy runs from")
     ap.add_argument("--threads", type=int, default=1)
-    a = ap.parse_args()
+    ap.add_argument("--scale", default="quick", choices=["quick", "micro"],
+                    help="whose stage to widen: quick (the recorded sweep) or micro (seconds; the tests)")
+    a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     sizes = [None if s == "fresh" else int(s) for s in a.sizes.split(",")]
     seeds = [int(s) for s in a.seeds.split(",")]
-    cfg = {**SAMPLE_EFF["quick"], "experiment": "E3", "sizes": sizes, "seeds": seeds}
+    cfg = {**SAMPLE_EFF[a.scale], "experiment": "E3", "sizes": sizes, "seeds": seeds}
     runs = a.out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     if a.reuse:
@@ -55,7 +57,7 @@ def main() -> int:
         if step == total:
             print(f"[{time.time() - t0:7.0f} s] {step}/{total} {info}", flush=True)
 
-    res = run_sample_efficiency(runs, a.bases or a.out / "bases", RECIPES["quick"]["E3"], cfg, progress=progress)
+    res = run_sample_efficiency(runs, a.bases or a.out / "bases", RECIPES[a.scale]["E3"], cfg, progress=progress)
     res["wall_s"] = round(time.time() - t0)
     (a.out / "result.json").write_text(json.dumps(res, indent=1))
     for v in res["acc"]:
