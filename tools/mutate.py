@@ -53,7 +53,7 @@ MODULES: dict[str, list[str]] = {
     "probes/invariance.py": ["tests/probes/test_probes.py"],
     "probes/bias.py": ["tests/probes/test_probes.py"],
     "probes/hierarchy.py": ["tests/probes/test_probes.py", "tests/llama_checks/test_soft_prompt_dilution.py"],
-    "llama_checks/prefix.py": _LLAMA,
+    "llama_checks/prefix.py": _LLAMA + ["tests/llama_checks/test_mutants_prefix.py"],
     "llama_checks/soft_prompt.py": _LLAMA,
     "theory/reparam.py": ["tests/theory/test_reparam.py", "tests/theory/test_mutants_reparam.py"],
 }
