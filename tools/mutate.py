@@ -31,6 +31,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ["toy_models", "tuning", "probes", "llama_checks", "theory", "study", "reports"]
+# the bottom package every package imports (UserError); copied with the others where it exists
+PACKAGES += [p for p in ("prefixlab_common",) if (ROOT / p).is_dir()]
 # the methods against hand computations; test_tuning.py trains every variant (minutes per mutant)
 _TUNE = ["tests/tuning/test_methods.py"]
 _LLAMA = ["tests/llama_checks/test_llama.py", "tests/llama_checks/test_soft_prompt_dilution.py"]
