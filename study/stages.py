@@ -15,6 +15,7 @@ from typing import Callable
 
 from prefixlab_common.errors import UserError
 from prefixlab_common.progress import Progress
+from study.recipes import RECIPES
 
 # the study's scales (`reproduce --scale`); a model's size is its preset (toy_models.model.PRESETS).
 # Stage configs keep the key "preset" for the scale, so that cached stages stay valid.
@@ -65,7 +66,11 @@ class Stage:
 
 
 # --------------------------------------------------------------------------------------------
-# Stage functions.
+# Stage functions. Each imports its experiment when it runs, never at module level: the catalogue
+# (stages_for, Stage.key, the plan) loads without torch, transformers or Ray, so `reproduce`
+# plans, checks its input and answers a bad --stage in a fraction of a second, and a study that
+# skips the LLaMA stages never imports transformers. These lazy imports hide no cycle: the
+# import-linter contract in pyproject.toml puts stages above experiments.
 
 
 def _bases(d: Path) -> Path:
@@ -75,14 +80,12 @@ def _bases(d: Path) -> Path:
 def _base(d: Path, cfg: dict, up: dict, progress, device=None) -> dict:
     """Pretrain (or reuse) one base model; the experiments that use it find it complete."""
     from study.experiments import ensure_base
-    from study.recipes import RECIPES
     return ensure_base(_bases(d), cfg["experiment"], RECIPES[cfg["preset"]][cfg["experiment"]], progress, device)
 
 
 def _experiment(name: str):
     def fn(d: Path, cfg: dict, up: dict, progress, device=None) -> dict:
         from study.experiments import EXPERIMENTS
-        from study.recipes import RECIPES
         extra = {"prompt": cfg["prompt"]} if "prompt" in cfg else {}
         return EXPERIMENTS[name](d, _bases(d), RECIPES[cfg["preset"]][name], progress, device, **extra)
     return fn
@@ -90,7 +93,6 @@ def _experiment(name: str):
 
 def _sample_efficiency(d: Path, cfg: dict, up: dict, progress, device=None) -> dict:
     from study.experiments import run_sample_efficiency
-    from study.recipes import RECIPES
     return run_sample_efficiency(d, _bases(d), RECIPES[cfg["preset"]][cfg["experiment"]], cfg,
                                  progress=progress, device=device)
 
@@ -195,7 +197,6 @@ def stages_for(preset: str, out: Path) -> list[Stage]:
     """The study's stages in dependency order. Each base model is a stage of its own, so the
     experiments that share it can run in parallel without pretraining it twice."""
     from study.experiments import base_key
-    from study.recipes import RECIPES
     if preset not in SCALES:
         raise UserError(f"unknown scale {preset!r}; use quick (default), paper or micro")
     micro = preset == "micro"
