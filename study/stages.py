@@ -66,11 +66,11 @@ class Stage:
 
 
 # --------------------------------------------------------------------------------------------
-# Stage functions. Each imports its experiment when it runs, never at module level: the catalogue
-# (stages_for, Stage.key, the plan) loads without torch, transformers or Ray, so `reproduce`
-# plans, checks its input and answers a bad --stage in a fraction of a second, and a study that
-# skips the LLaMA stages never imports transformers. These lazy imports hide no cycle: the
-# import-linter contract in pyproject.toml puts stages above experiments.
+# Stage functions. Each imports its experiment when it runs, never at module level: this module
+# loads without torch, transformers or Ray (stages_for itself loads the toy-model package, for the
+# model presets and base keys), and a study that skips the LLaMA stages never imports the LLaMA
+# checks. These lazy imports hide no cycle: the import-linter contract in pyproject.toml puts
+# stages above experiments.
 
 
 def _bases(d: Path) -> Path:
