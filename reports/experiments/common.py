@@ -1,0 +1,27 @@
+"""What the experiments' report sections share."""
+
+from __future__ import annotations
+
+from reports.html import Table
+
+
+def _pct(x):
+    return "—" if x is None else f"{100 * x:.1f} %"
+
+
+def curves_figure(curves: dict, title: str):
+    """Loss and accuracy against the step, from the study's [step, loss, accuracy] rows."""
+    from reports.figures import learning_curves_figure
+    return learning_curves_figure({k: [{"step": s, "loss": l, "exact_acc": a} for s, l, a in rows]
+                                   for k, rows in curves.items()}, title)
+
+
+def prompt_table(P: int, per_task: dict, prefix: dict | None = None) -> Table:
+    """The best hard prompt of length ≤ P per task (E1: descending; E2: each pretrained task): the
+    length and tokens the search chose on its training batch (first seed), its test accuracy, each
+    length's accuracy and, in E2, the P=1 prefix on the same task."""
+    rows = [[t, p["length"][0], "[" + " ".join(map(str, p["tokens"][0])) + "]", _pct(p["acc"]["mean"]),
+             ", ".join(f"P={n}: {_pct(v['mean'])}" for n, v in p["by_length"].items())]
+            + ([_pct(prefix[t]["mean"])] if prefix else []) for t, p in per_task.items()]
+    return Table(["task", "chosen length", "tokens (first seed)", f"best hard prompt (length ≤ {P})",
+                  "each length"] + (["P=1 prefix"] if prefix else []), rows)

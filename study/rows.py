@@ -1,0 +1,36 @@
+"""How a row of the paper-vs-lab table is written (`study.table`): its verdict and its numbers.
+Shared by the experiment modules' rows and the table's own."""
+
+from __future__ import annotations
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f} %"
+
+
+def _ms(d: dict | None) -> str:
+    if not d:
+        return "—"
+    if len(d.get("values", [])) > 1:
+        return f"{100 * d['mean']:.1f} ± {100 * d['std']:.1f} %"
+    return _pct(d["mean"])
+
+
+def _row(source, claim, paper, ours, holds, criterion, gap=None):
+    if holds is None:
+        verdict = "not run"
+    elif holds:
+        verdict = "reproduced"
+    else:
+        verdict = "differs" + (f" ({gap})" if gap else "")
+    return {"source": source, "claim": claim, "paper": paper, "lab": ours, "verdict": verdict,
+            "criterion": criterion}
+
+
+def of_ceiling(b: dict) -> str:
+    """A base's accuracy against its task's ceiling, e.g. '93.1 % of a 94.0 % ceiling (y1 given)'."""
+    return (f"{b['task']} {_pct(b['exact_acc'])} of a {_pct(b['ceiling'])} ceiling"
+            + (" (y1 given)" if b.get("y1_given") else ""))
+
+
+def _tokens(t: list[int]) -> str:
+    return "[" + " ".join(str(x) for x in t) + "]"
