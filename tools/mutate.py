@@ -177,6 +177,9 @@ def main(argv=None) -> int:
     ap.add_argument("--list", action="store_true", help="print the module -> tests mapping")
     ap.add_argument("--keep", action="store_true", help="keep runs/mutate/work/<module> (for `mutmut show`)")
     ap.add_argument("--collect", action="store_true", help="only collect again from kept work directories")
+    ap.add_argument("--tests", action="append", metavar="FILE",
+                    help="a test file to run instead of the module's mapped ones (repeatable; recorded in "
+                         "the report)")
     ap.add_argument("--only", action="append", metavar="PATTERN",
                     help="run only the mutants whose names match (fnmatch; repeatable), e.g. "
                          "'toy_models.training.x_evaluate*'; the report says so")
@@ -185,6 +188,9 @@ def main(argv=None) -> int:
         for m, t in MODULES.items():
             print(f"{m}: {' '.join(t)}")
         return 0
+    if args.tests and len(args.modules) != 1:
+        print("--tests needs exactly one module", file=sys.stderr)
+        return 2
     unknown = [m for m in args.modules if m not in MODULES]
     if unknown:
         print(f"unknown module {unknown[0]!r}; known: {', '.join(MODULES)}", file=sys.stderr)
@@ -195,8 +201,9 @@ def main(argv=None) -> int:
     t0 = time.time()
     for m in args.modules or list(MODULES):
         # --collect of an interrupted run (no report entry yet): statuses as far as it got
-        previous = old.get(m, {"module": m, "tests": MODULES[m], "wall_s": None}) if args.collect else None
-        r = run_module(m, MODULES[m], args.keep, previous, args.only)
+        tests = args.tests or MODULES[m]
+        previous = old.get(m, {"module": m, "tests": tests, "wall_s": None}) if args.collect else None
+        r = run_module(m, tests, args.keep, previous, args.only)
         old[m] = r  # one module at a time: an interrupted run keeps what it measured
         tmp = report_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(old, indent=1))
