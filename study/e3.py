@@ -1,9 +1,7 @@
 """E3, 'new task, same attention' ([P]): P=10 prefixes on a deeper mix4 base, old tasks and new.
 
-Each experiment module (`study.e1` ... `study.sample_eff`) holds the experiment's run, its rows
-of the paper-vs-lab table (`study.table`) and names its report section (`reports.experiments`).
-`run` takes the shared `run_jobs` (`study.experiments`) as an argument: `study.table`, the bottom
-layer of the study contract, imports this module for its rows, so it imports nothing above.
+The layout every experiment module shares (its run, its table rows, its report section; why
+`run` takes `run_jobs` as an argument): study/runkit.py's docstring.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """What the experiments' runs share: their bases, their tuning jobs and what they collect from them.
 
+Each experiment module (`study.e1` ... `study.sample_eff`) holds the experiment's run, its rows
+of the paper-vs-lab table (`study.table`) and names its report section (`reports.experiments`).
+
 It imports nothing else of `study`: the experiment modules (`study.e1` ...) use it, and
 `study.table` (the bottom layer of the study contract) imports those for their table rows. The one
 shared step that needs the layers above, `study.experiments.run_jobs` (it hands a parallel study's

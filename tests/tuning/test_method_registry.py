@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from prefixlab_common.errors import UserError
-from toy_models.pipeline import load_model, pretrain
+from toy_models.pipeline import load_model
 from toy_models.runs import load_tensors
 from toy_models.tasks import TaskSpec, resolve_task, sample_batch
-from toy_models.training import TrainConfig, loss_on
+from toy_models.training import loss_on
 from tuning.jobs import TUNE_DEFAULTS
 from tuning.pipeline import budget_match, finetune, load_run
 from tuning.registry import METHODS, make_method, method_class, options_by_flag
 
-SPEC = TaskSpec(length=4, num_digits=4, prompt_len=3)
+SPEC = TaskSpec(length=4, num_digits=4, prompt_len=3)  # the conftest base's spec
 CASES = [(name, ex) for name, cls in METHODS.items() for ex in cls.examples]
 IDS = [f"{m}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'defaults'}" for m, o in CASES]
 TRAIN = {"steps": 12, "batch_size": 16, "eval_every": 12, "eval_size": 32, "warmup": 2}
@@ -30,11 +30,8 @@ def train_for(cls) -> dict:
 
 
 @pytest.fixture(scope="module")
-def base_run(tmp_path_factory):
-    path = tmp_path_factory.mktemp("base") / "add1"
-    pretrain(path, "add1", "micro", SPEC, TrainConfig(steps=120, batch_size=32, lr=1e-2, warmup=10,
-                                                       eval_every=120, eval_size=64))
-    return path
+def base_run(micro_add1_base):
+    return micro_add1_base  # tests/tuning/conftest.py
 
 
 @pytest.mark.parametrize("name", list(METHODS))

@@ -8,25 +8,22 @@ import pytest
 import torch
 
 from prefixlab_common.errors import UserError
-from toy_models.pipeline import load_model, pretrain
+from toy_models.pipeline import load_model
 from toy_models.tasks import TaskSpec, resolve_task
 from toy_models.training import TrainConfig, loss_on
 from tuning import HardPrompt, SoftPrompt
 from tuning.prompt import exhaustive_search, greedy_search, prompt_losses, search_batch
 from tuning.pipeline import finetune, load_run
 
-SPEC = TaskSpec(length=4, num_digits=4, prompt_len=3)
+SPEC = TaskSpec(length=4, num_digits=4, prompt_len=3)  # the conftest base's spec
 # descending on digits 0..3 never shows tokens 4 and 5: their embedding rows are free to plant in
 TASK = "descending"
 FREE = (4, 5)
 
 
 @pytest.fixture(scope="module")
-def base_run(tmp_path_factory):
-    path = tmp_path_factory.mktemp("base") / "add1"
-    pretrain(path, "add1", "micro", SPEC, TrainConfig(steps=120, batch_size=32, lr=1e-2, warmup=10,
-                                                       eval_every=120, eval_size=64))
-    return path
+def base_run(micro_add1_base):
+    return micro_add1_base  # tests/tuning/conftest.py
 
 
 def cfg(**kw):
