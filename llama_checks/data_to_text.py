@@ -40,6 +40,8 @@ from llama_checks.prefix import Prefix, hard_prompt_prefix, prefix_cache
 from prefixlab_common.errors import UserError
 from prefixlab_common.progress import Progress
 from toy_models.training import resolve_device
+# Lazy import: transformers' LLaMA rotary helper, inside Simple-share's key construction only (heavy). No
+# cycle is hidden.
 
 SHARES = ("none", "simple", "deep")
 START_TEXT = "Describe the restaurant in one sentence from its attributes:"

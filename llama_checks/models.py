@@ -31,6 +31,9 @@ from typing import Any
 import torch
 
 from prefixlab_common.errors import UserError
+# Lazy imports: transformers, tokenizers, safetensors, transformer_lens' bridge (and ctypes/functools for
+# the GGUF reader) are imported inside the functions that load a model, so `import llama_checks` and the
+# CLI's help stay fast and the toy lab works where the LLaMA extras are missing. No cycle is hidden.
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

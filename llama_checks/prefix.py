@@ -34,6 +34,8 @@ from typing import Callable
 import torch
 
 from prefixlab_common.errors import UserError
+# Lazy imports: transformers and safetensors, inside the functions that read or build a PEFT adapter or a
+# cache (heavy; the checks on the toy lab never need them). No cycle is hidden.
 
 DATA_DIR = Path(__file__).parent / "data"
 FORMAT = "prefixlab.prefix"

@@ -34,6 +34,8 @@ import torch
 
 from llama_checks.prefix import Prefix, read_tagged
 from prefixlab_common.errors import UserError
+# Lazy imports: transformers and safetensors, inside the functions that read a PEFT prompt adapter
+# (heavy, optional). No cycle is hidden.
 
 FORMAT = "prefixlab.soft_prompt"
 

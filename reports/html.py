@@ -27,6 +27,7 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from prefixlab_common.errors import UserError
+# Lazy import: plotly.io, only to export PNGs (it needs kaleido, an optional extra).
 
 
 @dataclass(frozen=True)

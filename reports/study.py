@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from reports.build import build_report
 from reports.experiments import e1, e2, e3, e4, sample_eff
 from reports.experiments.common import _pct, curves_figure
 from reports.html import Table, render_report, write_report
+from reports.theory_figures import beta_figure, capacity_figure, reparam_figure, text_figure
+from theory.reparam import ReparamResult
 
 
 def _table_section(table: list[dict], preset: str) -> tuple:
@@ -85,8 +88,6 @@ def _llama_section(r: dict, records: dict) -> tuple:
 
 
 def _reparam_section(r: dict, records: dict) -> tuple:
-    from reports.theory_figures import reparam_figure
-    from theory.reparam import ReparamResult
     items = []
     try:
         items.append(reparam_figure(ReparamResult.from_json(r)))
@@ -123,7 +124,6 @@ def _exact(c: dict) -> str:
 
 
 def _thm1_section(r: dict) -> tuple:
-    from reports.theory_figures import beta_figure, text_figure
     rows = [[f"{c['n_targets']:,} random Y ∈ [V]^N", c["V"], c["N"], f"{c['beta']:g}",
              "—" if c.get("min_beta") is None else f"{c['min_beta']:.2f}",
              "—" if c.get("predicted_min_beta_worst_case") is None else f"{c['predicted_min_beta_worst_case']:.2f}",
@@ -139,7 +139,6 @@ def _thm1_section(r: dict) -> tuple:
 
 
 def _thm2_section(r: dict) -> tuple:
-    from reports.theory_figures import capacity_figure
     rows = [[f"{c['n_maps']:,} random maps [V]→[V]", c["V"], f"{c['beta']:g}", f"{c['n_exact_maps']:,} / {c['n_maps']:,}",
              _pct(c.get("output_accuracy")), _exact(c)] for c in r["thm2"]]
     cap = r["capacity"]
@@ -161,7 +160,6 @@ def write_study_report(out: Path, preset: str, table: list[dict], records: dict,
     extras = [_table_section(table, preset), _stages_section(records, timing)] + _experiments_sections(records)
     rec = records.get(e1.STAGE, {})
     if rec.get("status") == "done":
-        from reports.build import build_report
         r = rec["result"]
         runs = [r["base"]] + [r["runs"][k] for k in ("full", "prefix_simple", "soft_prompt", "lora") if k in r["runs"]]
         build_report([Path(p) for p in runs], out, n_inputs=100, extra_sections=extras,

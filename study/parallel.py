@@ -38,6 +38,9 @@ from study.stages import stages_for
 from study.timing import StageClock
 from prefixlab_common.errors import UserError
 from toy_models.lock import STORAGE_ERRNOS
+# Lazy imports: ray, torch and tuning's fused trainer are imported inside the functions that start Ray or
+# run a piece on a worker: a serial study never imports Ray, and the driver plans without torch. socket is
+# needed only to name a cluster host in an error. No cycle is hidden (see the study contract).
 
 POLL_S = 2.0  # how often the driver reads the running pieces' progress files
 

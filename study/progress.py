@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from pathlib import Path
+# Lazy import: rich, only when the display is a terminal (a log file gets plain lines).
 
 WRITE_EVERY_S = 2.0
 LINE_EVERY_S = 60.0

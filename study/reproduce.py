@@ -12,6 +12,7 @@ from study.table import paper_vs_lab
 from prefixlab_common.errors import UserError
 from toy_models.lock import DirLock
 from toy_models.runs import write_json
+from toy_models.training import resolve_device
 
 
 def _content(records: dict) -> dict:
@@ -43,7 +44,6 @@ def reproduce(out: Path, preset: str = "quick", progress_factory=None, only: lis
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
     if device is not None:
-        from toy_models.training import resolve_device
         resolve_device(device)  # a device this machine lacks is refused before any stage runs
     plan(out, preset, only)  # an unknown preset or stage is refused before anything is written
     notes: list[str] = []

@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+# Lazy import: toy_models.runs (it loads torch) only where a timing is written, so the scheduler and
+# its tests import without torch. No cycle is hidden.
 
 TOP = (math.inf, math.inf)  # a stage taking its core back after its groups: ahead of everything
 

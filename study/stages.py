@@ -66,11 +66,12 @@ class Stage:
 
 
 # --------------------------------------------------------------------------------------------
-# Stage functions. Each imports its experiment when it runs, never at module level: this module
-# loads without torch, transformers or Ray (stages_for itself loads the toy-model package, for the
-# model presets and base keys), and a study that skips the LLaMA stages never imports the LLaMA
-# checks. These lazy imports hide no cycle: the import-linter contract in pyproject.toml puts
-# stages above experiments.
+# Stage functions.
+# Lazy imports: each stage function imports what it runs (study.experiments, probes, tuning,
+# llama_checks, theory) when it runs, never at module level: this module loads without torch,
+# transformers or Ray (stages_for itself loads the toy-model package, for the model presets and
+# base keys), and a study that skips the LLaMA stages never imports the LLaMA checks. These lazy
+# imports hide no cycle: the import-linter contract in pyproject.toml puts stages above experiments.
 
 
 def _bases(d: Path) -> Path:

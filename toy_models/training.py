@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from concurrent.futures import ThreadPoolExecutor
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
@@ -357,7 +358,6 @@ class _Prefetch:
     nothing changes but the time."""
 
     def __init__(self, make: Callable[[int, int], Batch]):
-        from concurrent.futures import ThreadPoolExecutor
         self.make = make
         self.pool = ThreadPoolExecutor(1)
         self.pending: dict[int, object] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from reports.figures import learning_curves_figure
 from reports.html import Table
 
 
@@ -11,7 +12,6 @@ def _pct(x):
 
 def curves_figure(curves: dict, title: str):
     """Loss and accuracy against the step, from the study's [step, loss, accuracy] rows."""
-    from reports.figures import learning_curves_figure
     return learning_curves_figure({k: [{"step": s, "loss": l, "exact_acc": a} for s, l, a in rows]
                                    for k, rows in curves.items()}, title)
 

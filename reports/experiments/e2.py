@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import torch
 
 from reports.experiments.common import curves_figure, prompt_table
+from reports.figures import accuracy_figure, clusters_figure
 from study import e2
 from study.rows import of_ceiling
 
@@ -14,7 +15,6 @@ STAGE = e2.STAGE
 
 
 def section(r: dict, records: dict) -> tuple:
-    from reports.figures import accuracy_figure, clusters_figure
     items = [accuracy_figure({f"prefix for {t}": row for t, row in r["cross_task"].items()},
                              "E2: each task's P=1 prefix evaluated on every task")]
     pr = records["probes"].get("result") if records.get("probes", {}).get("status") == "done" else None

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
 from reports.experiments.common import _pct
 from reports.html import Table
 from study import sample_eff
@@ -13,8 +16,6 @@ STAGE = sample_eff.STAGE
 def sample_eff_figure(r: dict):
     """[L]'s toy: exact accuracy and teacher-forced test loss against the number of training
     examples, one line per prefix parameterization (error bars: std over seeds)."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
     fig = make_subplots(rows=1, cols=2, subplot_titles=("exact accuracy (test)", "test loss (teacher-forced)"))
     for i, v in enumerate(r["acc"]):
         color = ["#636efa", "#ef553b", "#00cc96", "#ab63fa"][i % 4]
