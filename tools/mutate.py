@@ -11,6 +11,9 @@ runs/mutate/report.txt (the table that docs/tests.md copies).
     python tools/mutate.py --list               # the module -> tests mapping
     python tools/mutate.py --only 'toy_models.training.x_evaluate*' toy_models/training.py
                                                 # only the mutants of some functions (fnmatch)
+    python tools/mutate.py --tests tests/toy_models/test_mutants_runs.py toy_models/runs.py
+                                                # other test files than the mapped ones
+    python tools/mutate.py --collect --keep MODULE   # statuses of a kept (even stopped) run
 
 mutmut mutates code inside functions and methods only: module constants and class attributes
 (LoRA's DEFAULT_TARGETS, the methods' `defaults`) are pinned by tests of their own instead.
