@@ -441,15 +441,17 @@ def llama_check(model: str = typer.Option("tiny", help="tiny, tiny-gqa, smollm2,
         from llama_checks.dilution import check_lengths, parse_lengths
         lengths = check_lengths(parse_lengths(dilution), None, prefix_len)
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not json_out else None
+    kept = []  # the model the check loaded, reused for --dilution (loaded once)
     res = run_llama_check(model, prefix, str(adapter) if adapter else None, lay, _ints(heads, "--heads"),
-                          prefix_len, dtype, text, seed, stream, progress=say, soft_prompt=soft_prompt)
+                          prefix_len, dtype, text, seed, stream, progress=say, soft_prompt=soft_prompt,
+                          on_loaded=kept.append if lengths is not None else None)
     if fig is not None:
         from reports.llama_figures import write_page
         dil = None
         if lengths is not None:
             from llama_checks.dilution import dilution_loaded
             from llama_checks.models import load_model, resolve_dtype
-            loaded = load_model(model, resolve_dtype(dtype), seed=seed)
+            loaded = kept[0] if kept else load_model(model, resolve_dtype(dtype), seed=seed)  # stream mode loads here
             dil = dilution_loaded(loaded, prefix, str(adapter) if adapter else None, lengths, "mean", prefix_len, seed,
                                   say=say or (lambda m: None))
         write_page(fig, res, dil)
@@ -501,18 +503,18 @@ def dilution_cmd(model: str = typer.Option("tiny", help="tiny, tiny-gqa, smollm2
     if wanted is not None:
         check_lengths(wanted, None, prefix_len)
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    kept = []  # the model dilution loaded, reused for the --out page's layer-0 check (loaded once)
     res = run_dilution(model, prefix, str(adapter) if adapter else None, wanted, heads, prefix_len, dtype, seed, text,
-                       progress=say)
+                       progress=say, on_loaded=kept.append)
     if json_path is not None:
         from reports.html import write_report
         write_report(json_path, json.dumps(res.to_json(), indent=1) + "\n")
     if out is not None:
         from llama_checks.check import check_loaded
         from llama_checks.soft_check import check_soft_loaded
-        from llama_checks.models import load_model, resolve_dtype
         from reports.llama_figures import write_page
         from llama_checks.soft_prompt import adapter_kind
-        loaded = load_model(model, resolve_dtype(dtype), seed=seed)
+        loaded = kept[0]
         say("layer-0 check of the same prefix for the Fig. 5 panels")
         if adapter is not None and adapter_kind(adapter) == "soft_prompt":
             check = check_soft_loaded(loaded, adapter=str(adapter), layers=[0], seed=seed)

@@ -105,6 +105,7 @@ def run_llama_check(
     stream: bool = False,
     progress: Callable[[str], None] | None = None,
     soft_prompt: str | None = None,
+    on_loaded: Callable[[LoadedModel], None] | None = None,
 ) -> LlamaCheckResult:
     """Check the prefix (or soft-prompt) identities of papers.md §4 on a LLaMA-family model.
 
@@ -115,7 +116,8 @@ def run_llama_check(
     prompt of `prefix_len` embeddings instead of a prefix (`llama_checks.soft_check`). layers/heads:
     default all. text: default the papers.md test sample; a BOS token is prepended. stream: read a
     checkpoint directory one layer at a time (see module docstring). progress: called with a
-    one-line status string.
+    one-line status string. on_loaded: called with the loaded model (not in stream mode), so that a
+    caller that needs the same model again (the CLI's --dilution) does not load it twice.
     """
     say = progress or (lambda msg: None)
     torch_dtype = resolve_dtype(dtype)
@@ -140,6 +142,8 @@ def run_llama_check(
             raise UserError("the soft-prompt check needs the whole model in memory; use it without --stream")
         say(f"loading {model}")
         loaded = load_model(model, torch_dtype, seed=seed)
+        if on_loaded is not None:
+            on_loaded(loaded)
         return check_soft_loaded(loaded, soft_prompt or "random", adapter, layers, heads, prefix_len, dtype_name, text,
                                  seed, say, t0=t0)
     if stream:
@@ -151,6 +155,8 @@ def run_llama_check(
         return _run_stream(Path(model), prefix, adapter, layers, heads, prefix_len, torch_dtype, dtype_name, text, seed, say, t0)
     say(f"loading {model}")
     loaded = load_model(model, torch_dtype, seed=seed)
+    if on_loaded is not None:
+        on_loaded(loaded)
     return check_loaded(loaded, prefix, adapter, layers, heads, prefix_len, dtype_name, text, seed, say, t0=t0)
 
 

@@ -227,9 +227,10 @@ def _aggregate(per_head: torch.Tensor, how: str, idx: list[int]) -> torch.Tensor
 def run_dilution(
     model: str, prefix: str = "random", adapter: str | None = None, lengths: list[int] | None = None,
     heads: str = "mean", prefix_len: int = 1, dtype: str = "float32", seed: int = 0, text: str | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str], None] | None = None, on_loaded: Callable[[LoadedModel], None] | None = None,
 ) -> DilutionResult:
-    """Load `model` and measure prefix dilution (see the module docstring)."""
+    """Load `model` and measure prefix dilution (see the module docstring). on_loaded: called with
+    the loaded model, so that a caller that checks the same model (the CLI's --out page) loads it once."""
     say = progress or (lambda m: None)
     torch_dtype = resolve_dtype(dtype)
     if prefix_len < 1:
@@ -243,6 +244,8 @@ def run_dilution(
     t0 = time.perf_counter()
     say(f"loading {model}")
     loaded = load_model(model, torch_dtype, seed=seed)
+    if on_loaded is not None:
+        on_loaded(loaded)
     return dilution_loaded(loaded, prefix, adapter, lengths, heads, prefix_len, seed, text, say, t0=t0)
 
 

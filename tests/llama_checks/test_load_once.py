@@ -1,0 +1,36 @@
+"""The CLI loads a LLaMA model once per command (issue 19): `llama-check --fig --dilution` and
+`dilution --out` check and measure the same loaded model; the outputs are those of two loads."""
+
+import pytest
+from typer.testing import CliRunner
+
+import llama_checks.check
+import llama_checks.dilution
+import llama_checks.models
+from cli import app
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    calls = []
+    real = llama_checks.models.load_model
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+    for mod in (llama_checks.models, llama_checks.check, llama_checks.dilution):
+        monkeypatch.setattr(mod, "load_model", counting)
+    return calls
+
+
+@pytest.mark.parametrize("argv", [
+    ["llama-check", "--model", "tiny", "--dilution", "8,16", "--json"],
+    ["llama-check", "--model", "tiny", "--soft-prompt", "random", "-P", "2", "--dilution", "8,16", "--json"],
+    ["dilution", "--model", "tiny", "--lengths", "8,16", "--json"],
+])
+def test_one_load_per_command(loads, tmp_path, argv):
+    page = tmp_path / "page.html"
+    argv = argv + (["--fig", str(page)] if argv[0] == "llama-check" else ["--out", str(page)])
+    res = CliRunner().invoke(app, argv)
+    assert res.exit_code == 0, res.output
+    assert page.exists() and loads == ["tiny"]
