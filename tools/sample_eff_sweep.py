@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     res["wall_s"] = round(time.time() - t0)
     (a.out / "result.json").write_text(json.dumps(res, indent=1))
     for v in res["acc"]:
-        row = "  ".join(f"n={n}: {res['acc'][v][n]['mean'] * 100:5.1f}% [{min(res['acc'][v][n].get('values', [0])) * 100:.0f}-"
-                        f"{max(res['acc'][v][n].get('values', [0])) * 100:.0f}] loss {res['test_loss'][v][n]['mean']:.3f}"
+        row = "  ".join(f"n={n}: {res['acc'][v][n]['mean'] * 100:5.1f}% [{min(res['acc'][v][n]['values']) * 100:.0f}-"
+                        f"{max(res['acc'][v][n]['values']) * 100:.0f}] loss {res['test_loss'][v][n]['mean']:.3f}"
                         for n in res["sizes"])
         print(f"{v:8s} {row}")
     return 0

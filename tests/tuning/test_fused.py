@@ -8,15 +8,16 @@ import torch
 
 from prefixlab_common.errors import UserError
 from toy_models.model import MethodState
-from toy_models.pipeline import pretrain
 from toy_models.runs import load_tensors
 from toy_models.tasks import TaskSpec
-from toy_models.training import TrainConfig, fold_states, runs_logits
+from toy_models.training import fold_states, runs_logits
 from tuning.fused import _groups, finetune_many
 from tuning.jobs import prepare_job
 from tuning.pipeline import finetune, load_run
 from tuning.registry import METHODS as REGISTRY
 from tuning.sweep import sweep
+
+from tests.tuning.conftest import pretrain_micro_add1
 
 SPEC = TaskSpec(length=4, num_digits=4, prompt_len=3)
 TRAIN = {"steps": 6, "batch_size": 16, "eval_every": 2, "eval_size": 32, "warmup": 2}
@@ -31,10 +32,7 @@ FUSABLE = [(name, ex) for name, cls in REGISTRY.items() if not cls.searched for 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    path = tmp_path_factory.mktemp("base") / "add1"
-    pretrain(path, "add1", "micro", SPEC, TrainConfig(steps=60, batch_size=32, lr=1e-2, warmup=10,
-                                                      eval_every=60, eval_size=64))
-    return path
+    return pretrain_micro_add1(tmp_path_factory, 60)  # SPEC is conftest's MICRO_SPEC
 
 
 def jobs_for(root, method, opts, train=TRAIN):

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from tests.conftest import micro_model
+from tests.tuning.conftest import pretrain_micro_add1
 from prefixlab_common.errors import UserError
-from toy_models.pipeline import pretrain
 from tuning.pipeline import load_run
 from toy_models.tasks import TaskSpec, resolve_task, sample_batch
 from toy_models.training import TrainConfig, Trainable, fit, loss_on
@@ -24,10 +24,7 @@ VARIANTS = [(name, ex) for name, cls in METHODS.items() if not cls.searched for 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
     """A micro model that solves add1; tuning it towards add2 is a shifted output it can reach."""
-    path = tmp_path_factory.mktemp("base") / "add1"
-    pretrain(path, "add1", "micro", SPEC, TrainConfig(steps=150, batch_size=32, lr=1e-2, warmup=10,
-                                                       eval_every=150, eval_size=64))
-    return path
+    return pretrain_micro_add1(tmp_path_factory, 150)  # SPEC is conftest's MICRO_SPEC
 
 
 @pytest.mark.parametrize("method,opts", VARIANTS, ids=lambda v: str(v))
