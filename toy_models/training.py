@@ -31,14 +31,21 @@ from toy_models.runs import RunDir, load_tensors, save_tensors
 from toy_models.tasks import Batch, ResolvedTask, TaskSpec, sample_batch, step_rng, fixed_test_set
 
 
+SCHEDULES = ("cosine", "constant", "decay")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 3000
     batch_size: int = 64
     lr: float = 1e-3
-    schedule: str = "cosine"  # "cosine" (after warmup, to min_lr_frac * lr) or "constant"
+    # "cosine" (after warmup, to min_lr_frac * lr), "constant", or "decay": constant, then a linear
+    # decay to min_lr_frac * lr over the run's last decay_frac (a cure for a constant lr's end-of-run
+    # oscillation that keeps its plateau crossing)
+    schedule: str = "cosine"
     warmup: int = 100
     min_lr_frac: float = 0.1
+    decay_frac: float = 0.2
     weight_decay: float = 0.1  # on matrices only (not biases, LayerNorms, embeddings)
     beta1: float = 0.9
     beta2: float = 0.95
@@ -60,14 +67,22 @@ class TrainConfig:
             raise UserError(f"warmup must be >= 0, got {self.warmup}")
         if self.train_size is not None and self.train_size <= 0:
             raise UserError(f"train-size must be positive, got {self.train_size}")
-        if self.schedule not in ("cosine", "constant"):
-            raise UserError(f"unknown schedule {self.schedule!r}; use cosine or constant")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"unknown schedule {self.schedule!r}; use {', '.join(SCHEDULES[:-1])} or {SCHEDULES[-1]}")
+        if not 0 < self.decay_frac <= 1:
+            raise UserError(f"decay-frac must be in (0, 1], got {self.decay_frac}")
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup:
             return self.lr * (step + 1) / self.warmup
         if self.schedule == "constant":
             return self.lr
+        if self.schedule == "decay":
+            start = self.steps - max(1, round(self.decay_frac * self.steps))
+            if step < start:
+                return self.lr
+            t = (step - start + 1) / (self.steps - start)
+            return self.lr * (1 - (1 - self.min_lr_frac) * t)
         t = (step - self.warmup) / max(1, self.steps - self.warmup)
         return self.lr * (self.min_lr_frac + (1 - self.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
 

@@ -91,7 +91,7 @@ def test_train_config_positive_counts_and_their_messages(name):
 def test_train_config_other_limits_and_messages():
     for kw, msg in [(dict(lr=0.0), "lr must be positive, got 0.0"), (dict(warmup=-1), "warmup must be >= 0, got -1"),
                     (dict(train_size=0), "train-size must be positive, got 0"),
-                    (dict(schedule="linear"), "unknown schedule 'linear'; use cosine or constant")]:
+                    (dict(schedule="linear"), "unknown schedule 'linear'; use cosine, constant or decay")]:
         with pytest.raises(UserError, match=re.escape(msg)):
             TrainConfig(**kw)
     TrainConfig(warmup=0, lr=1e-9, train_size=1, schedule="constant")
@@ -129,3 +129,17 @@ def test_next_batch_is_the_steps_own_draw():
     got = next_batch(task, SPEC, cfg, 2, big)
     idx = torch.from_numpy(step_rng(9, 2).integers(0, 20, size=6))
     assert torch.equal(got.x, big.x[idx])
+
+
+def test_decay_schedule_is_constant_then_linear_to_min_lr():
+    # 10 steps, decay over the last 20 % (steps 8 and 9) to min_lr_frac = 0.1: the last step reaches it
+    c = TrainConfig(steps=10, lr=2.0, warmup=0, schedule="decay", decay_frac=0.2, min_lr_frac=0.1)
+    assert [c.lr_at(s) for s in range(10)] == pytest.approx([2.0] * 8 + [2.0 * 0.55, 2.0 * 0.1])
+    # the warmup comes first, the decay window is counted from the end of the run
+    w = TrainConfig(steps=100, lr=1.0, warmup=10, schedule="decay", decay_frac=0.5, min_lr_frac=0.0)
+    assert [w.lr_at(s) for s in (0, 9, 10, 49, 50, 74, 99)] == pytest.approx([0.1, 1.0, 1.0, 1.0, 0.98, 0.5, 0.0])
+    # a window shorter than one step still decays the last step
+    assert TrainConfig(steps=10, lr=1.0, warmup=0, schedule="decay", decay_frac=0.01).lr_at(9) == pytest.approx(0.1)
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(UserError, match="decay-frac must be in"):
+            TrainConfig(schedule="decay", decay_frac=bad)
