@@ -39,6 +39,9 @@ PACKAGES += [p for p in ("prefixlab_common",) if (ROOT / p).is_dir()]
 # the methods against hand computations; test_tuning.py trains every variant (minutes per mutant)
 _TUNE = ["tests/tuning/test_methods.py"]
 _LLAMA = ["tests/llama_checks/test_llama.py", "tests/llama_checks/test_soft_prompt_dilution.py"]
+# the table's rows by hand (every verdict at its threshold) and the experiment modules' wiring
+_TABLE = ["tests/study/test_table.py", "tests/study/test_table_l.py", "tests/study/test_experiment_modules.py"]
+_PROBES = ["tests/probes/test_probes.py", "tests/probes/test_probe_registry.py"]
 # module -> the fast test files that exercise it (never the whole suite: one mutant would take minutes)
 MODULES: dict[str, list[str]] = {
     "toy_models/model.py": ["tests/toy_models/test_model.py", "tests/toy_models/test_mutants_model.py",
@@ -49,15 +52,27 @@ MODULES: dict[str, list[str]] = {
     # test_tuning.py trains every method (minutes per mutant): the store's own tests instead
     "toy_models/runs.py": ["tests/toy_models/test_mutants_runs.py", "tests/toy_models/test_training.py"],
     "tuning/lora.py": _TUNE,
-    "tuning/base.py": _TUNE,
-    "tuning/full.py": _TUNE,
-    "tuning/soft_prompt.py": _TUNE,
-    "tuning/prefix.py": _TUNE,
-    "study/table.py": ["tests/study/test_table.py", "tests/study/test_table_l.py"],
-    "probes/common.py": ["tests/probes/test_probes.py"],
-    "probes/invariance.py": ["tests/probes/test_probes.py"],
-    "probes/bias.py": ["tests/probes/test_probes.py"],
-    "probes/hierarchy.py": ["tests/probes/test_probes.py", "tests/llama_checks/test_soft_prompt_dilution.py"],
+    "tuning/base.py": _TUNE + ["tests/tuning/test_method_registry.py"],
+    "tuning/full.py": _TUNE + ["tests/tuning/test_method_registry.py"],
+    "tuning/soft_prompt.py": _TUNE + ["tests/tuning/test_prompt.py"],
+    "tuning/prefix.py": _TUNE + ["tests/tuning/test_prefix_fold.py", "tests/tuning/test_method_registry.py"],
+    "tuning/prompt.py": ["tests/tuning/test_prompt.py"] + _TUNE,
+    # study/table.py assembles the rows the experiment modules write (e1 ... sample_eff, rows); their
+    # `run`s train the micro study (tests/study/test_reproduce.py): measure the rows with --only
+    "study/table.py": _TABLE,
+    "study/rows.py": _TABLE,
+    "study/e1.py": _TABLE,
+    "study/e2.py": _TABLE,
+    "study/e3.py": _TABLE,
+    "study/e4.py": _TABLE,
+    "study/sample_eff.py": _TABLE,
+    "probes/common.py": _PROBES,
+    "probes/invariance.py": _PROBES,
+    "probes/bias.py": _PROBES,
+    "probes/clusters.py": _PROBES,
+    "probes/drift.py": _PROBES,
+    "probes/run.py": _PROBES,
+    "probes/hierarchy.py": _PROBES + ["tests/llama_checks/test_soft_prompt_dilution.py"],
     "llama_checks/prefix.py": _LLAMA + ["tests/llama_checks/test_mutants_prefix.py"],
     "llama_checks/soft_prompt.py": _LLAMA,
     "theory/reparam.py": ["tests/theory/test_reparam.py", "tests/theory/test_mutants_reparam.py"],
