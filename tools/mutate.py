@@ -40,7 +40,8 @@ PACKAGES += [p for p in ("prefixlab_common",) if (ROOT / p).is_dir()]
 _TUNE = ["tests/tuning/test_methods.py"]
 _LLAMA = ["tests/llama_checks/test_llama.py", "tests/llama_checks/test_soft_prompt_dilution.py"]
 # the table's rows by hand (every verdict at its threshold) and the experiment modules' wiring
-_TABLE = ["tests/study/test_table.py", "tests/study/test_table_l.py", "tests/study/test_experiment_modules.py"]
+_TABLE = ["tests/study/test_table.py", "tests/study/test_table_l.py", "tests/study/test_experiment_modules.py",
+          "tests/study/test_mutants_table.py"]
 _PROBES = ["tests/probes/test_probes.py", "tests/probes/test_probe_registry.py"]
 # module -> the fast test files that exercise it (never the whole suite: one mutant would take minutes)
 MODULES: dict[str, list[str]] = {
