@@ -116,12 +116,21 @@ def _fail(msg: str):
 # a computed paper-vs-lab verdict (None: too little data for one), as the commands print it
 VERDICT_WORD = {True: "reproduced", False: "differs", None: "no verdict"}
 DEVICE_HELP = "auto (a GPU when torch sees one), cpu, cuda or mps"
+PRECISION_HELP = ("training precision: fp32, bf16 (autocast; refused without native bf16) or auto (bf16 "
+                  "where native). Default: bf16 on a CUDA GPU that has it, fp32 on a CPU (docs/benchmarks.md)")
 
 
 def _device(name: str):
     """Validate --device before anything is written (a device torch cannot use: exit 2)."""
     from toy_models.training import resolve_device
     return resolve_device(name)
+
+
+def _precision(name: str | None, dev) -> str:
+    """Validate --precision on the device before anything is written (bf16 without native bf16,
+    or an unknown name: exit 2)."""
+    from toy_models.precision import resolve_precision
+    return resolve_precision(name, dev)
 
 
 def _ints(text: Optional[str], what: str) -> Optional[List[int]]:
@@ -214,10 +223,12 @@ def pretrain(task: str = typer.Option("mix4", help="task to pretrain on (see `pr
              overwrite: bool = typer.Option(False, help="replace an existing run directory"),
              resume: bool = typer.Option(False, help="continue an interrupted run"),
              device: str = typer.Option("cpu", help=DEVICE_HELP),
+             precision: Optional[str] = typer.Option(None, help=PRECISION_HELP),
              json_out: bool = typer.Option(False, "--json", help="print the final metrics as JSON")):
     """Pretrain a toy model on a task and write a base run."""
     from toy_models.pipeline import PRETRAIN_DEFAULTS, pretrain as _pretrain
     dev = _device(device)
+    _precision(precision, dev)
     from toy_models.tasks import TaskSpec
     from toy_models.training import TrainConfig
     spec = TaskSpec(length=seq_len, num_digits=num_digits, prompt_len=prompt_len)
@@ -226,7 +237,7 @@ def pretrain(task: str = typer.Option("mix4", help="task to pretrain on (see `pr
     train = TrainConfig(**{**PRETRAIN_DEFAULTS, **opts})
     with ProgressBar(f"pretrain {task}") as prog:
         m = _pretrain(out, task, preset, spec, train, overwrite=overwrite, resume=resume, progress=prog,
-                      slots=slots, device=dev, on_note=_note)
+                      slots=slots, device=dev, on_note=_note, precision=precision)
     if json_out:
         print(json.dumps(m, indent=2))
     else:
@@ -300,6 +311,7 @@ def finetune(ctx: typer.Context,
              overwrite: bool = typer.Option(False),
              resume: bool = typer.Option(False),
              device: str = typer.Option("cpu", help=DEVICE_HELP),
+             precision: Optional[str] = typer.Option(None, help=PRECISION_HELP),
              json_out: bool = typer.Option(False, "--json")):
     """Tune a method on a task over a frozen base run and write a tuned run (the method options
     below come from the method registry; each applies to the methods named in its help)."""
@@ -307,6 +319,7 @@ def finetune(ctx: typer.Context,
     from tuning.registry import check_method
     from tuning.sweep import sweep
     dev = _device(device)
+    _precision(precision, dev)
     task_list = [t.strip() for t in task.split(",") if t.strip()]
     opts = _method_opts(ctx)
     check_method(method, opts)  # the name and its options, before anything is written
@@ -318,7 +331,7 @@ def finetune(ctx: typer.Context,
     with ProgressBar(f"{method} on {task}") as prog:
         if seeds is not None or len(task_list) > 1:
             res = sweep(base, method, task_list, out, seed_list if seeds is not None else None, opts, train,
-                        overwrite=overwrite, progress=prog, fuse=fuse, device=dev)
+                        overwrite=overwrite, progress=prog, fuse=fuse, device=dev, precision=precision)
             if json_out:
                 print(json.dumps(res[task_list[0]] if len(task_list) == 1 else res, indent=2))
                 return
@@ -328,7 +341,7 @@ def finetune(ctx: typer.Context,
                 print(f"{out if len(task_list) == 1 else out / t}: {method} on {t}: exact accuracy {acc}")
             return
         m = _finetune(base, method, task, out, opts, train, overwrite=overwrite, resume=resume, progress=prog,
-                      device=dev, on_note=_note)
+                      device=dev, on_note=_note, precision=precision)
     if json_out:
         print(json.dumps(m, indent=2))
     else:
@@ -709,7 +722,8 @@ def reproduce(scale: str = typer.Option("quick", "--scale", help="the study's si
               ray: Optional[str] = typer.Option(None, "--ray", envvar="RAY_ADDRESS",
                                                 help="run the stages on an existing Ray cluster, host:port as `ray start --head` "
                                                      "prints it (out must be shared; a token: RAY_AUTH_TOKEN)"),
-              device: str = typer.Option("cpu", help="where the toy runs train: auto, cpu, cuda or mps (probes stay fp32 on the CPU)")):
+              device: str = typer.Option("cpu", help="where the toy runs train: auto, cpu, cuda or mps (probes stay fp32 on the CPU)"),
+              precision: Optional[str] = typer.Option(None, help=PRECISION_HELP + "; bf16 studies are cached apart")):
     """Run the whole study as cached stages and write one report (paper vs lab first)."""
     from reports.study import render_study
     from study.reproduce import reproduce as _reproduce
@@ -718,7 +732,8 @@ def reproduce(scale: str = typer.Option("quick", "--scale", help="the study's si
         _fail(f"--workers must be at least 1, got {workers}")
     from study.progress import StudyProgress
     with StudyProgress(sys.stderr) as sp:
-        res = _reproduce(out, scale, sp.factory, only, workers, ray, sp.done, device=device, on_note=_note)
+        res = _reproduce(out, scale, sp.factory, only, workers, ray, sp.done, device=device, on_note=_note,
+                         precision=precision)
     t = res.get("timing")
     if t:
         print(f"study: wall {t['wall_s']:.0f} s, stage work {t['work_s']:.0f} s, longest chain "
@@ -738,7 +753,7 @@ def reproduce(scale: str = typer.Option("quick", "--scale", help="the study's si
 def demo(out: Path = typer.Option(Path("runs/demo"), help="where the study goes"),
          workers: int = typer.Option(2, help="parallel stage workers (local Ray)")):
     """The main job on its built-in default: `reproduce --scale quick`."""
-    reproduce(scale="quick", out=out, stage=None, workers=workers, ray=None, device="cpu")
+    reproduce(scale="quick", out=out, stage=None, workers=workers, ray=None, device="cpu", precision=None)
 
 
 if __name__ == "__main__":

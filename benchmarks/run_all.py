@@ -19,6 +19,7 @@ BENCHES = {
     "fused": ["bench_fused.py"],
     "ceiling": ["bench_ceiling.py"],
     "threads": ["bench_threads.py"],
+    "precision": ["bench_precision.py"],
     "e1": ["bench_e1.py"],
     "probes": ["bench_probes.py"],
     "report": ["bench_report.py"],
@@ -28,7 +29,7 @@ BENCHES = {
     "reproduce": ["bench_reproduce.py"],
 }
 QUICK_ARGS = {"training": ["--runs", "1", "--skip-time-to-99", "--iters", "5", "--skip-avenues"],
-              "fused": ["--runs", "1", "--steps", "4", "--sweep-steps", "4"], "e1": ["--runs", "1"], "ceiling": ["--runs", "1", "--steps", "4"], "threads": ["--steps", "10", "--skip-cost"], "probes": ["--runs", "1"],
+              "fused": ["--runs", "1", "--steps", "4", "--sweep-steps", "4"], "e1": ["--runs", "1"], "ceiling": ["--runs", "1", "--steps", "4"], "threads": ["--steps", "10", "--skip-cost"], "precision": ["--runs", "1", "--steps", "3"], "probes": ["--runs", "1"],
               "reparam": ["--runs", "1"]}
 
 

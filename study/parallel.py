@@ -120,13 +120,13 @@ class _GroupRunner:
 
 
 def _stage_task(out: str, preset: str, name: str, key: str, slots: int, slot_threads: int, priority: float,
-                broker, device, upstream: dict) -> dict:
+                broker, device, upstream: dict, precision: str = "fp32") -> dict:
     import ray
     import torch
     ray.get(broker.drop.remote(name))  # what a killed attempt of this stage still held
     threads = slots * slot_threads
     torch.set_num_threads(threads)
-    stage = next(s for s in stages_for(preset, Path(out)) if s.name == name)
+    stage = next(s for s in stages_for(preset, Path(out), precision) if s.name == name)
     clock = StageClock(threads=threads)
     progress_dir = stage_dir(Path(out), stage, key) / "progress"
     for old in progress_dir.glob("*.json"):  # an earlier attempt's
@@ -226,7 +226,7 @@ def _slots(ray, workers: int, ray_address: str | None) -> int:
 
 def run_parallel(out: Path, preset: str, stages: list, keys: dict[str, str], only, workers: int,
                  ray_address: str | None, on_done=None, threads: int | None = None, device=None,
-                 on_note=None, progress_factory=None, pinned: bool = True) -> dict:
+                 on_note=None, progress_factory=None, pinned: bool = True, precision: str = "fp32") -> dict:
     """Run every uncached stage on Ray (module docstring). threads: torch threads per worker slot;
     pinned: every piece gets one slot (else a piece alone in the queue takes every free slot).
     progress_factory(i, n, stage) -> callback(step, total, info), called as a stage starts; its
@@ -253,7 +253,7 @@ def run_parallel(out: Path, preset: str, stages: list, keys: dict[str, str], onl
         slots = _slots(ray, workers, ray_address)
         broker = ray.remote(num_cpus=0)(_Broker).remote(slots, pinned or slots == 1)
         _drive(ray, out, preset, stages, todo, keys, records, prio, broker, task, threads, device,
-               on_done, progress_factory, n_total)
+               on_done, progress_factory, n_total, precision)
     finally:
         if started:
             ray.shutdown()
@@ -261,7 +261,7 @@ def run_parallel(out: Path, preset: str, stages: list, keys: dict[str, str], onl
 
 
 def _drive(ray, out, preset, stages, todo, keys, records, prio, broker, task, slot_threads, device,
-           on_done, progress_factory, n_total) -> None:
+           on_done, progress_factory, n_total, precision="fp32") -> None:
     """The driver's loop: ask the broker for slots as stages become ready, submit each stage once
     it holds them, collect it, and relay the running stages' progress."""
     by_name = {s.name: s for s in stages}
@@ -300,7 +300,7 @@ def _drive(ray, out, preset, stages, todo, keys, records, prio, broker, task, sl
                     progs[name] = progress_factory(list(by_name).index(name), len(stages), stage)
                 up = {u: records[u] for u in stage.needs if u in records}
                 running[task.options(num_cpus=n).remote(str(out), preset, name, keys[name], n, slot_threads,
-                                                        prio[name], broker, device, up)] = name
+                                                        prio[name], broker, device, up, precision)] = name
                 continue
             name = running.pop(ref)
             records[name] = _collect(ray, ref, name, keys[name])

@@ -19,6 +19,9 @@ class Recipe:
     pretrain_lr: float
     tune_steps: int  # every tuning run, except the plateau runs below
     long_steps: int | None = None  # runs that must cross a plateau: E3's new tasks, E4 (None: tune_steps)
+    # the long runs' schedule (toy_models.training.TrainConfig: "decay" is the method's constant lr,
+    # then linear to 10 % over the last 20 %); None: the method's own ([P]'s constant)
+    long_schedule: str | None = None
     tune: dict = field(default_factory=dict)  # per-method train overrides, e.g. {"prefix": {"lr": 1e-2}}
     prefix_init: str = "normal"  # "normal" ([P]'s N(0,1)) or "slot" (start from the base's SLOT inputs)
     slots: str = "token"  # the bases' slot protocol (toy_models/model.py)
@@ -28,12 +31,20 @@ class Recipe:
     batch_size: int = 64
     length: int = 10
     num_digits: int = 8
+    # the training forward's precision (toy_models/precision.py), set by `reproduce --precision`;
+    # not fp32: it enters the stage and base keys, so a study of one precision never reuses another's
+    precision: str = "fp32"
 
     def steps_for(self, long: bool) -> int:
         return (self.long_steps or self.tune_steps) if long else self.tune_steps
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        # fields added later, at their defaults, stay out: cached stages keep the keys they had
+        for name, default in (("precision", "fp32"), ("long_schedule", None)):
+            if d[name] == default:
+                del d[name]
+        return d
 
 
 RECIPES: dict[str, dict[str, Recipe]] = {

@@ -12,6 +12,7 @@ from study.table import paper_vs_lab
 from prefixlab_common.errors import UserError
 from toy_models.lock import DirLock
 from toy_models.runs import write_json
+from toy_models.precision import resolve_precision
 from toy_models.training import resolve_device
 
 
@@ -32,20 +33,22 @@ def _content(records: dict) -> dict:
 
 def reproduce(out: Path, preset: str = "quick", progress_factory=None, only: list[str] | None = None,
               workers: int = 1, ray_address: str | None = None, on_done=None, threads: int | None = None,
-              device=None, on_note=None) -> dict:
+              device=None, on_note=None, precision: str | None = None) -> dict:
     """Run every stage (cached; in parallel on Ray with workers > 1 or a Ray address), then write
     report.json (the table and each stage's content, identical whichever way the stages ran, and
     apart from them the study's timing: its wall time, its stages' work, its longest chain).
     device: where the toy runs train ("auto", "cpu", "cuda", "mps"); probes stay on the CPU in fp32.
+    precision: the toy runs' training precision (fp32, bf16, auto; None: bf16 on a CUDA GPU that has
+    it, fp32 on a CPU; toy_models/precision.py). bf16 enters the stage keys.
     The study is the one writer of `out` meanwhile (`toy_models.lock`): a second study on it stops
     at once, naming the first. on_note(line): what the study healed or took over; the same lines
     are returned under "notes"."""
     out = Path(out)
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
-    if device is not None:
-        resolve_device(device)  # a device this machine lacks is refused before any stage runs
-    plan(out, preset, only)  # an unknown preset or stage is refused before anything is written
+    # a device this machine lacks, or bf16 where it has none, is refused before any stage runs
+    precision = resolve_precision(precision, resolve_device(device))
+    plan(out, preset, only, precision)  # an unknown preset or stage is refused before anything is written
     notes: list[str] = []
 
     def note(line: str) -> None:
@@ -57,13 +60,14 @@ def reproduce(out: Path, preset: str = "quick", progress_factory=None, only: lis
             note(lock.note)
         t0 = time.perf_counter()
         records = run_stages(out, preset, progress_factory, only, workers, ray_address, on_done, threads, device,
-                             on_note=note)
-        stages, _ = plan(out, preset, only)
+                             on_note=note, precision=precision)
+        stages, _ = plan(out, preset, only, precision)
         # the study's speed from its own records: wall time against work and the longest chain
         timing = study_timing(records, {s.name: s.needs for s in stages}, time.perf_counter() - t0,
                               workers if workers > 1 or ray_address else 1)
         table = paper_vs_lab(records)
-        content = {"preset": preset, "table": table, "stages": _content(records), "timing": timing}
+        content = {"preset": preset, "precision": precision, "table": table, "stages": _content(records),
+                   "timing": timing}
         write_json(out / "report.json", content)
-    return {"preset": preset, "records": records, "table": table, "report_json": str(out / "report.json"),
+    return {"preset": preset, "precision": precision, "records": records, "table": table, "report_json": str(out / "report.json"),
             "notes": notes, "timing": timing}

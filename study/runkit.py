@@ -35,8 +35,11 @@ BASES = {"E1": ("ascending", 1), "E2": ("mix4", 1), "E3": ("mix4", 12), "E4": ("
 def base_key(experiment: str, r: Recipe) -> str:
     """What identifies the base of `experiment` under recipe `r` (its directory name's hash)."""
     task, prompt_len = BASES[experiment]
-    key = json.dumps([task, r.preset, r.model, r.pretrain_steps, r.pretrain_lr, r.batch_size, r.length,
-                      r.num_digits, r.eval_size, prompt_len, r.slots], sort_keys=True)
+    fields = [task, r.preset, r.model, r.pretrain_steps, r.pretrain_lr, r.batch_size, r.length,
+              r.num_digits, r.eval_size, prompt_len, r.slots]
+    if r.precision != "fp32":  # fp32 bases keep the keys they always had
+        fields.append(r.precision)
+    key = json.dumps(fields, sort_keys=True)
     return f"{r.preset}-{task}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
@@ -61,20 +64,26 @@ def _ensure_pretrain(bases: Path, experiment: str, r: Recipe, progress: Progress
                         eval_size=r.eval_size)
     # an interrupted run continues; one killed before its first checkpoint starts afresh
     pretrain(path, task, r.preset, spec, train, model_overrides=r.model, resume=run.resumable,
-             overwrite=not run.resumable, progress=progress, slots=r.slots, device=device)
+             overwrite=not run.resumable, progress=progress, slots=r.slots, device=device, precision=r.precision)
     return path
 
 
 def _train(r: Recipe, method: str, seed: int, long: bool = False) -> dict:
     """A tuning run's options: the method's defaults (docs/methods.md), then the recipe's."""
     steps = r.steps_for(long)
+    schedule = {"schedule": r.long_schedule} if long and r.long_schedule else {}
     return {"steps": steps, "seed": seed, "batch_size": r.batch_size, "eval_size": r.eval_size,
-            "eval_every": max(1, steps // r.eval_points), **r.tune.get(method, {})}
+            "eval_every": max(1, steps // r.eval_points), **schedule, **r.tune.get(method, {})}
 
 
 def _job(out: Path, name: str, method: str, task: str, opts: dict, r: Recipe, seed: int, long: bool = False) -> dict:
     return {"name": name, "method": method, "task": task, "out": out / f"{name}-s{seed}", "opts": opts,
-            "train": _train(r, method, seed, long), "seed": seed}
+            "train": _train(r, method, seed, long), "seed": seed, **precision_of(r)}
+
+
+def precision_of(r: Recipe) -> dict:
+    """A tuning job's precision key under recipe `r` (tuning.fused.finetune_many); none for fp32."""
+    return {"precision": r.precision} if r.precision != "fp32" else {}
 
 
 def curve(path: str | Path) -> list[list[float]]:

@@ -19,8 +19,8 @@ from study.stages import Stage, stages_for
 from prefixlab_common.errors import UserError
 
 
-def plan(out: Path, preset: str, only: list[str] | None) -> tuple[list[Stage], dict[str, str]]:
-    stages = stages_for(preset, out)
+def plan(out: Path, preset: str, only: list[str] | None, precision: str = "fp32") -> tuple[list[Stage], dict[str, str]]:
+    stages = stages_for(preset, out, precision)
     if only:
         unknown = [s for s in only if s not in {x.name for x in stages}]
         if unknown:
@@ -33,7 +33,7 @@ def plan(out: Path, preset: str, only: list[str] | None) -> tuple[list[Stage], d
 
 def run_stages(out: Path, preset: str = "quick", progress_factory=None, only: list[str] | None = None,
                workers: int = 1, ray_address: str | None = None, on_done=None, threads: int | None = None,
-               device=None, on_note=None) -> dict:
+               device=None, on_note=None, precision: str = "fp32") -> dict:
     """Run (or reuse) every stage; returns {name: stage record} in stage order.
     progress_factory(i, n, stage) returns a Progress callback for that stage (or None); its info
     carries the ETA (`study.progress`). on_done(name, record, n_done, n_total) is called as each
@@ -41,9 +41,10 @@ def run_stages(out: Path, preset: str = "quick", progress_factory=None, only: li
     parallel on Ray (`study.parallel`); threads: torch threads per worker (default: the cores
     divided among the workers, and a stage alone in the queue takes every free worker; given, every
     stage and group gets exactly that many, so the study's bits do not depend on its schedule).
-    on_note(line): what the study healed or kept (a record set aside, a base rebuilt, its thread count)."""
+    on_note(line): what the study healed or kept (a record set aside, a base rebuilt, its thread count).
+    precision: the toy runs' training precision, resolved ("fp32" or "bf16"; study.stages.stages_for)."""
     out = Path(out)
-    stages, keys = plan(out, preset, only)
+    stages, keys = plan(out, preset, only, precision)
     (out / "stages").mkdir(parents=True, exist_ok=True)
     heal_bases(out, stages, keys, on_note)
     if workers > 1 or ray_address:
@@ -51,7 +52,7 @@ def run_stages(out: Path, preset: str = "quick", progress_factory=None, only: li
         pinned = threads is not None or cluster
         threads = study_threads(out, threads or default_threads(workers, ray_address), on_note)
         return run_parallel(out, preset, stages, keys, only, workers, ray_address, on_done, threads, device,
-                            on_note, progress_factory, pinned)
+                            on_note, progress_factory, pinned, precision)
     before = torch.get_num_threads()
     torch.set_num_threads(study_threads(out, threads or before, on_note))
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -48,6 +48,13 @@ SAMPLE_EFF = {
 PROMPTING = {"micro": {"P": 1, "batch_size": 64}, "quick": {"P": 1, "batch_size": 256},
              "paper": {"P": 1, "batch_size": 256}}
 PROMPTED = ("E1", "E2")
+# what of E3's recipe only E3's own runs read (the sample-efficiency stage's key leaves it out)
+E3_RUNS_ONLY = ("tune_steps", "long_steps", "long_schedule", "prefix_init", "seeds")
+# what of a recipe its base reads (study.runkit.base_key and _ensure_pretrain): a base stage's
+# key, so that an experiment's run recipe may change without touching its base or the stages
+# that need only the base
+BASE_FIELDS = ("preset", "model", "pretrain_steps", "pretrain_lr", "batch_size", "length", "num_digits",
+               "eval_size", "slots", "precision")
 
 
 @dataclass
@@ -74,6 +81,11 @@ class Stage:
 # imports hide no cycle: the import-linter contract in pyproject.toml puts stages above experiments.
 
 
+def _recipe(cfg: dict, experiment: str):
+    """The recipe a training stage's config names: its scale's, in the precision it records."""
+    return replace(RECIPES[cfg["preset"]][experiment], precision=cfg["recipe"].get("precision", "fp32"))
+
+
 def _bases(d: Path) -> Path:
     return d.parent.parent / "bases"  # shared by the experiments of one study directory
 
@@ -81,20 +93,20 @@ def _bases(d: Path) -> Path:
 def _base(d: Path, cfg: dict, up: dict, progress, device=None) -> dict:
     """Pretrain (or reuse) one base model; the experiments that use it find it complete."""
     from study.experiments import ensure_base
-    return ensure_base(_bases(d), cfg["experiment"], RECIPES[cfg["preset"]][cfg["experiment"]], progress, device)
+    return ensure_base(_bases(d), cfg["experiment"], _recipe(cfg, cfg["experiment"]), progress, device)
 
 
 def _experiment(name: str):
     def fn(d: Path, cfg: dict, up: dict, progress, device=None) -> dict:
         from study.experiments import EXPERIMENTS
         extra = {"prompt": cfg["prompt"]} if "prompt" in cfg else {}
-        return EXPERIMENTS[name](d, _bases(d), RECIPES[cfg["preset"]][name], progress, device, **extra)
+        return EXPERIMENTS[name](d, _bases(d), _recipe(cfg, name), progress, device, **extra)
     return fn
 
 
 def _sample_efficiency(d: Path, cfg: dict, up: dict, progress, device=None) -> dict:
     from study.experiments import run_sample_efficiency
-    return run_sample_efficiency(d, _bases(d), RECIPES[cfg["preset"]][cfg["experiment"]], cfg,
+    return run_sample_efficiency(d, _bases(d), _recipe(cfg, cfg["experiment"]), cfg,
                                  progress=progress, device=device)
 
 
@@ -183,25 +195,30 @@ def estimate(name: str, cfg: dict) -> float:
     if name == "reparam":
         return {"micro": 2.0, "quick": 40.0}.get(cfg["mode"], 900.0)
     r = cfg["recipe"]
-    step, seeds, tune, long = _step_s(r), len(r["seeds"]), r["tune_steps"], r["long_steps"] or r["tune_steps"]
+    step = _step_s(r)
     if name.startswith("base-"):
         return step * r["pretrain_steps"]
     if name == "sample_eff":
         grid = sum(len(g) for g in cfg["lr_grid"].values())
         runs = grid + len(cfg["variants"]) * (len(cfg["sizes"]) * len(cfg["seeds"]) - 1)
         return 0.7 * step * cfg["steps"] * runs
+    seeds, tune, long = len(r["seeds"]), r["tune_steps"], r["long_steps"] or r["tune_steps"]
     steps = {"E1": 6 * tune, "E2": 4 * tune, "E3": 4 * tune + 2 * long, "E4": 2 * long}[name]
     return 0.7 * step * steps * seeds
 
 
-def stages_for(preset: str, out: Path) -> list[Stage]:
+def stages_for(preset: str, out: Path, precision: str = "fp32") -> list[Stage]:
     """The study's stages in dependency order. Each base model is a stage of its own, so the
-    experiments that share it can run in parallel without pretraining it twice."""
+    experiments that share it can run in parallel without pretraining it twice. precision: the
+    toy runs' training precision, "fp32" or "bf16" (resolved for the device: toy_models/precision.py);
+    bf16 enters the training stages' configs, so their keys."""
     from study.experiments import base_key
     if preset not in SCALES:
         raise UserError(f"unknown scale {preset!r}; use quick (default), paper or micro")
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be resolved to fp32 or bf16, got {precision!r}")
     micro = preset == "micro"
-    recipes = RECIPES[preset]
+    recipes = {e: replace(r, precision=precision) for e, r in RECIPES[preset].items()}
     recipe = lambda e: {"preset": preset, "recipe": recipes[e].to_dict()}
     st, base_of = [], {}
     # the longest chain first (E3/E4's deeper base, then E4's and E3's long runs), so that parallel
@@ -210,7 +227,9 @@ def stages_for(preset: str, out: Path) -> list[Stage]:
         key = base_key(e, recipes[e])
         if key not in base_of:  # E4 shares E3's base, whose recipe it must match
             base_of[key] = f"base-{e}"
-            st.append(Stage(f"base-{e}", f"Base model for {e}: {what}", {**recipe(e), "experiment": e}, _base))
+            base_recipe = {k: v for k, v in recipes[e].to_dict().items() if k in BASE_FIELDS}
+            st.append(Stage(f"base-{e}", f"Base model for {e}: {what}",
+                            {"preset": preset, "recipe": base_recipe, "experiment": e}, _base))
         base_of[e] = base_of[key]
     if base_of["E4"] != base_of["E3"]:
         raise UserError(f"scale {preset!r}: E3 and E4 must share one base (same model and pretraining)")
@@ -220,8 +239,11 @@ def stages_for(preset: str, out: Path) -> list[Stage]:
         ("E3", "new tasks on a deeper mix4 model"),
         ("E2", "extracting pretrained tasks from mix4 with P=1 prefixes and hard prompts"),
         ("E1", "pretrained on ascending, tuned for descending"))]
+    # the E3 recipe's base and evaluation only: its own runs set their steps, schedule, start and
+    # seeds, so E3's run recipe may change without recomputing this stage
+    se_recipe = {k: v for k, v in recipes["E3"].to_dict().items() if k not in E3_RUNS_ONLY}
     st.append(Stage("sample_eff", "[L]'s claim on a toy: No/Simple/Deep-share prefixes learning a new task from n examples",
-                    {**recipe("E3"), "experiment": "E3", **SAMPLE_EFF[preset]},
+                    {"preset": preset, "recipe": se_recipe, "experiment": "E3", **SAMPLE_EFF[preset]},
                     _sample_efficiency, needs=(base_of["E3"],)))
     st.append(Stage("probes", "Invariance, bias and clusters on the tuned runs",
                     {"n_inputs": 64 if micro else 500}, _probes, needs=("E1", "E2", "E3")))

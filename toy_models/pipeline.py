@@ -12,6 +12,7 @@ from toy_models.lock import DirLock
 from toy_models.model import MethodState, ToyConfig, ToyTransformer, preset_config
 from toy_models.runs import MODEL_FILE, RunDir, load_tensors, provenance, save_tensors, sha256
 from toy_models.tasks import TaskSpec, resolve_task, fixed_test_set
+from toy_models.precision import training_precision
 from toy_models.training import Progress, Trainable, TrainConfig, device_info, evaluate, fit, resolve_device
 
 # [P]'s pretraining recipe (AdamW 0.9/0.95, wd 0.1, clip 1, batch 64) with a warmup + cosine
@@ -41,15 +42,17 @@ def pretrain(out: str | Path, task: str = "mix4", preset: str = "default", spec:
              train: TrainConfig | None = None, model_overrides: dict | None = None,
              overwrite: bool = False, resume: bool = False, progress: Progress | None = None,
              slots: str | None = None, device: str | torch.device | None = None,
-             amp: bool | None = None, lock_wait: float = 0.0, on_note=None) -> dict:
+             amp: bool | None = None, lock_wait: float = 0.0, on_note=None, precision: str | None = None) -> dict:
     """Pretrain a base model on `task` and write a run directory. Returns the final metrics.
     The run is complete (metrics.json) only once every file is written; its directory is locked
     meanwhile (`toy_models.lock`: lock_wait seconds for another writer; on_note(line) hears of a
     dead writer's lock taken over).
     slots: the slot protocol, "token" ([P]: SLOT tokens in the prompt slots) or "empty".
     device: None (cpu), "auto", "cpu", "cuda", "mps"; the checkpoint is saved from CPU tensors.
-    amp: bf16 autocast of the training forward (None: on CUDA only; see training._use_amp)."""
+    precision: fp32, bf16 or auto (toy_models/precision.py; None: the older amp switch, whose None
+    means bf16 on a CUDA GPU that has it and fp32 on a CPU)."""
     dev = resolve_device(device)
+    amp = training_precision(dev, precision, amp) == "bf16"
     run = RunDir(out)
     spec = spec or TaskSpec()
     train = train or TrainConfig(**PRETRAIN_DEFAULTS)
@@ -59,6 +62,8 @@ def pretrain(out: str | Path, task: str = "mix4", preset: str = "default", spec:
     run.check_new(overwrite, resume)  # everything is validated before anything is written
     config = {"kind": "pretrain", "task": task, "preset": preset, "slots": cfg.slots, "model": cfg.to_dict(),
               "task_spec": spec.to_dict(), "train": train.to_dict(), "seed": train.seed}
+    if amp:  # fp32 runs keep the config they always had
+        config["precision"] = "bf16"
     if resume and run.config != config:
         raise UserError(f"the options differ from those of the interrupted run at {run.path}; "
                         "resume with the same options")

@@ -27,6 +27,7 @@ from torch import Tensor
 from prefixlab_common.errors import UserError
 from prefixlab_common.progress import Progress
 from toy_models.model import MethodState, ToyTransformer
+from toy_models.precision import precision_of
 from toy_models.runs import RunDir, load_tensors, save_tensors
 from toy_models.tasks import Batch, ResolvedTask, TaskSpec, sample_batch, step_rng, fixed_test_set
 
@@ -87,7 +88,10 @@ class TrainConfig:
         return self.lr * (self.min_lr_frac + (1 - self.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.schedule != "decay":  # only the decay schedule reads it: other runs keep their configs
+            del d["decay_frac"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -131,19 +135,17 @@ def resolve_device(name: str | torch.device | None = None) -> torch.device:
 def device_info(device: torch.device, amp: bool | None = None) -> dict:
     """What a run records about where it trained (provenance.json, not config.json: a run may
     resume on another device)."""
-    info = {"device": str(device), "autocast": "bf16" if _use_amp(device, amp) else None}
+    precision = precision_of(device, amp)
+    info = {"device": str(device), "precision": precision, "autocast": "bf16" if precision == "bf16" else None}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
 
 
 def _use_amp(device: torch.device, amp: bool | None) -> bool:
-    """bf16 autocast of the training forward (matmuls in bf16, weights, optimizer, loss and every
-    evaluation in fp32): by default on CUDA GPUs that support bf16; on the CPU only when asked
-    (amp=True: about 1.7x faster on a CPU with AVX512-BF16, at bf16's precision)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported() if amp is None else bool(amp)
-    return device.type == "cpu" and bool(amp)
+    """bf16 autocast of the training forward (toy_models/precision.py): by default on CUDA GPUs
+    that support bf16; on the CPU only when asked (amp=True)."""
+    return precision_of(device, amp) == "bf16"
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:

@@ -20,10 +20,11 @@ import torch
 from prefixlab_common.errors import UserError
 from toy_models.lock import DirLock
 from toy_models.pipeline import load_model
+from toy_models.precision import resolve_precision, training_precision
 from toy_models.training import Progress, resolve_device
 from tuning.jobs import Job, finish_job, job_action, prepare_job, start_job, train_jobs
 
-JOB_KEYS = ("method", "task", "out", "opts", "train", "seed")
+JOB_KEYS = ("method", "task", "out", "opts", "train", "seed", "precision")
 
 
 # Fusing pays where a step is bound by per-op overhead (GPUs). On this project's 2-core CPU a
@@ -39,22 +40,24 @@ LOCK_WAIT = 120.0
 
 def finetune_many(base, jobs: list[dict], progress: Progress | None = None, device=None,
                   overwrite: bool = False, fuse: bool = True, max_fused: int | None = None,
-                  amp: bool | None = None, lock_wait: float = LOCK_WAIT, on_note=None) -> list[dict]:
+                  amp: bool | None = None, lock_wait: float = LOCK_WAIT, on_note=None,
+                  precision: str | None = None) -> list[dict]:
     """Tune several runs over one base run. Each job is dict(method, task, out, opts, train,
     seed) with the meaning of `tuning.pipeline.finetune(base, method, task, out, opts, train)`
-    (seed overrides train["seed"]). Complete runs with the same config are reused, interrupted
+    (seed overrides train["seed"]), and optionally precision (fp32, bf16 or auto; default: the
+    `precision` argument, else the older `amp` switch; toy_models/precision.py). Complete runs with the same config are reused, interrupted
     ones resumed, runs killed before their first checkpoint restarted; jobs that differ only in
     task, seed and optimizer settings (lr, schedule, warmup, weight decay, clipping) are fused
     into one group, others run alone. Returns each job's final metrics (what finetune returns).
     progress: one callback (step, total, info) per group. overwrite: retrain every job afresh.
     fuse=False trains every job alone; max_fused caps the runs of one group (default: 4 on the
-    CPU, none on an accelerator); amp: bf16 autocast of the training forward (None: on CUDA only).
+    CPU, none on an accelerator). Runs of different precisions never fuse.
     Each group's run directories are locked while it trains (`toy_models.lock`), waiting up to
     lock_wait seconds for another writer; on_note(line) hears of a dead writer's lock taken over."""
     dev = resolve_device(device)
     if not jobs:
         return []
-    model, prepared, results, todo = _prepare(base, jobs, overwrite)
+    model, prepared, results, todo = _prepare(base, jobs, overwrite, training_precision(dev, precision, amp), dev)
     groups = _groups(todo, model, fuse, _cap(max_fused, dev))
     model.to(dev)
     for group in groups:
@@ -66,9 +69,9 @@ def finetune_many(base, jobs: list[dict], progress: Progress | None = None, devi
             # decided again as the one writer: a task Ray retried may have run it meanwhile
             group = _redecide(group, results, overwrite)
             for _, job, resume in group:
-                start_job(job, overwrite=not resume, resume=resume, device=dev, amp=amp)
+                start_job(job, overwrite=not resume, resume=resume, device=dev)
                 job.method.to(dev)
-            metrics = train_jobs(model, [(job, resume) for _, job, resume in group], progress, amp)
+            metrics = train_jobs(model, [(job, resume) for _, job, resume in group], progress)
             for (i, job, _), m in zip(group, metrics):
                 results[i] = finish_job(job, m)
             for _, job, _ in group:  # free the group's tensors
@@ -84,8 +87,9 @@ def plan_groups(base, jobs: list[dict], device=None, overwrite: bool = False, fu
     and then collect every job's metrics with one more `finetune_many` call, which reuses them."""
     if not jobs:
         return []
-    model, _, _, todo = _prepare(base, jobs, overwrite)
-    return [[i for i, _, _ in g] for g in _groups(todo, model, fuse, _cap(max_fused, resolve_device(device)))]
+    dev = resolve_device(device)
+    model, _, _, todo = _prepare(base, jobs, overwrite, training_precision(dev), dev)
+    return [[i for i, _, _ in g] for g in _groups(todo, model, fuse, _cap(max_fused, dev))]
 
 
 def _cap(max_fused: int | None, dev: torch.device) -> int | None:
@@ -96,9 +100,10 @@ def _cap(max_fused: int | None, dev: torch.device) -> int | None:
     return CPU_MAX_FUSED if dev.type == "cpu" else None
 
 
-def _prepare(base, jobs: list[dict], overwrite: bool):
+def _prepare(base, jobs: list[dict], overwrite: bool, precision: str, dev: torch.device):
     """Validate and prepare every job; decide for each, before anything is written, whether its
-    run is reused (its metrics are in `results`) or trained (`todo`: index, job, resume)."""
+    run is reused (its metrics are in `results`) or trained (`todo`: index, job, resume).
+    precision: the jobs' resolved precision unless a job names its own."""
     model, base_config = load_model(base)  # methods are built on the CPU, then moved
     prepared: list[Job] = []
     for i, j in enumerate(jobs):
@@ -109,7 +114,8 @@ def _prepare(base, jobs: list[dict], overwrite: bool):
         train = dict(j.get("train") or {})
         if j.get("seed") is not None:
             train["seed"] = j["seed"]
-        prepared.append(prepare_job(model, base_config, base, j["method"], j["task"], j["out"], j.get("opts"), train))
+        prec = resolve_precision(j["precision"], dev) if j.get("precision") is not None else precision
+        prepared.append(prepare_job(model, base_config, base, j["method"], j["task"], j["out"], j.get("opts"), train, prec))
     outs = [job.run.path.resolve() for job in prepared]
     if len(set(outs)) != len(outs):
         dup = next(o for o in outs if outs.count(o) > 1)
@@ -144,7 +150,7 @@ def _key(job: Job) -> str | None:
     # a finite pool smaller than the batch makes smaller batches (next_batch): not stackable
     batch = min(c.batch_size, c.train_size) if c.train_size is not None else c.batch_size
     return json.dumps([job.config["method"], c.steps, batch, c.eval_every, c.eval_size, c.stop_at,
-                       c.train_mode], sort_keys=True, default=str)
+                       c.train_mode, job.precision], sort_keys=True, default=str)
 
 
 def _groups(todo, model, fuse: bool, max_fused: int | None) -> list[list]:

@@ -44,15 +44,17 @@ class Job:
     task: ResolvedTask
     spec: TaskSpec
     config: dict  # what config.json holds
+    precision: str = "fp32"  # of the training forward (toy_models/precision.py): "fp32" or "bf16"
 
     def trainable(self) -> Trainable:
         return Trainable(dict(self.method.named_parameters()), self.method.state, self.method.no_decay)
 
 
 def prepare_job(model, base_config: dict, base, method: str, task: str, out, opts: dict | None,
-                train: dict | None) -> Job:
+                train: dict | None, precision: str = "fp32") -> Job:
     """Validate a finetune (method options, task, training options) and build its method on
-    `model` (on the CPU, so the initialisation is the same on every device). Writes nothing."""
+    `model` (on the CPU, so the initialisation is the same on every device). Writes nothing.
+    precision: "fp32" or "bf16", already resolved for the device (config.json names it unless fp32)."""
     opts = dict(opts or {})
     cfg = method_train_config(method, train or {})
     spec = TaskSpec(**base_config["task_spec"])
@@ -65,7 +67,9 @@ def prepare_job(model, base_config: dict, base, method: str, task: str, out, opt
               "slots": model.cfg.slots,
               "base": {"path": str(base_path), "sha256": base_sha(base_path),
                        "task": base_config["task"], "preset": base_config["preset"]}}
-    return Job(RunDir(out), m, cfg, resolved, spec, config)
+    if precision != "fp32":  # fp32 runs keep the config they always had
+        config["precision"] = precision
+    return Job(RunDir(out), m, cfg, resolved, spec, config, precision)
 
 
 def job_action(job: Job, overwrite: bool) -> str:
@@ -86,16 +90,15 @@ def job_action(job: Job, overwrite: bool) -> str:
     return "resume" if run.resumable else "fresh"  # killed before its first checkpoint: restart
 
 
-def start_job(job: Job, overwrite: bool, resume: bool, device: torch.device, amp: bool | None = None) -> None:
+def start_job(job: Job, overwrite: bool, resume: bool, device: torch.device) -> None:
     """Create the run directory (config.json, provenance.json) unless resuming."""
     job.run.prepare(overwrite, resume)
     if not resume:
         job.run.write_json("config.json", job.config)
-        job.run.write_json("provenance.json", provenance(job.cfg.seed, **device_info(device, amp)))
+        job.run.write_json("provenance.json", provenance(job.cfg.seed, **device_info(device, job.precision == "bf16")))
 
 
-def train_jobs(model, group: list[tuple[Job, bool]], progress: Progress | None = None,
-               amp: bool | None = None) -> list[dict]:
+def train_jobs(model, group: list[tuple[Job, bool]], progress: Progress | None = None) -> list[dict]:
     """Train started jobs (each with its resume flag) over `model`, fused when there are several;
     a searched method (the hard prompt) runs its search instead, alone. Returns final metrics."""
     if len(group) == 1 and group[0][0].method.searched:
@@ -103,7 +106,9 @@ def train_jobs(model, group: list[tuple[Job, bool]], progress: Progress | None =
     if any(job.method.searched for job, _ in group):
         raise ValueError("a searched method trains alone (tuning/fused.py groups it so)")
     members = [Member(job.trainable(), job.task, job.cfg, job.run, resume) for job, resume in group]
-    return fit_many(model, members, group[0][0].spec, progress, amp)
+    if len({job.precision for job, _ in group}) > 1:
+        raise ValueError("fused runs must share their precision (tuning/fused.py groups them so)")
+    return fit_many(model, members, group[0][0].spec, progress, group[0][0].precision == "bf16")
 
 
 def _search(model, job: Job) -> dict:

@@ -13,6 +13,7 @@ from toy_models.lock import DirLock
 from toy_models.pipeline import LoadedRun, base_sha, load_base_run, load_model, restart_or_resume
 from toy_models.runs import METHOD_FILE, RunDir, load_tensors
 from toy_models.tasks import TaskSpec
+from toy_models.precision import training_precision
 from toy_models.training import Progress, resolve_device
 # the lifecycle's names stay importable from here (benchmarks and older callers use them)
 from tuning.jobs import (TUNE_DEFAULTS, Job, check_slots, finish_job, method_train_config,  # noqa: F401
@@ -24,16 +25,17 @@ def finetune(base: str | Path, method: str, task: str, out: str | Path, opts: di
              train: dict | None = None, overwrite: bool = False, resume: bool = False,
              progress: Progress | None = None, slots: str | None = None,
              device: str | torch.device | None = None, amp: bool | None = None, lock_wait: float = 0.0,
-             on_note=None) -> dict:
+             on_note=None, precision: str | None = None) -> dict:
     """Tune `method` on `task` over the frozen base run; write a tuned run. Returns final metrics.
     The run directory is locked while it is written (lock_wait, on_note: as `toy_models.pipeline.pretrain`).
     slots: the slot protocol the caller expects of the base; another one is refused.
     device: None (cpu), "auto", "cpu", "cuda", "mps" (recorded in provenance.json).
-    amp: bf16 autocast of the training forward (None: on CUDA only)."""
+    precision: fp32, bf16 or auto (toy_models/precision.py; None: the older amp switch, whose None
+    means bf16 on a CUDA GPU that has it and fp32 on a CPU)."""
     dev = resolve_device(device)
     model, base_config = load_model(base)
     check_slots(model, slots, base)
-    job = prepare_job(model, base_config, base, method, task, out, opts, train)
+    job = prepare_job(model, base_config, base, method, task, out, opts, train, training_precision(dev, precision, amp))
     job.run.check_new(overwrite, resume)
     if resume and job.run.config != job.config:
         raise UserError(f"the options differ from those of the interrupted run at {job.run.path}")
@@ -42,10 +44,10 @@ def finetune(base: str | Path, method: str, task: str, out: str | Path, opts: di
             on_note(lock.note)
         job.run.check_new(overwrite, resume)  # again, as the one writer: another may have finished it
         resume, overwrite = restart_or_resume(job.run, overwrite, resume)
-        start_job(job, overwrite, resume, dev, amp)
+        start_job(job, overwrite, resume, dev)
         model.to(dev)
         job.method.to(dev)
-        metrics = train_jobs(model, [(job, resume)], progress, amp)[0]
+        metrics = train_jobs(model, [(job, resume)], progress)[0]
         return finish_job(job, metrics)
 
 

@@ -19,9 +19,10 @@ from tuning.registry import check_method
 
 
 def sweep(base, method: str, tasks: list[str], out, seeds: list[int] | None, opts=None, train=None,
-          overwrite: bool = False, progress: Progress | None = None, fuse: bool = True, device=None) -> dict:
+          overwrite: bool = False, progress: Progress | None = None, fuse: bool = True, device=None,
+          precision: str | None = None) -> dict:
     """Tune `method` for every task and seed. Returns {task: metrics, or the seeds' summary
-    (per-seed exact accuracy, mean and sample std)}."""
+    (per-seed exact accuracy, mean and sample std)}. precision: as `tuning.pipeline.finetune`."""
     check_method(method, opts)
     if not tasks:
         raise UserError("--task needs at least one task")
@@ -33,15 +34,15 @@ def sweep(base, method: str, tasks: list[str], out, seeds: list[int] | None, opt
         raise UserError(f"--seeds repeats a seed: {seeds}")
     if len(tasks) == 1 and seeds is None:  # one run: the run directory is `out` itself
         return {tasks[0]: finetune(base, method, tasks[0], out, opts, train, overwrite=overwrite, progress=progress,
-                                   device=device)}
+                                   device=device, precision=precision)}
     root = RunDir(out)
     root.check_new(overwrite, False)
     with DirLock(root.path, "finetune"):
         root.check_new(overwrite, False)
-        return _sweep(base, method, tasks, Path(out), seeds, opts, train, overwrite, progress, fuse, device)
+        return _sweep(base, method, tasks, Path(out), seeds, opts, train, overwrite, progress, fuse, device, precision)
 
 
-def _sweep(base, method, tasks, out: Path, seeds, opts, train, overwrite, progress, fuse, device) -> dict:
+def _sweep(base, method, tasks, out: Path, seeds, opts, train, overwrite, progress, fuse, device, precision) -> dict:
     home = {t: out if len(tasks) == 1 else out / t for t in tasks}
     jobs = []
     for t in tasks:
@@ -50,11 +51,11 @@ def _sweep(base, method, tasks, out: Path, seeds, opts, train, overwrite, progre
             jobs.append(dict(method=method, task=t, out=home[t] / f"seed{s}" if seeds else home[t], opts=opts,
                              train=train, seed=seed))
     if fuse:
-        metrics = finetune_many(base, jobs, progress, device, overwrite=overwrite)
+        metrics = finetune_many(base, jobs, progress, device, overwrite=overwrite, precision=precision)
     else:
         metrics = [finetune(base, j["method"], j["task"], j["out"], j["opts"],
                             {**(j["train"] or {}), **({"seed": j["seed"]} if j["seed"] is not None else {})},
-                            overwrite=overwrite, progress=progress, device=device) for j in jobs]
+                            overwrite=overwrite, progress=progress, device=device, precision=precision) for j in jobs]
     res: dict = {}
     for t in tasks:
         per = {j["seed"]: m for j, m in zip(jobs, metrics) if j["task"] == t}
