@@ -55,7 +55,7 @@ MODULES: dict[str, list[str]] = {
     "tuning/lora.py": _TUNE,
     "tuning/base.py": _TUNE + ["tests/tuning/test_method_registry.py"],
     "tuning/full.py": _TUNE + ["tests/tuning/test_method_registry.py"],
-    "tuning/soft_prompt.py": _TUNE + ["tests/tuning/test_prompt.py"],
+    "tuning/soft_prompt.py": _TUNE + ["tests/tuning/test_prompt.py", "tests/tuning/test_mutants_soft_prompt.py"],
     "tuning/prefix.py": _TUNE + ["tests/tuning/test_prefix_fold.py", "tests/tuning/test_method_registry.py",
                                  "tests/tuning/test_mutants_prefix.py"],
     "tuning/prompt.py": ["tests/tuning/test_prompt.py"] + _TUNE,
