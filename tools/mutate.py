@@ -53,12 +53,12 @@ MODULES: dict[str, list[str]] = {
     # test_tuning.py trains every method (minutes per mutant): the store's own tests instead
     "toy_models/runs.py": ["tests/toy_models/test_mutants_runs.py", "tests/toy_models/test_training.py"],
     "tuning/lora.py": _TUNE,
-    "tuning/base.py": _TUNE + ["tests/tuning/test_method_registry.py"],
-    "tuning/full.py": _TUNE + ["tests/tuning/test_method_registry.py"],
+    "tuning/base.py": _TUNE + ["tests/tuning/test_method_registry.py", "tests/tuning/test_mutants_full.py"],
+    "tuning/full.py": _TUNE + ["tests/tuning/test_method_registry.py", "tests/tuning/test_mutants_full.py"],
     "tuning/soft_prompt.py": _TUNE + ["tests/tuning/test_prompt.py", "tests/tuning/test_mutants_soft_prompt.py"],
     "tuning/prefix.py": _TUNE + ["tests/tuning/test_prefix_fold.py", "tests/tuning/test_method_registry.py",
                                  "tests/tuning/test_mutants_prefix.py"],
-    "tuning/prompt.py": ["tests/tuning/test_prompt.py"] + _TUNE,
+    "tuning/prompt.py": ["tests/tuning/test_prompt.py"] + _TUNE + ["tests/tuning/test_mutants_prompt.py"],
     # study/table.py assembles the rows the experiment modules write (e1 ... sample_eff, rows); their
     # `run`s train the micro study (tests/study/test_reproduce.py): measure the rows with --only
     "study/table.py": _TABLE,
