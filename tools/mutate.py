@@ -72,7 +72,7 @@ MODULES: dict[str, list[str]] = {
     "probes/invariance.py": _PROBES,
     "probes/bias.py": _PROBES,
     "probes/clusters.py": _PROBES,
-    "probes/drift.py": _PROBES,
+    "probes/drift.py": _PROBES + ["tests/probes/test_mutants_drift.py"],
     "probes/run.py": _PROBES,
     "probes/hierarchy.py": _PROBES + ["tests/llama_checks/test_soft_prompt_dilution.py"],
     "llama_checks/prefix.py": _LLAMA + ["tests/llama_checks/test_mutants_prefix.py"],
