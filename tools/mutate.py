@@ -69,7 +69,7 @@ MODULES: dict[str, list[str]] = {
     "study/e4.py": _TABLE,
     "study/sample_eff.py": _TABLE,
     "probes/common.py": _PROBES,
-    "probes/invariance.py": _PROBES,
+    "probes/invariance.py": _PROBES + ["tests/probes/test_mutants_invariance.py"],
     "probes/bias.py": _PROBES,
     "probes/clusters.py": _PROBES,
     "probes/drift.py": _PROBES + ["tests/probes/test_mutants_drift.py"],
