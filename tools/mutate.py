@@ -70,7 +70,7 @@ MODULES: dict[str, list[str]] = {
     "study/sample_eff.py": _TABLE,
     "probes/common.py": _PROBES,
     "probes/invariance.py": _PROBES + ["tests/probes/test_mutants_invariance.py"],
-    "probes/bias.py": _PROBES,
+    "probes/bias.py": _PROBES + ["tests/probes/test_mutants_bias.py"],
     "probes/clusters.py": _PROBES,
     "probes/drift.py": _PROBES + ["tests/probes/test_mutants_drift.py"],
     "probes/run.py": _PROBES,
