@@ -7,9 +7,10 @@ loss and every evaluation in fp32). Probes and identity checks never use it: the
   bf16 is slower than fp32 and would only add rounding.
 - `auto`: bf16 where the hardware does it natively, fp32 elsewhere.
 - no choice (None): bf16 on a CUDA GPU that has it, fp32 on a CPU. On this lab's reference CPU
-  (AVX512-BF16) bf16 was measured *slower* than fp32 on the quick study's d=128 tuning runs, and
-  faster only on wide pretraining (docs/benchmarks.md, `benchmarks/bench_precision.py`), so the
-  CPU default stays fp32.
+  (AVX512-BF16) bf16 was measured 1.6-2.6x faster on every base's pretraining step but *slower* on
+  the quick study's d=128 tuning steps (0.74x prefix, 0.96x LoRA), which hold most of its work,
+  and the quick study's rows were validated in fp32 (docs/benchmarks.md, "Precision";
+  `benchmarks/bench_precision.py`), so the CPU default stays fp32.
 
 A run records its precision in provenance.json, and in config.json when it is not fp32 (so a run
 of one precision is never reused for another, and fp32 runs keep the configs they always had).
