@@ -17,7 +17,7 @@ import json
 import statistics
 import time
 
-from common import machine, stats
+from common import machine, matmul_peak_gflops, stats
 
 # (name, preset, model overrides, what trains, prompt slots): the quick study's stages, and the paper base
 STEPS = [
@@ -29,20 +29,6 @@ STEPS = [
     ("E3/E4 base pretraining 4/4/256 (paper)", "petrov-e3", {}, "pretrain", 12),
     ("E4 rank-1 LoRA 4/4/256 (paper)", "petrov-e3", {}, "lora", 12),
 ]
-
-
-def matmul_gflops(n: int, dtype, reps: int) -> float:
-    """The best of `reps` matmuls (the peak is a limit: the fastest repetition, not the median)."""
-    import torch
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    for _ in range(3):
-        a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
 
 
 def setup(preset: str, over: dict, kind: str, slots: int):
@@ -110,7 +96,7 @@ def main():
            "matmul_gflops": {}, "steps": {}}
     for n in (256, 512, 1024, 2048):
         for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-            xs = [matmul_gflops(n, dtype, 10) for _ in range(args.runs)]
+            xs = [matmul_peak_gflops(n, 10, dtype) for _ in range(args.runs)]
             out["matmul_gflops"][f"{name} {n}x{n}"] = stats(xs)
     peak = {p: max(v["median"] for k, v in out["matmul_gflops"].items() if k.startswith(p)) for p in ("fp32", "bf16")}
     out["matmul_peak_gflops"] = {**peak, "bf16_vs_fp32": peak["bf16"] / peak["fp32"]}

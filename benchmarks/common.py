@@ -21,11 +21,15 @@ def machine() -> dict:
             "load_avg_1m": os.getloadavg()[0], "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
-def matmul_peak_gflops(n: int = 1024, reps: int = 10) -> float:
-    """fp32 matmul throughput measured here (the peak that MFU is taken against)."""
+def matmul_peak_gflops(n: int = 1024, reps: int = 10, dtype=None) -> float:
+    """Matmul throughput measured here, the fastest of `reps` n x n products (the peak that MFU is
+    taken against); dtype: fp32 by default, or e.g. torch.bfloat16."""
     import torch
     a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
+    if dtype is not None:
+        a, b = a.to(dtype), b.to(dtype)
+    for _ in range(3):
+        a @ b
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
