@@ -57,7 +57,7 @@ MODULES: dict[str, list[str]] = {
     "tuning/full.py": _TUNE + ["tests/tuning/test_method_registry.py", "tests/tuning/test_mutants_full.py"],
     "tuning/soft_prompt.py": _TUNE + ["tests/tuning/test_prompt.py", "tests/tuning/test_mutants_soft_prompt.py"],
     "tuning/prefix.py": _TUNE + ["tests/tuning/test_prefix_fold.py", "tests/tuning/test_method_registry.py",
-                                 "tests/tuning/test_mutants_prefix.py"],
+                                 "tests/tuning/test_mutants_prefix_tuning.py"],
     "tuning/prompt.py": ["tests/tuning/test_prompt.py"] + _TUNE + ["tests/tuning/test_mutants_prompt.py"],
     # study/table.py assembles the rows the experiment modules write (e1 ... sample_eff, rows); their
     # `run`s train the micro study (tests/study/test_reproduce.py): measure the rows with --only
