@@ -105,6 +105,16 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"checkpoint {path} is corrupt or not a safetensors file ({str(e).splitlines()[0][:80]})") from None
 
 
+def tensors_meta(path: Path) -> dict:
+    """The prefixlab metadata a safetensors file was saved with by `save_tensors` ({} if none)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return json.loads((handle.metadata() or {}).get("prefixlab", "{}"))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"checkpoint {path} is corrupt or not a safetensors file ({str(e).splitlines()[0][:80]})") from None
+
+
 def set_aside(path: Path, why: str = "corrupt") -> Path:
     """Rename a broken file or directory out of the way (never delete it): path.<why>-<time>."""
     path = Path(path)

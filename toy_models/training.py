@@ -28,7 +28,7 @@ from prefixlab_common.errors import UserError
 from prefixlab_common.progress import Progress
 from toy_models.model import MethodState, ToyTransformer
 from toy_models.precision import precision_of
-from toy_models.runs import RunDir, load_tensors, save_tensors
+from toy_models.runs import RunDir, load_tensors, save_tensors, tensors_meta
 from toy_models.tasks import Batch, ResolvedTask, TaskSpec, sample_batch, step_rng, fixed_test_set
 
 
@@ -247,13 +247,16 @@ def _save_train_state(run: RunDir, step: int, tr: Trainable, opt: torch.optim.Op
         for p in group["params"]:
             for k, v in opt.state.get(p, {}).items():
                 tensors[f"opt.{index[id(p)]}.{k}"] = v if v.ndim else v.reshape(1)
-    save_tensors(run.path / "train_state.safetensors", tensors)  # saved from CPU copies
+    # the step goes into the tensors' own file as well: a kill between the two writes below then
+    # resumes from the step the tensors belong to, not from the step before
+    save_tensors(run.path / "train_state.safetensors", tensors, meta={"step": step})  # saved from CPU copies
     run.write_json("train_state.json", {"step": step})
 
 
 def _load_train_state(run: RunDir, tr: Trainable, opt: torch.optim.Optimizer) -> int:
-    step = run.read_json("train_state.json")["step"]
     tensors = load_tensors(run.path / "train_state.safetensors")
+    # the tensors' own step (train_state.json's for a checkpoint written before it was kept there)
+    step = tensors_meta(run.path / "train_state.safetensors").get("step", run.read_json("train_state.json")["step"])
     with torch.no_grad():
         for n, p in tr.params.items():
             if f"param.{n}" not in tensors or tensors[f"param.{n}"].shape != p.shape:

@@ -78,6 +78,31 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert rows(tmp_path / "cut") == rows(tmp_path / "full")
 
 
+def test_a_kill_between_the_checkpoints_two_files_resumes_exactly(tmp_path, monkeypatch):
+    """SIGKILL after train_state.safetensors (step 20) but before train_state.json (still step 10):
+    the resumed run continues from the step its tensors belong to and ends as the uninterrupted one
+    (it used to replay steps 10-20 on step-20 tensors)."""
+    from toy_models.runs import RunDir
+    full = pretrain(tmp_path / "full", "ascending", "micro", SPEC, tiny_train())
+    real = RunDir.write_json
+
+    def killed_at_20(self, name, obj):
+        if name == "train_state.json" and obj["step"] == 20:
+            raise Interrupt
+        return real(self, name, obj)
+
+    monkeypatch.setattr(RunDir, "write_json", killed_at_20)
+    with pytest.raises(Interrupt):
+        pretrain(tmp_path / "cut", "ascending", "micro", SPEC, tiny_train())
+    monkeypatch.setattr(RunDir, "write_json", real)
+    assert json.loads((tmp_path / "cut" / "train_state.json").read_text())["step"] == 10
+    resumed = pretrain(tmp_path / "cut", "ascending", "micro", SPEC, tiny_train(), resume=True)
+    strip = lambda m: {k: v for k, v in m.items() if k != "timing"}
+    assert strip(resumed) == strip(full)
+    a, b = load_tensors(tmp_path / "full" / "model.safetensors"), load_tensors(tmp_path / "cut" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_existing_run_is_not_overwritten(tmp_path):
     pretrain(tmp_path / "r", "add1", "micro", SPEC, tiny_train(steps=10))
     before = (tmp_path / "r" / "model.safetensors").read_bytes()
