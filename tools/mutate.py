@@ -77,7 +77,7 @@ MODULES: dict[str, list[str]] = {
     "probes/hierarchy.py": _PROBES + ["tests/llama_checks/test_soft_prompt_dilution.py",
                                       "tests/probes/test_mutants_hierarchy.py"],
     "llama_checks/prefix.py": _LLAMA + ["tests/llama_checks/test_mutants_prefix.py"],
-    "llama_checks/soft_prompt.py": _LLAMA,
+    "llama_checks/soft_prompt.py": _LLAMA + ["tests/llama_checks/test_mutants_soft_prompt_llama.py"],
     "theory/reparam.py": ["tests/theory/test_reparam.py", "tests/theory/test_mutants_reparam.py"],
 }
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped",

@@ -28,7 +28,7 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from prefixlab_common.errors import UserError
@@ -107,7 +107,6 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def tensors_meta(path: Path) -> dict:
     """The prefixlab metadata a safetensors file was saved with by `save_tensors` ({} if none)."""
-    from safetensors import safe_open
     try:
         with safe_open(str(path), framework="pt") as handle:
             return json.loads((handle.metadata() or {}).get("prefixlab", "{}"))
