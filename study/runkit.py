@@ -78,10 +78,10 @@ def _train(r: Recipe, method: str, seed: int, long: bool = False) -> dict:
 
 def _job(out: Path, name: str, method: str, task: str, opts: dict, r: Recipe, seed: int, long: bool = False) -> dict:
     return {"name": name, "method": method, "task": task, "out": out / f"{name}-s{seed}", "opts": opts,
-            "train": _train(r, method, seed, long), "seed": seed, **precision_of(r)}
+            "train": _train(r, method, seed, long), "seed": seed, **precision_key(r)}
 
 
-def precision_of(r: Recipe) -> dict:
+def precision_key(r: Recipe) -> dict:
     """A tuning job's precision key under recipe `r` (tuning.fused.finetune_many); none for fp32."""
     return {"precision": r.precision} if r.precision != "fp32" else {}
 

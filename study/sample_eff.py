@@ -18,7 +18,7 @@ from toy_models.training import evaluate, loss_on
 from tuning import make_method
 from tuning.pipeline import load_run
 from study.rows import _pct, _row
-from study.runkit import _ensure_pretrain, _mean_std, _train, base_accuracy, precision_of
+from study.runkit import _ensure_pretrain, _mean_std, _train, base_accuracy, precision_key
 
 STAGE = "sample_eff"
 
@@ -77,7 +77,7 @@ def run(out: Path, bases: Path, r: Recipe, cfg: dict, progress: Progress | None 
                  "eval_every": max(1, steps // 4), "train_size": n}
         return {"name": f"{v}|{_size_name(n)}|{lr:g}", "method": "prefix", "task": task, "seed": seed,
                 "out": out / f"prefix-{v}-{task}-n{_size_name(n)}-lr{lr:g}-s{seed}",
-                "opts": {"length": P, "init": "slot", **SAMPLE_EFF_VARIANTS[v]}, "train": train, **precision_of(r)}
+                "opts": {"length": P, "init": "slot", **SAMPLE_EFF_VARIANTS[v]}, "train": train, **precision_key(r)}
 
     held: dict[Path, dict] = {}  # the selection runs come back in step 2: their held-out losses once
 

@@ -52,7 +52,7 @@ def pretrain(out: str | Path, task: str = "mix4", preset: str = "default", spec:
     precision: fp32, bf16 or auto (toy_models/precision.py; None: the older amp switch, whose None
     means bf16 on a CUDA GPU that has it and fp32 on a CPU)."""
     dev = resolve_device(device)
-    amp = training_precision(dev, precision, amp) == "bf16"
+    precision = training_precision(dev, precision, amp)
     run = RunDir(out)
     spec = spec or TaskSpec()
     train = train or TrainConfig(**PRETRAIN_DEFAULTS)
@@ -62,8 +62,8 @@ def pretrain(out: str | Path, task: str = "mix4", preset: str = "default", spec:
     run.check_new(overwrite, resume)  # everything is validated before anything is written
     config = {"kind": "pretrain", "task": task, "preset": preset, "slots": cfg.slots, "model": cfg.to_dict(),
               "task_spec": spec.to_dict(), "train": train.to_dict(), "seed": train.seed}
-    if amp:  # fp32 runs keep the config they always had
-        config["precision"] = "bf16"
+    if precision != "fp32":  # fp32 runs keep the config they always had
+        config["precision"] = precision
     if resume and run.config != config:
         raise UserError(f"the options differ from those of the interrupted run at {run.path}; "
                         "resume with the same options")
@@ -75,12 +75,12 @@ def pretrain(out: str | Path, task: str = "mix4", preset: str = "default", spec:
         run.prepare(overwrite, resume)
         if not resume:
             run.write_json("config.json", config)
-            run.write_json("provenance.json", provenance(train.seed, **device_info(dev, amp)))
+            run.write_json("provenance.json", provenance(train.seed, **device_info(dev, precision)))
         model = build_model(cfg, train.seed).to(dev)  # initialised on the CPU: the same weights anywhere
         params = dict(model.named_parameters())
         tr = Trainable(params, lambda: None,
                        no_decay=lambda n, p: p.ndim < 2 or n.endswith(("W_E", "W_pos")))
-        metrics = fit(model, tr, resolved, spec, train, run=run, resume=resume, progress=progress, amp=amp)
+        metrics = fit(model, tr, resolved, spec, train, run=run, resume=resume, progress=progress, amp=precision == "bf16")
         save_tensors(run.path / MODEL_FILE, model.state_dict(), meta={"config": cfg.to_dict()})
         run.finish(metrics, files=(MODEL_FILE,))
     return metrics

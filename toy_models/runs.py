@@ -96,20 +96,26 @@ def _save_file(tensors: dict, tmp: str, metadata: dict) -> None:
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return _read_checkpoint(path, load_file)
+
+
+def load_tensors_meta(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and the prefixlab metadata `save_tensors` wrote with them ({} if none), from one
+    opening of the file (a checkpoint and the step it belongs to)."""
+    def read(p: str):
+        with safe_open(p, framework="pt") as handle:
+            return ({name: handle.get_tensor(name) for name in handle.keys()},
+                    json.loads((handle.metadata() or {}).get("prefixlab", "{}")))
+    return _read_checkpoint(path, read)
+
+
+def _read_checkpoint(path: Path, read):
+    """read(str path) of a safetensors file; a missing or unreadable one is a one-line UserError."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} is missing")
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"checkpoint {path} is corrupt or not a safetensors file ({str(e).splitlines()[0][:80]})") from None
-
-
-def tensors_meta(path: Path) -> dict:
-    """The prefixlab metadata a safetensors file was saved with by `save_tensors` ({} if none)."""
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return json.loads((handle.metadata() or {}).get("prefixlab", "{}"))
+        return read(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"checkpoint {path} is corrupt or not a safetensors file ({str(e).splitlines()[0][:80]})") from None
 

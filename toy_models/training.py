@@ -28,7 +28,7 @@ from prefixlab_common.errors import UserError
 from prefixlab_common.progress import Progress
 from toy_models.model import MethodState, ToyTransformer
 from toy_models.precision import precision_of
-from toy_models.runs import RunDir, load_tensors, save_tensors, tensors_meta
+from toy_models.runs import RunDir, load_tensors_meta, save_tensors
 from toy_models.tasks import Batch, ResolvedTask, TaskSpec, sample_batch, step_rng, fixed_test_set
 
 
@@ -132,10 +132,9 @@ def resolve_device(name: str | torch.device | None = None) -> torch.device:
     raise UserError(f"unknown device {name!r}; use one of {', '.join(DEVICES)} (or cuda:N)")
 
 
-def device_info(device: torch.device, amp: bool | None = None) -> dict:
-    """What a run records about where it trained (provenance.json, not config.json: a run may
-    resume on another device)."""
-    precision = precision_of(device, amp)
+def device_info(device: torch.device, precision: str = "fp32") -> dict:
+    """What a run records about where and how it trained (provenance.json, not config.json: a run
+    may resume on another device); precision: the resolved one, "fp32" or "bf16"."""
     info = {"device": str(device), "precision": precision, "autocast": "bf16" if precision == "bf16" else None}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -254,9 +253,9 @@ def _save_train_state(run: RunDir, step: int, tr: Trainable, opt: torch.optim.Op
 
 
 def _load_train_state(run: RunDir, tr: Trainable, opt: torch.optim.Optimizer) -> int:
-    tensors = load_tensors(run.path / "train_state.safetensors")
+    tensors, meta = load_tensors_meta(run.path / "train_state.safetensors")
     # the tensors' own step (train_state.json's for a checkpoint written before it was kept there)
-    step = tensors_meta(run.path / "train_state.safetensors").get("step", run.read_json("train_state.json")["step"])
+    step = meta["step"] if "step" in meta else run.read_json("train_state.json")["step"]
     with torch.no_grad():
         for n, p in tr.params.items():
             if f"param.{n}" not in tensors or tensors[f"param.{n}"].shape != p.shape:

@@ -95,7 +95,7 @@ def start_job(job: Job, overwrite: bool, resume: bool, device: torch.device) -> 
     job.run.prepare(overwrite, resume)
     if not resume:
         job.run.write_json("config.json", job.config)
-        job.run.write_json("provenance.json", provenance(job.cfg.seed, **device_info(device, job.precision == "bf16")))
+        job.run.write_json("provenance.json", provenance(job.cfg.seed, **device_info(device, job.precision)))
 
 
 def train_jobs(model, group: list[tuple[Job, bool]], progress: Progress | None = None) -> list[dict]:
