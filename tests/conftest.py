@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from toy_models.model import ToyTransformer, preset_config
+from toy_models.model import ToyConfig, ToyTransformer, preset_config
 from toy_models.tasks import TaskSpec
 
 torch.set_num_threads(1)  # micro models: one thread is as fast, and far faster on a loaded machine
@@ -25,6 +25,13 @@ def micro_model(spec, seed=0, **overrides):
             if p.ndim >= 2:
                 p.mul_(20)
     return m.eval()
+
+
+def tiny_model(**over) -> ToyTransformer:
+    """The mutation tests' small model: 2 heads, d_model 8, no dropout, in eval mode, drawn after
+    torch.manual_seed(0) (their hand computations read its weights); over: other ToyConfig fields."""
+    torch.manual_seed(0)
+    return ToyTransformer(ToyConfig(**{"n_heads": 2, "d_model": 8, "n_ctx": 10, "dropout": 0.0, **over})).eval()
 
 
 @pytest.fixture

@@ -6,13 +6,12 @@ floor."""
 import torch
 
 from probes.drift import JS_FLOOR, DriftAcc, layer_drift
-from toy_models.model import MethodState, ToyConfig, ToyTransformer
+from toy_models.model import MethodState
+from tests.conftest import tiny_model
 
 
 def _model():
-    torch.manual_seed(0)
-    return ToyTransformer(ToyConfig(n_layers=2, n_heads=2, d_model=8, d_vocab=12, n_ctx=12, n_prompt=2,
-                                    dropout=0.0)).eval()
+    return tiny_model(n_layers=2, d_vocab=12, n_ctx=12, n_prompt=2)
 
 
 def _js(p, q):  # float64, 0 log 0 = 0

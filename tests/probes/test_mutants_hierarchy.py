@@ -4,12 +4,12 @@ each branch, word for word, and the hierarchy check's JSON at its thresholds."""
 import torch
 
 from probes.hierarchy import TOL, HierarchyCheck, classify
-from toy_models.model import MethodState, ToyConfig, ToyTransformer
+from toy_models.model import MethodState
+from tests.conftest import tiny_model
 
 
 def _model():
-    torch.manual_seed(0)
-    return ToyTransformer(ToyConfig(n_layers=2, n_heads=2, d_model=8, n_ctx=10, n_prompt=2, dropout=0.0)).eval()
+    return tiny_model(n_layers=2, n_prompt=2)
 
 
 def test_classify_each_branch_word_for_word():

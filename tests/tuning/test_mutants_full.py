@@ -6,14 +6,13 @@ import pytest
 import torch
 
 from prefixlab_common.errors import UserError
-from toy_models.model import ToyConfig, ToyTransformer
 from tuning import FullFinetune, SoftPrompt
 from tuning.base import Method, positive
+from tests.conftest import tiny_model
 
 
 def _model():
-    torch.manual_seed(0)
-    return ToyTransformer(ToyConfig(n_layers=2, n_heads=2, d_model=8, n_ctx=10, n_prompt=2, dropout=0.0)).eval()
+    return tiny_model(n_layers=2, n_prompt=2)
 
 
 def test_full_finetuning_copies_every_weight_under_its_name():

@@ -8,16 +8,13 @@ import pytest
 import torch
 
 from prefixlab_common.errors import UserError
-from toy_models.model import ToyConfig, ToyTransformer
 from tuning import Prefix
 from tuning.prefix import slot_residuals
+from tests.conftest import tiny_model
 
 
 def _model(slots="token", n_layers=2):
-    torch.manual_seed(0)
-    m = ToyTransformer(ToyConfig(n_layers=n_layers, n_heads=2, d_model=8, n_ctx=10, n_prompt=3, dropout=0.0,
-                                 slots=slots))
-    return m.eval()
+    return tiny_model(n_layers=n_layers, n_prompt=3, slots=slots)
 
 
 @pytest.mark.parametrize("opts, message", [

@@ -7,13 +7,12 @@ import pytest
 import torch
 
 from prefixlab_common.errors import UserError
-from toy_models.model import ToyConfig, ToyTransformer
 from tuning import SoftPrompt, hard_prompt_state
+from tests.conftest import tiny_model
 
 
 def _model():
-    torch.manual_seed(0)
-    return ToyTransformer(ToyConfig(n_layers=1, n_heads=2, d_model=8, n_ctx=10, n_prompt=3, dropout=0.0)).eval()
+    return tiny_model(n_layers=1, n_prompt=3)
 
 
 @pytest.mark.parametrize("opts, message", [
