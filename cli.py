@@ -119,6 +119,11 @@ DEVICE_HELP = "auto (a GPU when torch sees one), cpu, cuda or mps"
 PRECISION_HELP = ("training precision: fp32, bf16 (autocast; refused without native bf16) or auto (bf16 "
                   "where native). Default: bf16 on a CUDA GPU that has it, fp32 on a CPU (docs/benchmarks.md)")
 
+REPRODUCE_PRECISION_HELP = (
+    "training precision of every toy stage: fp32, bf16 (autocast; refused without native bf16) or auto "
+    "(bf16 where native). Default: bf16 on a CUDA GPU that has it; on a CPU with native bf16, per stage "
+    "(bf16 only where measured faster, the quick E4; docs/benchmarks.md); else fp32. Cached apart")
+
 
 def _device(name: str):
     """Validate --device before anything is written (a device torch cannot use: exit 2)."""
@@ -723,7 +728,7 @@ def reproduce(scale: str = typer.Option("quick", "--scale", help="the study's si
                                                 help="run the stages on an existing Ray cluster, host:port as `ray start --head` "
                                                      "prints it (out must be shared; a token: RAY_AUTH_TOKEN)"),
               device: str = typer.Option("cpu", help="where the toy runs train: auto, cpu, cuda or mps (probes stay fp32 on the CPU)"),
-              precision: Optional[str] = typer.Option(None, help=PRECISION_HELP + "; bf16 studies are cached apart")):
+              precision: Optional[str] = typer.Option(None, help=REPRODUCE_PRECISION_HELP)):
     """Run the whole study as cached stages and write one report (paper vs lab first)."""
     from reports.study import render_study
     from study.reproduce import reproduce as _reproduce

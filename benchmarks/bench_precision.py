@@ -24,10 +24,11 @@ STEPS = [
     ("E1 base pretraining 1/1/96 (quick)", "petrov-e1", {}, "pretrain", 1),
     ("E2 base pretraining 1/4/256, no LN (quick)", "petrov-e2", {}, "pretrain", 1),
     ("E3/E4 base pretraining 4/4/128 (quick)", "petrov-e3", {"d_model": 128}, "pretrain", 12),
-    ("E3 P=10 prefix 4/4/128 (quick)", "petrov-e3", {"d_model": 128}, "prefix", 12),
-    ("E4 rank-1 LoRA 4/4/128 (quick)", "petrov-e3", {"d_model": 128}, "lora", 12),
-    ("E3/E4 base pretraining 4/4/256 (paper)", "petrov-e3", {}, "pretrain", 12),
-    ("E4 rank-1 LoRA 4/4/256 (paper)", "petrov-e3", {}, "lora", 12),
+    ("E3 P=10 prefix 4/4/128 (quick)", "petrov-e3", {"d_model": 128}, "prefix10", 12),
+    ("E4 rank-1 LoRA 4/4/128 (quick until 2026-12-03)", "petrov-e3", {"d_model": 128}, "lora", 12),
+    ("E4 base pretraining 4/4/256 (quick; paper E3/E4)", "petrov-e3", {}, "pretrain", 12),
+    ("E4 rank-1 LoRA 4/4/256 (quick; paper)", "petrov-e3", {}, "lora", 12),
+    ("E4 P=12 prefix 4/4/256 (quick; paper)", "petrov-e3", {}, "prefix12", 12),
 ]
 
 
@@ -50,7 +51,8 @@ def setup(preset: str, over: dict, kind: str, slots: int):
     else:
         model.eval()
         model.requires_grad_(False)
-        m = make_method("prefix", model, length=10, share="simple") if kind == "prefix" else make_method("lora", model, rank=1)
+        m = (make_method("prefix", model, length=int(kind[6:]), share="simple") if kind.startswith("prefix")
+             else make_method("lora", model, rank=1))
         params, state = list(m.parameters()), m.state
     opt = torch.optim.AdamW(params, lr=1e-4)
     rng = np.random.default_rng(0)
@@ -88,6 +90,7 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the study's workers use 1)")
+    ap.add_argument("--only", default=None, help="time only the steps whose name contains this text")
     args = ap.parse_args()
     import torch
     from toy_models.precision import cpu_bf16_flags
@@ -101,6 +104,8 @@ def main():
     peak = {p: max(v["median"] for k, v in out["matmul_gflops"].items() if k.startswith(p)) for p in ("fp32", "bf16")}
     out["matmul_peak_gflops"] = {**peak, "bf16_vs_fp32": peak["bf16"] / peak["fp32"]}
     for name, preset, over, kind, slots in STEPS:
+        if args.only and args.only not in name:
+            continue
         step = setup(preset, over, kind, slots)
         flops = step_flops(step)
         t32, t16 = [], []

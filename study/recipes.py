@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 @dataclass(frozen=True)
 class Recipe:
@@ -34,6 +34,11 @@ class Recipe:
     # the training forward's precision (toy_models/precision.py), set by `reproduce --precision`;
     # not fp32: it enters the stage and base keys, so a study of one precision never reuses another's
     precision: str = "fp32"
+    # whether this recipe's base and runs train in bf16 in a study that names no precision, on a
+    # CPU with native bf16 ("per-stage", study.stages.stages_for): True only where bf16 was measured
+    # faster for its steps and its rows were validated in bf16 (docs/benchmarks.md, "Precision").
+    # Never part of a key: the precision it resolves to is.
+    bf16_pays: bool = False
 
     def steps_for(self, long: bool) -> int:
         return (self.long_steps or self.tune_steps) if long else self.tune_steps
@@ -44,7 +49,21 @@ class Recipe:
         for name, default in (("precision", "fp32"), ("long_schedule", None)):
             if d[name] == default:
                 del d[name]
+        del d["bf16_pays"]  # a preference; the precision it resolves to is in the dict
         return d
+
+    def in_precision(self, study: str) -> "Recipe":
+        """This recipe in a study of precision `study`: "fp32" or "bf16" for every stage, or
+        "per-stage" (bf16 where `bf16_pays`, else fp32)."""
+        if study == PER_STAGE:
+            return replace(self, precision="bf16" if self.bf16_pays else "fp32")
+        if study not in ("fp32", "bf16"):
+            raise ValueError(f"a study's precision is fp32, bf16 or {PER_STAGE}, got {study!r}")
+        return replace(self, precision=study)
+
+
+# a study's precision when it names none, on a CPU with native bf16: each recipe's own (bf16_pays)
+PER_STAGE = "per-stage"
 
 
 RECIPES: dict[str, dict[str, Recipe]] = {
@@ -54,8 +73,9 @@ RECIPES: dict[str, dict[str, Recipe]] = {
     },
     # quick: what `make demo` runs; the cheapest recipes found that still reproduce each row
     # (docs/experiments.md has every configuration tried). [P]'s slot protocol (token) and
-    # prefixes started from the base's SLOT inputs (init "slot"); E1 and E2 keep the paper's
-    # model sizes, E3/E4 the paper's depth and heads at d=128 (d=48 lost E4's LoRA).
+    # prefixes started from the base's SLOT inputs (init "slot"); E1, E2 and E4 keep the paper's
+    # model sizes, E3 the paper's depth and heads at d=128 (d=48 lost E4's LoRA; at d=128 it needed
+    # 10k steps and stayed under 80 %).
     "quick": {
         "E1": Recipe("petrov-e1", {}, 2000, 3e-3, 400, prefix_init="slot"),
         "E2": Recipe("petrov-e2", {}, 4000, 2e-3, 1000, prefix_init="slot"),
@@ -63,11 +83,12 @@ RECIPES: dict[str, dict[str, Recipe]] = {
         # 20 % (ascending_add1 63.3 / 67.8 % in 2 seeds; 5,000 constant steps gave 47.6 %)
         "E3": Recipe("petrov-e3", {"d_model": 128}, 4000, 2e-3, 500, long_steps=8000, long_schedule="decay",
                      prefix_init="slot"),
-        # E4: [P]'s 10k steps at [P]'s constant lr, then a linear decay over the last 20 %: the LoRA
-        # sits on [P]'s plateau for ~3k steps, and under the constant lr alone it hovered at 45-56 %
-        # over its last 2k steps; with the decay 69.6 / 71.3 % in 2 seeds (docs/experiments.md)
-        "E4": Recipe("petrov-e3", {"d_model": 128}, 4000, 2e-3, 500, long_steps=10000, long_schedule="decay",
-                     prefix_init="slot"),
+        # E4: its own base at the paper's width (4/4/256, 12 slots), [P]'s constant lr then a linear
+        # decay over the last 20 %, in bf16 where the CPU has it (measured 2.55x on the base's step,
+        # 1.95x on the LoRA's). At d=128 the LoRA needed 10k steps for 69.6 / 71.3 % (2 seeds); at
+        # d=256 it leaves [P]'s plateau sooner (docs/experiments.md, "Margins on the positive rows")
+        "E4": Recipe("petrov-e3", {}, 4000, 1e-3, 500, long_steps=5000, long_schedule="decay",
+                     prefix_init="slot", bf16_pays=True),
     },
     "paper": {
         "E1": Recipe("petrov-e1", {}, 6000, 2e-3, 2000, prefix_init="slot", seeds=(0, 1, 2)),

@@ -12,7 +12,8 @@ from study.table import paper_vs_lab
 from prefixlab_common.errors import UserError
 from toy_models.lock import DirLock
 from toy_models.runs import write_json
-from toy_models.precision import resolve_precision
+from study.recipes import PER_STAGE
+from toy_models.precision import native_bf16, resolve_precision
 from toy_models.training import resolve_device
 
 
@@ -31,6 +32,21 @@ def _content(records: dict) -> dict:
     return strip(records)
 
 
+def study_precision(precision: str | None, device) -> str:
+    """A study's precision: an explicit choice applies to every training stage (resolve_precision:
+    bf16 without native bf16 is refused). With none: bf16 on a CUDA GPU that has it; on a CPU with
+    native bf16, "per-stage" (bf16 only for the recipes measured faster in it and validated in it,
+    study.recipes.Recipe.bf16_pays); fp32 elsewhere."""
+    if precision is None and device.type == "cpu" and native_bf16(device):
+        return PER_STAGE
+    return resolve_precision(precision, device)
+
+
+def stage_precision(stages) -> dict[str, str]:
+    """Each training stage's precision, as its config (so its key) holds it."""
+    return {s.name: s.config["recipe"].get("precision", "fp32") for s in stages if "recipe" in s.config}
+
+
 def reproduce(out: Path, preset: str = "quick", progress_factory=None, only: list[str] | None = None,
               workers: int = 1, ray_address: str | None = None, on_done=None, threads: int | None = None,
               device=None, on_note=None, precision: str | None = None) -> dict:
@@ -38,8 +54,8 @@ def reproduce(out: Path, preset: str = "quick", progress_factory=None, only: lis
     report.json (the table and each stage's content, identical whichever way the stages ran, and
     apart from them the study's timing: its wall time, its stages' work, its longest chain).
     device: where the toy runs train ("auto", "cpu", "cuda", "mps"); probes stay on the CPU in fp32.
-    precision: the toy runs' training precision (fp32, bf16, auto; None: bf16 on a CUDA GPU that has
-    it, fp32 on a CPU; toy_models/precision.py). bf16 enters the stage keys.
+    precision: the toy runs' training precision (fp32, bf16 or auto for every training stage,
+    toy_models/precision.py; None: `study_precision`). bf16 enters the stage keys.
     The study is the one writer of `out` meanwhile (`toy_models.lock`): a second study on it stops
     at once, naming the first. on_note(line): what the study healed or took over; the same lines
     are returned under "notes"."""
@@ -47,7 +63,7 @@ def reproduce(out: Path, preset: str = "quick", progress_factory=None, only: lis
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
     # a device this machine lacks, or bf16 where it has none, is refused before any stage runs
-    precision = resolve_precision(precision, resolve_device(device))
+    precision = study_precision(precision, resolve_device(device))
     plan(out, preset, only, precision)  # an unknown preset or stage is refused before anything is written
     notes: list[str] = []
 
@@ -66,8 +82,8 @@ def reproduce(out: Path, preset: str = "quick", progress_factory=None, only: lis
         timing = study_timing(records, {s.name: s.needs for s in stages}, time.perf_counter() - t0,
                               workers if workers > 1 or ray_address else 1)
         table = paper_vs_lab(records)
-        content = {"preset": preset, "precision": precision, "table": table, "stages": _content(records),
-                   "timing": timing}
+        content = {"preset": preset, "precision": precision, "stage_precision": stage_precision(stages),
+                   "table": table, "stages": _content(records), "timing": timing}
         write_json(out / "report.json", content)
-    return {"preset": preset, "precision": precision, "records": records, "table": table, "report_json": str(out / "report.json"),
+    return {"preset": preset, "precision": precision, "stage_precision": content["stage_precision"], "records": records, "table": table, "report_json": str(out / "report.json"),
             "notes": notes, "timing": timing}

@@ -11,6 +11,9 @@ loss and every evaluation in fp32). Probes and identity checks never use it: the
   the quick study's d=128 tuning steps (0.74x prefix, 0.96x LoRA), which hold most of its work,
   and the quick study's rows were validated in fp32 (docs/benchmarks.md, "Precision";
   `benchmarks/bench_precision.py`), so the CPU default stays fp32.
+- a study (`reproduce`) with no choice, on a CPU with native bf16: per stage. Only the recipes
+  measured faster in bf16 and validated in it train in bf16 (the quick E4 at d=256: base 2.47x,
+  LoRA 1.88x, prefix 1.53x); study.reproduce.study_precision.
 
 A run records its precision in provenance.json, and in config.json when it is not fp32 (so a run
 of one precision is never reused for another, and fp32 runs keep the configs they always had).
