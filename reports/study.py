@@ -34,18 +34,23 @@ def _stages_section(records: dict, timing: dict | None = None) -> tuple:
         t = r.get("timing") or {}
         return [f"{t.get('work_s', r.get('seconds', 0)):.0f} s", f"{t.get('wall_s', r.get('seconds', 0)):.0f} s",
                 f"{t['waited_s']:.0f} s" if "waited_s" in t else "—", t.get("threads", "—")]
+    def precision(r: dict) -> str:  # a training stage's, as its config (so its key) holds it
+        recipe = (r.get("config") or {}).get("recipe")
+        return recipe.get("precision", "fp32") if isinstance(recipe, dict) else "—"
     rows = [[n, r.get("title", n), r["status"] + (" (cached)" if r.get("cached") else "")] + times(r)
-            + [r.get("error", "")] for n, r in records.items()]
+            + [precision(r), r.get("error", "")] for n, r in records.items()]
     intro = ("Each stage is cached by a hash of its config; a failed stage is listed here and the others still ran. "
              "Work: the seconds a stage computed (its groups of runs counted once each); wall: from its start to its "
-             "end, which in a parallel study includes the time its groups waited for a core (waited).")
+             "end, which in a parallel study includes the time its groups waited for a core (waited). Precision: "
+             "what a training stage trained in (a study that names none, on a CPU with native bf16, uses bf16 only "
+             "where it was measured faster).")
     if timing:
         chain = " → ".join(timing.get("longest_chain") or []) or "—"
         intro += (f" This study: {timing['wall_s']:.0f} s of wall time on {timing['cores']} worker(s), against "
                   f"{timing['work_s']:.0f} s of stage work ({timing['work_s'] / max(1, timing['cores']):.0f} s per worker) "
                   f"and a longest chain of {timing['longest_chain_s']:.0f} s ({chain}): perfect packing would take "
                   f"{timing['bound_s']:.0f} s ({100 * (timing['of_bound'] or 0):.0f} % of the wall time).")
-    return ("Stages", [Table(["stage", "what", "status", "work", "wall", "waited", "threads", "error"], rows)], intro)
+    return ("Stages", [Table(["stage", "what", "status", "work", "wall", "waited", "threads", "precision", "error"], rows)], intro)
 
 
 def _bases_section(records: dict) -> tuple | None:

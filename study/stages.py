@@ -222,8 +222,9 @@ def stages_for(preset: str, out: Path, precision: str = "fp32") -> list[Stage]:
     recipes = {e: r.in_precision(precision) for e, r in RECIPES[preset].items()}
     recipe = lambda e: {"preset": preset, "recipe": recipes[e].to_dict()}
     st, base_of = [], {}
-    # the longest chain first (E3/E4's deeper base, then E4's and E3's long runs), so that parallel
-    # workers start on it at once; stage order is also the order of a sequential study
+    # the longest chains first (the 4/4 bases of E3 and E4, then E4's and E3's long runs), so that
+    # parallel workers start on them at once; stage order is also the order of a sequential study
+    # (a parallel one orders by measured chain lengths: study.schedule)
     for e, what in (("E3", "mix4, 12 slots"), ("E4", "mix4, 12 slots"), ("E2", "mix4, 1 slot"),
                     ("E1", "ascending, 1 slot")):
         key = base_key(e, recipes[e])

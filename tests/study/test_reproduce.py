@@ -157,6 +157,11 @@ def test_a_study_records_each_stage_s_work_and_wall_and_its_own_wall_time(sequen
     assert {n: h["work_s"] for n, h in history.items()} == {n: s["work_s"] for n, s in zip(full["records"], stages)}
     html = (path / "report.html").read_text()
     assert "longest chain" in html and "waited" in html
+    # each training stage's precision (the micro recipes: none pays for bf16, so all fp32, per stage
+    # or not), and none for the stages that train no toy run
+    trained = {"base-E1", "base-E2", "base-E3", "E1", "E2", "E3", "E4", "sample_eff"}
+    assert report["stage_precision"] == full["stage_precision"] == {n: "fp32" for n in trained}
+    assert "what a training stage trained in" in html
 
 
 def test_micro_study_has_hard_prompt_rows_searched_not_trained(sequential):
