@@ -29,9 +29,9 @@ def _table_section(table: list[dict], preset: str) -> tuple:
 
 def _stages_section(records: dict, timing: dict | None = None) -> tuple:
     def times(r: dict) -> list:
-        if r.get("cached"):
-            return ["cached", "", "", ""]
         t = r.get("timing") or {}
+        if r.get("cached"):  # what it took when it was computed, if that was recorded
+            return [f"cached ({t['work_s']:.0f} s when computed)" if "work_s" in t else "cached", "", "", ""]
         return [f"{t.get('work_s', r.get('seconds', 0)):.0f} s", f"{t.get('wall_s', r.get('seconds', 0)):.0f} s",
                 f"{t['waited_s']:.0f} s" if "waited_s" in t else "—", t.get("threads", "—")]
     def precision(r: dict) -> str:  # a training stage's, as its config (so its key) holds it
@@ -44,7 +44,10 @@ def _stages_section(records: dict, timing: dict | None = None) -> tuple:
              "end, which in a parallel study includes the time its groups waited for a core (waited). Precision: "
              "what a training stage trained in (a study that names none, on a CPU with native bf16, uses bf16 only "
              "where it was measured faster).")
-    if timing:
+    if timing and not timing.get("stages_run"):
+        intro += (" Every stage of this run was cached, so it computed nothing; its wall time says nothing of the "
+                  "study's speed (the run that computed the stages recorded it in its own report.json).")
+    elif timing:
         chain = " → ".join(timing.get("longest_chain") or []) or "—"
         intro += (f" This study: {timing['wall_s']:.0f} s of wall time on {timing['cores']} worker(s), against "
                   f"{timing['work_s']:.0f} s of stage work ({timing['work_s'] / max(1, timing['cores']):.0f} s per worker) "

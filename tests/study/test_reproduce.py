@@ -77,6 +77,11 @@ def test_reproduce_micro_caches_and_resumes_after_kill(tmp_path, sequential):
     # 3. a third run recomputes nothing
     again = reproduce(cut, "micro")
     assert all(r.get("cached") for r in again["records"].values())
+    # its report says that it computed nothing, and keeps each stage's work from when it was computed
+    from reports.study import _stages_section
+    _, (table,), intro = _stages_section(again["records"], again["timing"])
+    assert again["timing"]["stages_run"] == 0 and "computed nothing" in intro and "longest chain" not in intro
+    assert all(row[3].startswith("cached (") and row[3].endswith(" s when computed)") for row in table.rows)
 
 
 
