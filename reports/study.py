@@ -45,8 +45,8 @@ def _stages_section(records: dict, timing: dict | None = None) -> tuple:
              "what a training stage trained in (a study that names none, on a CPU with native bf16, uses bf16 only "
              "where it was measured faster).")
     if timing and not timing.get("stages_run"):
-        intro += (" Every stage of this run was cached, so it computed nothing; its wall time says nothing of the "
-                  "study's speed (the run that computed the stages recorded it in its own report.json).")
+        intro += (" Every stage of this run was cached, so it computed nothing and its wall time says nothing of the "
+                  "study's speed; the table gives each stage's work from when it was computed.")
     elif timing:
         chain = " → ".join(timing.get("longest_chain") or []) or "—"
         intro += (f" This study: {timing['wall_s']:.0f} s of wall time on {timing['cores']} worker(s), against "
