@@ -116,13 +116,13 @@ def _fail(msg: str):
 # a computed paper-vs-lab verdict (None: too little data for one), as the commands print it
 VERDICT_WORD = {True: "reproduced", False: "differs", None: "no verdict"}
 DEVICE_HELP = "auto (a GPU when torch sees one), cpu, cuda or mps"
-PRECISION_HELP = ("training precision: fp32, bf16 (autocast; refused without native bf16) or auto (bf16 "
-                  "where native). Default: bf16 on a CUDA GPU that has it, fp32 on a CPU (docs/benchmarks.md)")
-
+_PRECISIONS = "fp32, bf16 (autocast; refused without native bf16) or auto (bf16 where native)"
+PRECISION_HELP = (f"training precision: {_PRECISIONS}. Default: bf16 on a CUDA GPU that has it, fp32 on a CPU "
+                  "(docs/benchmarks.md)")
 REPRODUCE_PRECISION_HELP = (
-    "training precision of every toy stage: fp32, bf16 (autocast; refused without native bf16) or auto "
-    "(bf16 where native). Default: bf16 on a CUDA GPU that has it; on a CPU with native bf16, per stage "
-    "(bf16 only where measured faster, the quick E4; docs/benchmarks.md); else fp32. Cached apart")
+    f"training precision of every toy stage: {_PRECISIONS}. Default: bf16 on a CUDA GPU that has it; on a CPU "
+    "with native bf16, per stage (bf16 only where measured faster, the quick E4; docs/benchmarks.md); else fp32. "
+    "Cached apart")
 
 
 def _device(name: str):

@@ -183,8 +183,8 @@ def main():
             # the study's default precision for this shape here: a 4/4/256 base is the quick E4's,
             # which a study that names none trains in bf16 on a CPU with native bf16 (per stage)
             from study.recipes import RECIPES
-            from toy_models.precision import native_bf16
-            default = "bf16" if native_bf16(torch.device("cpu")) and RECIPES["quick"]["E4"].bf16_pays else "fp32"
+            from study.reproduce import study_precision
+            default = RECIPES["quick"]["E4"].in_precision(study_precision(None, torch.device("cpu"))).precision
             out["vs_petrov"] = {"seqs_per_s": {k: stats(v) for k, v in res.items()},
                                 "ratio_lab_fit_vs_best_petrov": med["lab_fit"] / best,
                                 "ratio_lab_fit_bf16_vs_best_petrov (opt-in amp=True)": med["lab_fit_bf16_autocast"] / best,

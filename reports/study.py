@@ -15,6 +15,7 @@ from reports.build import build_report
 from reports.experiments import e1, e2, e3, e4, sample_eff
 from reports.experiments.common import _pct, curves_figure
 from reports.html import Table, render_report, write_report
+from study.recipes import recipe_precision
 from reports.theory_figures import beta_figure, capacity_figure, reparam_figure, text_figure
 from theory.reparam import ReparamResult
 
@@ -36,7 +37,7 @@ def _stages_section(records: dict, timing: dict | None = None) -> tuple:
                 f"{t['waited_s']:.0f} s" if "waited_s" in t else "—", t.get("threads", "—")]
     def precision(r: dict) -> str:  # a training stage's, as its config (so its key) holds it
         recipe = (r.get("config") or {}).get("recipe")
-        return recipe.get("precision", "fp32") if isinstance(recipe, dict) else "—"
+        return recipe_precision(recipe) if isinstance(recipe, dict) else "—"
     rows = [[n, r.get("title", n), r["status"] + (" (cached)" if r.get("cached") else "")] + times(r)
             + [precision(r), r.get("error", "")] for n, r in records.items()]
     intro = ("Each stage is cached by a hash of its config; a failed stage is listed here and the others still ran. "

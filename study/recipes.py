@@ -66,6 +66,11 @@ class Recipe:
 PER_STAGE = "per-stage"
 
 
+def recipe_precision(d: dict) -> str:
+    """The precision of a recipe as `Recipe.to_dict` wrote it (fp32 is left out of the dict)."""
+    return d.get("precision", "fp32")
+
+
 RECIPES: dict[str, dict[str, Recipe]] = {
     "micro": {
         e: Recipe("micro", {}, 30, 1e-2, 10, eval_size=64, batch_size=16, length=4, num_digits=4, eval_points=2)

@@ -12,7 +12,7 @@ from study.table import paper_vs_lab
 from prefixlab_common.errors import UserError
 from toy_models.lock import DirLock
 from toy_models.runs import write_json
-from study.recipes import PER_STAGE
+from study.recipes import PER_STAGE, recipe_precision
 from toy_models.precision import native_bf16, resolve_precision
 from toy_models.training import resolve_device
 
@@ -44,7 +44,7 @@ def study_precision(precision: str | None, device) -> str:
 
 def stage_precision(stages) -> dict[str, str]:
     """Each training stage's precision, as its config (so its key) holds it."""
-    return {s.name: s.config["recipe"].get("precision", "fp32") for s in stages if "recipe" in s.config}
+    return {s.name: recipe_precision(s.config["recipe"]) for s in stages if "recipe" in s.config}
 
 
 def reproduce(out: Path, preset: str = "quick", progress_factory=None, only: list[str] | None = None,

@@ -42,7 +42,8 @@ def run_stages(out: Path, preset: str = "quick", progress_factory=None, only: li
     divided among the workers, and a stage alone in the queue takes every free worker; given, every
     stage and group gets exactly that many, so the study's bits do not depend on its schedule).
     on_note(line): what the study healed or kept (a record set aside, a base rebuilt, its thread count).
-    precision: the toy runs' training precision, resolved ("fp32" or "bf16"; study.stages.stages_for)."""
+    precision: the toy runs' training precision, resolved ("fp32", "bf16" or "per-stage";
+    study.stages.stages_for)."""
     out = Path(out)
     stages, keys = plan(out, preset, only, precision)
     (out / "stages").mkdir(parents=True, exist_ok=True)

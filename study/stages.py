@@ -15,7 +15,7 @@ from typing import Callable
 
 from prefixlab_common.errors import UserError
 from prefixlab_common.progress import Progress
-from study.recipes import RECIPES
+from study.recipes import RECIPES, recipe_precision
 
 # the study's scales (`reproduce --scale`); a model's size is its preset (toy_models.model.PRESETS).
 # Stage configs keep the key "preset" for the scale, so that cached stages stay valid.
@@ -83,7 +83,7 @@ class Stage:
 
 def _recipe(cfg: dict, experiment: str):
     """The recipe a training stage's config names: its scale's, in the precision it records."""
-    return replace(RECIPES[cfg["preset"]][experiment], precision=cfg["recipe"].get("precision", "fp32"))
+    return replace(RECIPES[cfg["preset"]][experiment], precision=recipe_precision(cfg["recipe"]))
 
 
 def _bases(d: Path) -> Path:
