@@ -1,4 +1,5 @@
-"""What this machine allows: the ceilings of issue 12's fused and parallel targets, measured.
+"""What this machine allows: the ceilings of the fused-runs and parallel-workers speedup targets
+(bench_fused.py, bench_reproduce.py), measured.
 
     python benchmarks/bench_ceiling.py [--runs 3] [--steps 12]
 

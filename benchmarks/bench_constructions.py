@@ -1,4 +1,4 @@
-"""Time [P]'s single-virtual-token constructions (papers.md §5): the Theorem 1 check of 1,000
+"""Time [P]'s single-virtual-token constructions (docs/papers.md §5): the Theorem 1 check of 1,000
 random targets (V=94, N=20, greedy generation; target <= 10 s) and the Theorem 2 check of random
 maps, each --runs times. Prints one JSON object: median/min/max seconds and the verdicts.
 

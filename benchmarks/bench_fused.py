@@ -2,7 +2,7 @@
 
     python benchmarks/bench_fused.py [--runs 3] [--steps 20] [--sweep-steps 6] [--skip-e3] [--skip-sweep]
 
-1. E3: the six P=10 Simple-share prefix runs of papers.md E3 (mix4's four tasks, ascending_add1,
+1. E3: the six P=10 Simple-share prefix runs of E3, docs/papers.md §3 (mix4's four tasks, ascending_add1,
    double_hist) on one 4/4/256 base with 12 token slots, through `finetune_many` (fused) and
    `finetune` one after another (sequential), end to end (evaluations and run directories
    included). Target: fused >= 3x faster, with the same metrics. The base is a 1-step pretrain

@@ -25,7 +25,7 @@ STEPS = [
     ("E2 base pretraining 1/4/256, no LN (quick)", "petrov-e2", {}, "pretrain", 1),
     ("E3/E4 base pretraining 4/4/128 (quick)", "petrov-e3", {"d_model": 128}, "pretrain", 12),
     ("E3 P=10 prefix 4/4/128 (quick)", "petrov-e3", {"d_model": 128}, "prefix10", 12),
-    ("E4 rank-1 LoRA 4/4/128 (quick until 2026-12-03)", "petrov-e3", {"d_model": 128}, "lora", 12),
+    ("E4 rank-1 LoRA 4/4/128 (on the quick E3 base)", "petrov-e3", {"d_model": 128}, "lora", 12),
     ("E4 base pretraining 4/4/256 (quick; paper E3/E4)", "petrov-e3", {}, "pretrain", 12),
     ("E4 rank-1 LoRA 4/4/256 (quick; paper)", "petrov-e3", {}, "lora", 12),
     ("E4 P=12 prefix 4/4/256 (quick; paper)", "petrov-e3", {}, "prefix12", 12),

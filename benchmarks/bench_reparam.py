@@ -1,4 +1,4 @@
-"""Time the reparameterization study (papers.md §6): the quick preset 3 times, or with --full the
+"""Time the reparameterization study (docs/papers.md §6): the quick preset 3 times, or with --full the
 full preset (default once). Prints one JSON object: median/min/max seconds and the measured slopes.
 
     .venv/bin/python benchmarks/bench_reparam.py [--full] [--runs K] [--threads T] [--save PATH]

@@ -1,6 +1,6 @@
 """`reproduce` timed, stage by stage, in a fresh study directory: with `--workers 1,2` the same
 preset runs once sequentially and once on a local Ray with 2 workers, one after the other, and
-the wall-time ratio is printed (the issue's target: >= 1.5x on 2 cores for the quick preset).
+the wall-time ratio is printed (target: >= 1.5x on 2 cores for the quick preset).
 Each study's own timing (report.json: wall time, the sum of its stages' work, its longest chain,
 and the bound max(work / workers, chain) that perfect packing would reach) is printed beside it.
 --simulate COSTS.json replays a study's stage graph with the given one-thread stage times under
@@ -21,7 +21,7 @@ from study.reproduce import reproduce
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=1)
-    ap.add_argument("--scale", "--preset", dest="preset", default="quick")  # --preset: the old spelling
+    ap.add_argument("--scale", "--preset", dest="preset", default="quick")  # --preset: a deprecated alias of --scale
     ap.add_argument("--workers", default="1", help="comma-separated worker counts, e.g. 1,2")
     ap.add_argument("--simulate", help="a JSON file {stage: one-thread seconds}: replay the schedule only")
     args = ap.parse_args()

@@ -1,18 +1,24 @@
 """Training throughput and model FLOP utilization on the petrov-e3 configuration (P=10, batch 64),
-the single-run ratio against [P]'s own loop side by side, the avenues of issue 12 one at a time,
+the single-run ratio against [P]'s own loop side by side, the speed-up avenues (optimizer
+variants, trimmed final block) one at a time,
 tuning steps/s per method, and the time for the `default` preset to reach 99 % on mix4.
 
     python benchmarks/bench_training.py [--runs 3] [--iters 20] [--skip-time-to-99] [--skip-petrov]
-        [--petrov-dir ../shared/bench/petrov_mingpt] [--threads N]
+        [--petrov-dir DIR] [--threads N]
 Target: lab >= 2 x [P]'s loop (measured side by side, rounds alternating, so machine noise hits
 both); prefix and soft-prompt steps/s >= full fine-tuning's; time to 99 % <= 180 s.
-[P]'s loop is their minGPT package, imported from --petrov-dir as the baseline (never copied).
+[P]'s loop is their minGPT package, imported as the baseline (never copied) from a checkout of
+their code that the lab does not ship: --petrov-dir DIR, or the environment variable
+PREFIXLAB_PETROV_DIR. Without either, the side-by-side ratio is skipped (a note on stderr, and
+"vs_petrov": {"skipped": ...} in the JSON); everything else runs.
 """
 
 import argparse
 import json
+import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -84,7 +90,6 @@ def fit_seqs_per_s(cfg, spec, task, iters: int, fast: bool = True, optimizer: st
 def petrov_loop(petrov_dir: Path, iters: int):
     """[P]'s own training loop (their minGPT GPT + Trainer, 4/4/256, P=10 pads, mix of 4 tasks,
     batch 64, lr 5e-4), imported from their package; returns a function -> sequences/s."""
-    import sys
     import types
     for name in ("matplotlib", "matplotlib.pyplot", "seaborn", "minlora"):  # imported, unused in training
         sys.modules.setdefault(name, types.ModuleType(name))
@@ -150,6 +155,28 @@ def shared_head_ab(runs: int) -> dict:
     return out
 
 
+PETROV_ENV = "PREFIXLAB_PETROV_DIR"
+NO_PETROV = (f"side-by-side ratio against [P]'s loop skipped: no checkout of their minGPT code "
+             f"(pass --petrov-dir DIR or set {PETROV_ENV})")
+
+
+def resolve_petrov_dir(arg: Path | None, skip: bool) -> Path | None:
+    """The directory of [P]'s minGPT checkout: --petrov-dir, else $PREFIXLAB_PETROV_DIR, else None
+    (the comparison is skipped). A named directory that does not exist, or that holds no `mingpt`
+    package, is a user mistake: one line on stderr, exit 2."""
+    if skip:
+        return None
+    raw = arg if arg is not None else (Path(os.environ[PETROV_ENV]) if os.environ.get(PETROV_ENV) else None)
+    if raw is None:
+        return None
+    source = "--petrov-dir" if arg is not None else PETROV_ENV
+    if not (raw / "mingpt").is_dir():
+        print(f"bench_training: {source} {raw} is not a checkout of [P]'s minGPT code "
+              f"(no mingpt/ package in it)", file=sys.stderr)
+        sys.exit(2)
+    return raw
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
@@ -158,9 +185,11 @@ def main():
     ap.add_argument("--iters", type=int, default=20, help="timed steps per throughput measurement")
     ap.add_argument("--skip-petrov", action="store_true", help="skip the side-by-side ratio against [P]'s loop")
     ap.add_argument("--skip-avenues", action="store_true")
-    ap.add_argument("--petrov-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "bench" / "petrov_mingpt")
+    ap.add_argument("--petrov-dir", type=Path, default=None,
+                    help=f"a checkout of [P]'s minGPT code (default: ${PETROV_ENV}; none: the ratio is skipped)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
+    petrov_dir = resolve_petrov_dir(args.petrov_dir, args.skip_petrov)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = {"machine": machine()}
@@ -168,10 +197,11 @@ def main():
     task = resolve_task("mix4", spec)
     cfg = preset_config("petrov-e3", d_vocab=spec.vocab_size, n_ctx=spec.n_ctx, n_prompt=10)
     if not args.skip_petrov:
-        if not args.petrov_dir.is_dir():
-            out["vs_petrov"] = {"skipped": f"{args.petrov_dir} missing"}
+        if petrov_dir is None:
+            out["vs_petrov"] = {"skipped": NO_PETROV}
+            print(f"bench_training: {NO_PETROV}", file=sys.stderr)
         else:
-            petrov = petrov_loop(args.petrov_dir, args.iters)
+            petrov = petrov_loop(petrov_dir, args.iters)
             res = {"petrov_w0": [], "petrov_w2": [], "lab_fit": [], "lab_fit_bf16_autocast": []}
             for _ in range(args.runs):  # alternating, so machine noise hits both loops
                 res["petrov_w0"].append(petrov(0))

@@ -1,7 +1,7 @@
 """Running a bridged LLaMA-family model and reading its hooks: what the prefix check, the
 soft-prompt check and the dilution probe share.
 
-The hook names are TransformerLens's (architecture.md, "Hook names"); the bridge adds
+The hook names are TransformerLens's (docs/architecture.md, "Hook names"); the bridge adds
 ``hook_rot_k``, the post-rotary keys, which is what a prefix cache holds. Activations come back
 with the batch dimension removed.
 """

@@ -1,4 +1,4 @@
-"""LLaMA prefix attention checks on real LLaMA-family checkpoints (papers.md §4 "LLaMA check", Fig. 5).
+"""LLaMA prefix attention checks on real LLaMA-family checkpoints (docs/papers.md §4 "LLaMA check", Fig. 5).
 
 The identity maths and the result type are in `llama_checks.identities`, the hook capture in
 `llama_checks.bridge`; this module feeds them a prefix, in memory or streamed, and `run_llama_check`
@@ -33,11 +33,12 @@ positions P..P+T−1 vs 0..T−1. This is also what PEFT prefix-tuning does at t
 
 **Tolerances** (layer 0; max abs error of the rescaling identity on pattern entries, and the bias
 residual relative to max |t^pt|): `identities.TOLERANCES`, with `2·rope_shift_error` added to the pattern
-tolerance (`identities.within_tolerance`): that much error the position shift alone causes. In fp32 both are ~1e-6 (SmolLM2: 1.2e-6 / 2.5e-7).
+tolerance (`identities.within_tolerance`): that much error the position shift alone causes. In fp32 both are ~1e-6
+(SmolLM2: docs/llama.md, "Measured").
 In bf16/fp16 the floor is set by the model dtype: q and k are rotated at the shifted positions and
 rounded to 8/11 mantissa bits before the score matmul, so content scores differ by ~|score|·2^-8
-(2^-11) between the two runs; on SmolLM2 the measured layer-0 errors are 1.0e-2 (bf16) and 1.9e-3
-(fp16), equal to `rope_shift_error`, the same error without any prefix. fp16 runs on CPU (PyTorch
+(2^-11) between the two runs; on SmolLM2 the layer-0 errors in bf16 and fp16 equal
+`rope_shift_error`, the same error without any prefix (docs/llama.md, "Measured"). fp16 runs on CPU (PyTorch
 2.13 has CPU fp16 matmul) but is slow and can overflow in models with large activations; bf16 is
 the better reduced precision on CPU.
 
@@ -51,6 +52,7 @@ first layer only. To bound memory on deep models, stream mode keeps the Fig. 5 p
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -88,7 +90,7 @@ from llama_checks.prefix import (
     train_prefix,
 )
 from llama_checks.soft_check import check_soft_loaded
-from llama_checks.soft_prompt import adapter_kind, load_soft_prompt
+from llama_checks.soft_prompt import adapter_base_warning, adapter_kind, load_soft_prompt
 from prefixlab_common.errors import UserError
 
 
@@ -107,14 +109,14 @@ def run_llama_check(
     soft_prompt: str | None = None,
     on_loaded: Callable[[LoadedModel], None] | None = None,
 ) -> LlamaCheckResult:
-    """Check the prefix (or soft-prompt) identities of papers.md §4 on a LLaMA-family model.
+    """Check the prefix (or soft-prompt) identities of docs/papers.md §4 on a LLaMA-family model.
 
     model: ``tiny``, ``tiny-gqa``, ``smollm2`` or a checkpoint directory. prefix: ``random``,
     ``train`` or a prefixlab prefix file (see `llama_checks.prefix`); adapter: a PEFT
     prefix-tuning or prompt-tuning directory (replaces `prefix`; the type is read from its
     adapter_config.json). soft_prompt: ``random`` or a prefixlab soft-prompt file: check a soft
     prompt of `prefix_len` embeddings instead of a prefix (`llama_checks.soft_check`). layers/heads:
-    default all. text: default the papers.md test sample; a BOS token is prepended. stream: read a
+    default all. text: default the docs/papers.md §4 test sample; a BOS token is prepended. stream: read a
     checkpoint directory one layer at a time (see module docstring). progress: called with a
     one-line status string. on_loaded: called with the loaded model (not in stream mode), so that a
     caller that needs the same model again (the CLI's --dilution) does not load it twice.
@@ -134,6 +136,7 @@ def run_llama_check(
     if not text.strip():
         raise UserError("text is empty; give some text to check on")
     soft = soft_prompt is not None or (adapter is not None and adapter_kind(adapter) == "soft_prompt")
+    warning = adapter_base_warning(adapter, model) if adapter is not None else None  # printed once the check ran
     if soft_prompt not in (None, "random"):
         load_soft_prompt(soft_prompt)  # a missing or corrupt file fails before the model loads
     t0 = time.perf_counter()
@@ -144,20 +147,30 @@ def run_llama_check(
         loaded = load_model(model, torch_dtype, seed=seed)
         if on_loaded is not None:
             on_loaded(loaded)
-        return check_soft_loaded(loaded, soft_prompt or "random", adapter, layers, heads, prefix_len, dtype_name, text,
-                                 seed, say, t0=t0)
+        return _warned(check_soft_loaded(loaded, soft_prompt or "random", adapter, layers, heads, prefix_len, dtype_name,
+                                         text, seed, say, t0=t0), warning)
     if stream:
         if model in ("tiny", "tiny-gqa", "smollm2"):
             raise UserError(f"stream mode reads a checkpoint directory; {model!r} is not one (write one with write_random_llama_checkpoint)")
         if prefix == "train" and adapter is None:
             raise UserError("prefix 'train' needs the whole model in memory; use it without --stream")
         say("opening checkpoint for streaming")
-        return _run_stream(Path(model), prefix, adapter, layers, heads, prefix_len, torch_dtype, dtype_name, text, seed, say, t0)
+        return _warned(_run_stream(Path(model), prefix, adapter, layers, heads, prefix_len, torch_dtype, dtype_name, text,
+                                   seed, say, t0), warning)
     say(f"loading {model}")
     loaded = load_model(model, torch_dtype, seed=seed)
     if on_loaded is not None:
         on_loaded(loaded)
-    return check_loaded(loaded, prefix, adapter, layers, heads, prefix_len, dtype_name, text, seed, say, t0=t0)
+    return _warned(check_loaded(loaded, prefix, adapter, layers, heads, prefix_len, dtype_name, text, seed, say, t0=t0),
+                   warning)
+
+
+def _warned(result, warning: str | None):
+    """`result`, after printing `warning` (an adapter made for another model) on stderr: a check
+    that fails on a user mistake prints only its one error line."""
+    if warning is not None:
+        print(warning, file=sys.stderr, flush=True)
+    return result
 
 
 def check_loaded(

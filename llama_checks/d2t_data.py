@@ -1,4 +1,4 @@
-"""The offline data-to-text task of the [L] language analogue (papers.md §6b; issue 18, item 3).
+"""The offline data-to-text task of the [L] language analogue (docs/papers.md §6b).
 
 E2E-like restaurant records (name, eatType, food, priceRange, area, customer rating,
 familyFriendly, near) are linearized as E2E writes its meaning representations,

@@ -1,5 +1,5 @@
 """[L]'s language experiments, in miniature: prefix-tuning a frozen SmolLM2-135M on data-to-text at
-several training-set sizes n, No-share against Deep-share (papers.md §1, §6, §6b; issue 18, item 3).
+several training-set sizes n, No-share against Deep-share (docs/papers.md §1, §6, §6b).
 
 [L] (and Li & Liang before them) tuned GPT-2 on E2E and BART on XSUM; neither data set installs
 offline, so the task is `llama_checks.d2t_data`'s E2E-like grammar. The prefix enters the frozen
@@ -45,7 +45,7 @@ from toy_models.training import resolve_device
 
 SHARES = ("none", "simple", "deep")
 START_TEXT = "Describe the restaurant in one sentence from its attributes:"
-DEEP_HIDDEN = 512  # Li & Liang's MLP width (papers.md §6b)
+DEEP_HIDDEN = 512  # Li & Liang's MLP width (docs/papers.md §6b)
 # The MLP about 100x lower than the direct parameterizations, as in [L]'s and Li & Liang's commands.
 DEFAULT_LRS = {"none": (1e-2, 3e-2), "simple": (1e-3, 3e-3), "deep": (1e-4, 3e-4)}
 PRESETS = {
@@ -53,7 +53,7 @@ PRESETS = {
     "micro": dict(model="tiny", shares=("none", "simple", "deep"), sizes=(4, 8), steps=3, prefix_len=2,
                   seeds=(0, 1), batch_size=2, n_val=4, n_test=4, eval_every=2, lrs={"none": (1e-2,), "simple": (1e-3,), "deep": (1e-3, 1e-4)},
                   n_generate=2, max_new_tokens=8),
-    # about 40 min of one CPU core on SmolLM2 (measured: docs/llama.md); lrs from the n=16 screen there
+    # about 30 min of one CPU core on SmolLM2 (measured: docs/llama.md); lrs from the n=16 screen there
     "quick": dict(model="smollm2", shares=("none", "deep"), sizes=(16, 64, 256), steps=50, prefix_len=5, seeds=(0, 1),
                   batch_size=4, n_val=24, n_test=48, eval_every=10, lrs={"none": (3e-2,), "deep": (3e-4,)},
                   n_generate=3, max_new_tokens=40),
@@ -314,7 +314,7 @@ def run_data_to_text(model: str = "smollm2", shares=("none", "deep"), sizes=(16,
                      eval_every: int = 20, data_seed: int = 0, n_generate: int = 3, max_new_tokens: int = 48) -> dict:
     """Prefix-tune the frozen `model` at each training size in `sizes`, per share, lr and seed; per
     share and n pick the lr with the lowest mean validation loss and report its test loss over seeds
-    (papers.md §6b: [L] and Li & Liang chose each method's lr on validation data)."""
+    (docs/papers.md §6b: [L] and Li & Liang chose each method's lr on validation data)."""
     grid = check_inputs(shares, sizes, steps, prefix_len, seeds, batch_size, lrs, n_val, n_test, eval_every)
     device = pick_device(device)
     t0 = time.perf_counter()

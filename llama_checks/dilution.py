@@ -1,7 +1,7 @@
 """Prefix dilution: how the attention mass on a prefix falls as the input grows.
 
 For a prefix of P slots, query i of an input of length L puts mass ``α_i = Σ_k A^pt_ik`` on the
-prefix. [P]'s bias identity (papers.md §4) says the prefix's whole effect on a head output is
+prefix. [P]'s bias identity (docs/papers.md §4) says the prefix's whole effect on a head output is
 
     t^pt_i = α_i · v̄_i + (1 − α_i) · t_i,     v̄_i = Σ_k A^pt_ik v_k / α_i,
 
@@ -53,7 +53,7 @@ from llama_checks.prefix import (
     prefix_from_source,
     train_prefix,
 )
-from llama_checks.soft_prompt import adapter_kind, load_peft_prompt, soft_prompt_prefix
+from llama_checks.soft_prompt import adapter_kind, load_peft_prompt, soft_prompt_prefix, warn_if_other_base
 from prefixlab_common.errors import UserError
 
 DEFAULT_LENGTHS = (16, 32, 64, 128, 256, 512, 1024)
@@ -246,7 +246,10 @@ def run_dilution(
     loaded = load_model(model, torch_dtype, seed=seed)
     if on_loaded is not None:
         on_loaded(loaded)
-    return dilution_loaded(loaded, prefix, adapter, lengths, heads, prefix_len, seed, text, say, t0=t0)
+    result = dilution_loaded(loaded, prefix, adapter, lengths, heads, prefix_len, seed, text, say, t0=t0)
+    if adapter is not None:  # an adapter made for another model: one line, once the measurement ran
+        warn_if_other_base(adapter, model)
+    return result
 
 
 def context_limit(config) -> int | None:

@@ -1,7 +1,7 @@
 """[P]'s §4 identities at one layer, computed from hooked tensors, and the result of a LLaMA check.
 
 For one head, query i, content keys j and prefix slots k = 1..P, with A the pattern without prefix
-and A^pt the pattern with it (papers.md §4): prefix mass ``α_i = Σ_k A^pt_ik``; rescaling
+and A^pt the pattern with it (docs/papers.md §4): prefix mass ``α_i = Σ_k A^pt_ik``; rescaling
 ``A^pt_ij = (1 − α_i)·A_ij`` on content; bias ``t^pt_i = Σ_k A^pt_ik·v_k + (1 − α_i)·t_i``;
 renormalized-pattern drift ``A^pt_ij / (1 − α_i)`` vs ``A_ij``; attention-sink mass on content
 position 0. How the tensors are produced (prefix cache, soft prompt, streamed layers) is the
@@ -30,7 +30,7 @@ TOLERANCES = {
 
 @dataclass
 class LayerCheck:
-    """The identities of papers.md §4 at one layer, over the requested heads."""
+    """The identities of docs/papers.md §4 at one layer, over the requested heads."""
 
     layer: int
     exact_expected: bool  # layer 0: the content inputs do not depend on the prefix

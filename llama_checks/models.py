@@ -1,4 +1,4 @@
-"""Loading LLaMA-family checkpoints for the prefix checks of `llama_checks.check` (papers.md §4).
+"""Loading LLaMA-family checkpoints for the prefix checks of `llama_checks.check` (docs/papers.md §4).
 
 Three model sources, all Hugging Face causal LMs with eager attention wrapped in TransformerLens 4's
 `TransformerBridge` (built from the already-loaded HF model with `boot_transformers(hf_model=...)`):

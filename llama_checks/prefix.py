@@ -1,6 +1,6 @@
 """Prefixes for LLaMA-family models: the per-layer key/value cache a prefix puts before the content.
 
-One format for every source (architecture.md, "Prefix layout"): per layer, keys and values
+One format for every source (docs/architecture.md, "A method is data"): per layer, keys and values
 ``[kv_heads, P, d_head]``. The keys are the *cached* keys, i.e. after the rotary map, exactly what
 `transformers.DynamicCache` holds and what PEFT prefix-tuning injects; RoPE is never applied to
 them again.
@@ -116,7 +116,7 @@ def hard_prompt_prefix(model, ids: torch.Tensor) -> Prefix:
 
 
 def dart_lines() -> list[str]:
-    """The shipped DART-style data-to-text lines (first line: the papers.md §4 test sample)."""
+    """The shipped DART-style data-to-text lines (first line: the docs/papers.md §4 test sample)."""
     path = DATA_DIR / "dart_style.txt"
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 

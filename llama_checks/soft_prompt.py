@@ -27,6 +27,7 @@ the soft-prompt forward on the content up to float rounding.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,6 +140,51 @@ def adapter_kind(adapter_dir: str | Path) -> str:
     if peft_type not in ADAPTER_KINDS:
         raise UserError(f"{adapter_dir} is a {peft_type!r} adapter; prefixlab reads PEFT PREFIX_TUNING and PROMPT_TUNING adapters")
     return ADAPTER_KINDS[peft_type]
+
+
+MODEL_ALIASES = {"smollm2": ("huggingfacetb/smollm2-135m-instruct",)}  # --model name -> the Hub ids it is
+
+
+def _model_names(model: str) -> set[str]:
+    """The names `--model` goes by: itself, an alias's Hub id, a directory's resolved path, its last
+    part, its config's `_name_or_path`, and ORG/NAME for a Hub-cache snapshot (models--ORG--NAME/snapshots/HASH)."""
+    names = {model.lower(), *MODEL_ALIASES.get(model, ())}
+    path = Path(model)
+    if path.is_dir():
+        path = path.resolve()
+        names |= {str(path).lower(), path.name.lower()}
+        if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+            hub_id = path.parent.parent.name.removeprefix("models--").replace("--", "/").lower()
+            names |= {hub_id, hub_id.rsplit("/", 1)[-1]}
+        try:
+            recorded = json.loads((path / "config.json").read_text()).get("_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        if isinstance(recorded, str) and recorded:
+            names.add(recorded.lower())
+    return names
+
+
+def adapter_base_warning(adapter_dir: str | Path, model: str) -> str | None:
+    """The one-line warning for an adapter whose recorded base model (adapter_config.json's
+    ``base_model_name_or_path``) is not `model`; None when it is, or when none is recorded."""
+    base = read_adapter_config(adapter_dir).get("base_model_name_or_path")
+    if not isinstance(base, str) or not base.strip():
+        return None
+    names = _model_names(model)
+    candidates = {base.lower(), base.rstrip("/").rsplit("/", 1)[-1].lower()}
+    if Path(base).is_dir():
+        candidates.add(str(Path(base).resolve()).lower())
+    if candidates & names:
+        return None
+    return f"warning: adapter {adapter_dir} was made for {base}; checking it on {model}"
+
+
+def warn_if_other_base(adapter_dir: str | Path, model: str) -> None:
+    """Print `adapter_base_warning` on stderr, if there is one (the check goes on)."""
+    line = adapter_base_warning(adapter_dir, model)
+    if line is not None:
+        print(line, file=sys.stderr, flush=True)
 
 
 def load_peft_prompt(adapter_dir: str | Path, d_model: int, n_layers: int | None = None, n_heads: int | None = None) -> SoftPrompt:

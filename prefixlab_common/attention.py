@@ -1,6 +1,6 @@
 """Attention-identity maths shared by the toy probes (probes/invariance.py) and the LLaMA checks
 (llama_checks/identities.py): the Jensen-Shannon divergence between a renormalized pattern and the
-base pattern (papers.md §4: with a prefix, the content pattern divided by 1 − α should equal the
+base pattern (docs/papers.md §4: with a prefix, the content pattern divided by 1 − α should equal the
 base pattern).
 
 Two forms are kept because they differ in their last bits, and each side's recorded numbers were

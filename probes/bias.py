@@ -1,4 +1,4 @@
-"""Bias decomposition (papers.md §4, [P] §4): per head, the output at a content query is
+"""Bias decomposition (docs/papers.md §4, [P] §4): per head, the output at a content query is
     t^pt_i = sum_k A^pt_ik v_k + (1 - alpha_i) t_i,
 a rescaled base output plus a bias along the prefix values v_k (read from hook_v at the P
 non-content keys). Exact at layer 0; with P = 1 the bias always points along v_1, so the cosine
@@ -119,7 +119,7 @@ def bias_decomposition(model: ToyTransformer, state: MethodState | None, tokens:
     return accumulate(model, state, tokens, [acc], batch_size)[0]
 
 
-PROBE = Probe("bias", "the bias decomposition t^pt = sum_k A^pt_k v_k + (1 - alpha) t (papers.md §4)",
+PROBE = Probe("bias", "the bias decomposition t^pt = sum_k A^pt_k v_k + (1 - alpha) t (docs/papers.md §4)",
               accumulator=BiasAcc,
               verdict=lambda r: ("layer-0 bias decomposition", r.summary["layer0_identity_holds"],
                                  r.summary["layer0_rel_residual"]))

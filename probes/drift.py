@@ -1,6 +1,6 @@
 """Per-layer drift: how far the residual stream under a method departs from the base model's, on
 content positions. A prefix leaves layer 0's attention pattern relatively unchanged; this shows
-where cross-layer effects begin (papers.md §4)."""
+where cross-layer effects begin (docs/papers.md §4)."""
 
 from __future__ import annotations
 

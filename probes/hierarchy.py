@@ -1,4 +1,4 @@
-"""The method hierarchy of [P] (papers.md §1), checked exactly:
+"""The method hierarchy of [P] (docs/papers.md §1), checked exactly:
 prompting ⊆ soft prompting ⊆ prefix-tuning ⊂ full fine-tuning.
 
 - a hard prompt equals its soft prompt (the embeddings of the tokens);

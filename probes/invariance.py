@@ -1,4 +1,4 @@
-"""Attention-pattern invariance (papers.md §4, [P] §4).
+"""Attention-pattern invariance (docs/papers.md §4, [P] §4).
 
 With prefix mass alpha_i = sum_k A^pt_ik over the P non-content keys, the identity is
     A^pt_ij = (1 - alpha_i) * A_ij    on content keys j,
@@ -102,7 +102,7 @@ def attention_invariance(model: ToyTransformer, state: MethodState | None, token
     return accumulate(model, state, tokens, [acc], batch_size)[0]
 
 
-PROBE = Probe("invariance", "layer-0 attention invariance: A^pt / (1 - alpha) = A on content (papers.md §4)",
+PROBE = Probe("invariance", "layer-0 attention invariance: A^pt / (1 - alpha) = A on content (docs/papers.md §4)",
               accumulator=InvarianceAcc,
               verdict=lambda r: ("layer-0 attention invariance", r.summary["layer0_invariant"],
                                  r.summary["layer0_max_abs_diff"]))

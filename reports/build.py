@@ -197,7 +197,7 @@ def _invariance_section(tuned, labels, n_inputs, invariance) -> Section:
                      max(s["max_abs_diff_by_layer"].values())])
     intro = ("Max over inputs, queries and content keys of |A^pt/(1 - alpha) - A| per layer and head "
              f"({n_inputs} test inputs of each run's task), on a log colour scale; cells read '0' where the "
-             "renormalized pattern equals the base pattern exactly (papers.md §4: exact at layer 0 for "
+             "renormalized pattern equals the base pattern exactly (docs/papers.md §4: exact at layer 0 for "
              "prefixes and soft prompts).")
     table = Table(["run", "method", "layer-0 max |diff|", "layer-0 invariant (≤ 1e-5)",
                    "layer-0 mean prefix mass", "max |diff| over layers"], rows)

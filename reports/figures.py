@@ -92,7 +92,7 @@ class AttentionPanel:
 
 def renormalized_pattern(pattern: Tensor, n_pre: int) -> Tensor:
     """The content part of a pattern renormalized to sum to 1 per query (A^pt / (1 - alpha),
-    papers.md §4); non-content keys become NaN, and so do rows with no content mass."""
+    docs/papers.md §4); non-content keys become NaN, and so do rows with no content mass."""
     content = pattern[..., n_pre:].double()
     mass = content.sum(-1, keepdim=True)
     renorm = torch.where(mass > 0, content / mass.clamp_min(torch.finfo(torch.float64).tiny),

@@ -256,6 +256,24 @@ def write_report(out: Path, text: str) -> None:
             os.unlink(tmp)
 
 
+def png_export_unavailable() -> str | None:
+    """Why PNG export cannot run on this machine (no kaleido, or no Chrome/Chromium for it to drive),
+    in one line; None where it can. Checked before anything is written."""
+    try:
+        import kaleido  # noqa: F401
+        from choreographer.browsers.chromium import Chromium  # kaleido's browser finder, only for --png
+    except ImportError:
+        return "--png needs kaleido: pip install -c constraints.txt kaleido (and a Chromium: make browser)"
+    try:
+        found = Chromium.find_browser(skip_local=False)
+    except Exception:  # choreographer's search is best effort; treat a failure as not found
+        found = None
+    if not found:
+        return ("--png needs a Chrome/Chromium browser and none was found: run `make browser` "
+                "(or set BROWSER_PATH to one); nothing was written")
+    return None
+
+
 def export_pngs(figures: list[tuple[str, go.Figure]], png_dir: Path, scale: float = 1.0) -> tuple[list[Path], str | None]:
     """Each figure as PNG through kaleido (which drives a Chrome/Chromium). Returns the files
     written and, when no browser or kaleido is available, a one-line warning instead."""

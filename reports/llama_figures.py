@@ -44,7 +44,7 @@ def _positive(values):
 
 
 def llama_fig5(result: LlamaCheckResult, layer: int, head: int) -> go.Figure:
-    """papers.md Fig. 5: with-prefix (or soft-prompt) pattern over content queries, renormalized over
+    """docs/papers.md §4 (Fig. 5): with-prefix (or soft-prompt) pattern over content queries, renormalized over
     content, and without it."""
     key = (layer, head)
     if key not in result.patterns:

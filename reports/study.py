@@ -16,15 +16,18 @@ from reports.experiments import e1, e2, e3, e4, sample_eff
 from reports.experiments.common import _pct, curves_figure
 from reports.html import Table, render_report, write_report
 from study.recipes import recipe_precision
-from reports.theory_figures import beta_figure, capacity_figure, reparam_figure, text_figure
+from study.table import scale_banner
+from reports.theory_figures import beta_figure, capacity_figure, reparam_study_figure, text_figure
 from theory.reparam import ReparamResult
 
 
 def _table_section(table: list[dict], preset: str) -> tuple:
     rows = [[r["source"], r["claim"], r["paper"], r["lab"], r["verdict"], r["criterion"]] for r in table]
-    intro = (f"Every headline number of papers.md against this lab's measurement (scale '{preset}'). "
+    intro = (f"Every headline number of docs/papers.md §3–§6 against this lab's measurement (scale '{preset}'). "
              "'reproduced' means the paper's conclusion holds under the stated criterion; 'differs' "
              "gives the measured gap. Differences are results, not failures.")
+    banner = scale_banner(preset)
+    intro = f"{banner}. {intro}" if banner else intro
     return ("Paper vs lab", [Table(["source", "claim", "paper", "lab", "verdict", "criterion"], rows)], intro)
 
 
@@ -68,7 +71,7 @@ def _bases_section(records: dict) -> tuple | None:
         Table(["base", "task", "exact accuracy", "ceiling", "share of the ceiling", "target ≥ 99 %", "steps"], rows),
         curves_figure({n: b["curve"] for n, b in bases.items()}, "Pretraining curves")],
         "A perfect predictor of mix4 with y1 given scores 94.0 % on the fixed test set: y1 does not always "
-        "tell descending from add1/add2 (papers.md §3b). Accuracies are reported against that ceiling.")
+        "tell descending from add1/add2 (docs/papers.md §3b). Accuracies are reported against that ceiling.")
 
 
 def _probes_section(pr: dict, records: dict) -> tuple:
@@ -83,7 +86,8 @@ def _probes_section(pr: dict, records: dict) -> tuple:
         Table(["run", "layer-0 bias residual (relative)", "P=1: min cosine of the bias direction"], brows)]
         + ([Table(["run", "class in [P]'s hierarchy", "evidence"],
                   [[k, v["class"], v["evidence"]] for k, v in pr["hierarchy"].items()])] if pr.get("hierarchy") else []),
-        "papers.md §4: exact at layer 0 for prefixes and soft prompts; deeper layers drift; weight methods that touch q/k break it.")
+        "docs/papers.md §4: exact at layer 0 for prefixes and soft prompts; deeper layers drift; "
+        "weight methods that touch q/k break it.")
 
 
 def _llama_section(r: dict, records: dict) -> tuple:
@@ -99,18 +103,24 @@ def _llama_section(r: dict, records: dict) -> tuple:
 def _reparam_section(r: dict, records: dict) -> tuple:
     items = []
     try:
-        items.append(reparam_figure(ReparamResult.from_json(r)))
+        items.append(reparam_study_figure(ReparamResult.from_json(r)))
     except Exception as e:  # the table below still says what was measured
         items.append(f"(figure unavailable: {e})")
-    fmt = lambda x: "n/a" if not x else f"{x['slope']:+.2f} [{x['ci_low']:+.2f}, {x['ci_high']:+.2f}]"
-    keys = ("D", "D_multi", "D_single", "L2")
-    rows = [[m] + [fmt(sl.get(k)) for k in keys] + [f"{sum(r['certified'].get(m, []))}"]
-            for m, sl in r["slopes"].items()]
-    items.append(Table(["model", "D", "D in the split (multi-atom) cell", "D in singleton cells",
-                        "‖f̂ − f*‖", "certified fits"], rows))
+    fmt = lambda x: "n/a" if not x else (f"{x.get('slope', x.get('per_decade')):+.2f} "
+                                         f"[{x['ci_low']:+.2f}, {x['ci_high']:+.2f}]")
+    last = lambda s, k: (lambda p: f"{p['k']}/{p['m']}")(s[k]["per_n"][-1]) if s.get(k) else "n/a"
+    rows = [[m, fmt((s.get("mean_D_multi") or s.get("mean_D") or {}).get("slope")), last(s, "share_D_multi"),
+             last(s, "nonidentified"), fmt((s.get("D_max") or {}).get("slope")), fmt(s["mean_L2"].get("slope")),
+             f"{sum(r['certified'][m])}" if m in r.get("certified", {}) else "control"]
+            for m, s in r.get("stats", {}).get("pooled", {}).items()]
+    items.append(Table(["model", "slope of mean split-cell D (control: mean D)", "far at largest n",
+                        "non-identified at largest n", "slope of median D_max", "‖f̂ − f*‖",
+                        "certified fits"], rows))
     return ("Reparameterization study ([L] §6)", items,
-            "log-log slopes against n with 95 % bootstrap CIs. Theory: f at −1/2 for every model; D at "
-            "−1/2 with a known shared map; without sharing the split cell far slower (docs/reparam.md).")
+            "log-log slopes of arithmetic means against n, 95 % bootstrap CIs; far: split-cell D above the "
+            "threshold; non-identified: D_max (over starts the data cannot tell apart) above it. Theory: "
+            "f at −1/2 for every model; the risk at −1/2 and identified with a known shared map; without "
+            "sharing a flat valley in the split cell (docs/reparam.md).")
 
 
 def _experiments_sections(records: dict) -> list:
@@ -143,7 +153,7 @@ def _thm1_section(r: dict) -> tuple:
     return ("Theorem 1: any sequence from one virtual token", [
         Table(["target", "V", "N", "β", "smallest β that works", "worst-case β", "generated exactly", "verdict"], rows),
         beta_figure(r["checks"]), text_figure(t["text"], t["generated"])],
-        "papers.md §5: one attention layer (two heads) and a three-layer MLP generate any Y ∈ [V]^N "
+        "docs/papers.md §5: one attention layer (two heads) and a three-layer MLP generate any Y ∈ [V]^N "
         "from a single virtual token; a hard token selects at most V continuations.")
 
 

@@ -1,11 +1,11 @@
-"""Figures of the theory stages ([P] §3, papers.md §5; [L], papers.md §6): Theorem 1's inverse temperature against
-its worst case, the generated text against its target, and the capacity count. Each builder
-returns a `go.Figure` and never shows it."""
+"""Figures of the theory stages ([P] §3, docs/papers.md §5; [L], docs/papers.md §6): Theorem 1's
+inverse temperature against its worst case, the generated text against its target, and the
+capacity count. Each builder returns a `go.Figure` and never shows it."""
 
 from __future__ import annotations
 
-import numpy as np
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
 from reports.figures import escape_token
 from theory.reparam import ReparamResult
@@ -50,33 +50,50 @@ def capacity_figure(cap: dict, title: str = "Distinct greedy completions: hard v
 _COLORS = {"shared-linear": "#1f77b4", "shared-tanh": "#2ca02c", "no-share": "#d62728"}
 
 
-def reparam_figure(result: ReparamResult, metric: str = "D") -> go.Figure:
-    """Log-log plot of D (or metric="L2", the regression error) against n: replicate points,
-    geometric mean ± one standard error of ln per n, and the fitted line with its slope."""
-    values = result.voronoi if metric == "D" else result.l2_error
-    label = "Voronoi loss D(Ĝ, G*)" if metric == "D" else "‖f_Ĝ − f_G*‖ (held-out L2)"
-    ns = np.array(result.ns, dtype=float)
-    fig = go.Figure()
-    for model, v in values.items():
+def reparam_study_figure(result: ReparamResult) -> go.Figure:
+    """Three panels ([L], docs/papers.md §6; docs/reparam.md): (1) per model the arithmetic mean of
+    the split-cell D against n with its 95 % bootstrap CI (and the exact-atom control's mean D),
+    log-log; (2) per model the share of non-identified replicates (D_max above the threshold)
+    with Wilson intervals; (3) for one replicate, the training loss along the valley starts' path
+    (excess residual sum of squares over the truth's, in σ²) against the split-cell D there:
+    No-share's stays flat while D grows, a shared model's rises at once."""
+    stats = result.stats.get("pooled", {})
+    fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.08, subplot_titles=(
+        "risk: mean split-cell D (control: mean D)", "share of non-identified replicates",
+        "the valley: one replicate"))
+    for model, s in stats.items():
         color = _COLORS.get(model, "#7f7f7f")
-        logv = np.log(np.maximum(v, np.finfo(float).tiny))
-        mean = logv.mean(1)
-        se = logv.std(1, ddof=1) / np.sqrt(logv.shape[1])
+        control = "mean_D" in s
+        mean = s["mean_D" if control else "mean_D_multi"]
+        pts = [p for p in mean["per_n"] if p["value"] is not None]
+        sl = mean.get("slope")
+        label = f"{model}: slope {sl['slope']:+.2f} [{sl['ci_low']:+.2f}, {sl['ci_high']:+.2f}]" if sl else model
         fig.add_trace(go.Scatter(
-            x=np.repeat(ns, v.shape[1]), y=v.ravel(), mode="markers", legendgroup=model,
-            showlegend=False, marker=dict(color=color, size=4, opacity=0.3), name=model))
+            x=[p["n"] for p in pts], y=[p["value"] for p in pts], mode="lines+markers", name=label,
+            legendgroup=model, line=dict(color=color, dash="dot" if control else "solid"),
+            error_y=dict(type="data", symmetric=False, array=[p["ci_high"] - p["value"] for p in pts],
+                         arrayminus=[p["value"] - p["ci_low"] for p in pts])), row=1, col=1)
+        if control:
+            continue
+        nid = s["nonidentified"]["per_n"]
         fig.add_trace(go.Scatter(
-            x=ns, y=np.exp(mean), mode="markers", legendgroup=model, name=f"{model} (mean)",
-            marker=dict(color=color, size=9),
-            error_y=dict(type="data", symmetric=False, array=np.exp(mean + se) - np.exp(mean),
-                         arrayminus=np.exp(mean) - np.exp(mean - se))))
-        s = result.slopes[model][metric]
+            x=[p["n"] for p in nid], y=[p["share"] for p in nid], mode="lines+markers", showlegend=False,
+            legendgroup=model, line=dict(color=color), name=model,
+            error_y=dict(type="data", symmetric=False, array=[p["ci_high"] - p["share"] for p in nid],
+                         arrayminus=[p["share"] - p["ci_low"] for p in nid])), row=1, col=2)
+    valley = result.valley or {}
+    for model, v in valley.get("models", {}).items():
         fig.add_trace(go.Scatter(
-            x=ns, y=np.exp(s["intercept"] + s["slope"] * np.log(ns)), mode="lines",
-            legendgroup=model, line=dict(color=color, dash="dash"),
-            name=f"{model}: slope {s['slope']:.2f} [{s['ci_low']:.2f}, {s['ci_high']:.2f}]"))
-    fig.update_xaxes(type="log", title="n (samples)")
-    fig.update_yaxes(type="log", title=label)
-    fig.update_layout(title=f"Reparameterization and sample efficiency ([L], papers.md §6): "
-                            f"{label} vs n", template="plotly_white")
+            x=v["D_multi"], y=v["loss_gain"], mode="lines+markers", showlegend=False, legendgroup=model,
+            name=model, line=dict(color=_COLORS.get(model, "#7f7f7f")),
+            text=[f"t = {t:.2f}" for t in valley["t"]],
+            hovertemplate="%{text}: D %{x:.3g}, excess RSS %{y:.3g} σ²<extra>" + model + "</extra>"), row=1, col=3)
+    fig.update_xaxes(type="log", title="n (samples)", row=1, col=1)
+    fig.update_yaxes(type="log", title="mean D", row=1, col=1)
+    fig.update_xaxes(type="log", title="n (samples)", row=1, col=2)
+    fig.update_yaxes(title="share with D_max > threshold", range=[-0.05, 1.05], row=1, col=2)
+    fig.update_xaxes(title=f"split-cell D along the path (n = {valley.get('n', '?')})", row=1, col=3)
+    fig.update_yaxes(title="training RSS − truth's, in σ²", range=[-5, 60], row=1, col=3)
+    fig.update_layout(title="Reparameterization ([L], docs/papers.md §6): risk, identifiability, and the valley",
+                      template="plotly_white", height=460, legend=dict(orientation="h", y=-0.25))
     return fig

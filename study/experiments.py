@@ -15,7 +15,7 @@ from pathlib import Path
 from prefixlab_common.progress import Progress
 from study import e1, e2, e3, e4, sample_eff
 from study.groups import train_groups_apart
-from study.runkit import BASES, base_accuracy, base_key, best_prompts, curve, ensure_base  # noqa: F401  (as before)
+from study.runkit import BASES, base_accuracy, base_key, best_prompts, curve, ensure_base  # noqa: F401  (re-exported for study.stages)
 from study.sample_eff import SAMPLE_EFF_VARIANTS, held_out_losses, validation_set  # noqa: F401
 from tuning.fused import finetune_many
 

@@ -165,11 +165,25 @@ def _init_ray(workers: int, ray_address: str | None, threads: int):
         else:
             # workers inherit this environment; a runtime_env would start Ray's agent (slower)
             os.environ["OMP_NUM_THREADS"] = str(threads)
-            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+            _init_local(ray, workers)
     except Exception as e:  # ConnectionError, or a malformed address (ValueError, RuntimeError)
         ray.shutdown()
         raise UserError(_connect_error(address, e)) from None
     return ray, True
+
+
+def _init_local(ray, workers: int) -> None:
+    """A quiet local Ray for this study alone: no token authentication (nothing outside this machine
+    connects to it, so Ray's token set-up and its warning lines are noise) and no start-up log lines.
+    RAY_AUTH_MODE given by the user is kept; ours is dropped again once Ray has started."""
+    ours = "RAY_AUTH_MODE" not in os.environ
+    if ours:
+        os.environ["RAY_AUTH_MODE"] = "disabled"
+    try:
+        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    finally:
+        if ours:
+            os.environ.pop("RAY_AUTH_MODE", None)
 
 
 def _token_mode() -> None:

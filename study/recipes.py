@@ -1,4 +1,4 @@
-"""papers.md §3's experiments E1-E4 as recipes: model preset, steps and learning rates per preset.
+"""docs/papers.md §3's experiments E1-E4 as recipes: model preset, steps and learning rates per preset.
 
 - `paper`: the papers' model sizes (1/1/96, 1/4/256 without LN before attention, 4/4/256) with a
   CPU-friendly optimizer schedule instead of [P]'s 20k-500k steps.
@@ -85,13 +85,13 @@ RECIPES: dict[str, dict[str, Recipe]] = {
         "E1": Recipe("petrov-e1", {}, 2000, 3e-3, 400, prefix_init="slot"),
         "E2": Recipe("petrov-e2", {}, 4000, 2e-3, 1000, prefix_init="slot"),
         # E3's new tasks: 8,000 steps, the prefix's constant lr then a linear decay over the last
-        # 20 % (ascending_add1 63.3 / 67.8 % in 2 seeds; 5,000 constant steps gave 47.6 %)
+        # 20 % (5,000 constant steps fell short of the margin: docs/experiments.md, "Margins: E3 and E4")
         "E3": Recipe("petrov-e3", {"d_model": 128}, 4000, 2e-3, 500, long_steps=8000, long_schedule="decay",
                      prefix_init="slot"),
         # E4: its own base at the paper's width (4/4/256, 12 slots), [P]'s constant lr then a linear
-        # decay over the last 20 %, in bf16 where the CPU has it (measured 2.55x on the base's step,
-        # 1.95x on the LoRA's). At d=128 the LoRA needed 10k steps for 69.6 / 71.3 % (2 seeds); at
-        # d=256 it leaves [P]'s plateau sooner (docs/experiments.md, "Margins on the positive rows")
+        # decay over the last 20 %, in bf16 where the CPU has it (faster on the base's and the LoRA's
+        # steps: docs/benchmarks.md, "Precision"). At d=128 the LoRA stayed short of the margin after
+        # 10k steps; at d=256 it leaves [P]'s plateau sooner (docs/experiments.md, "Margins: E3 and E4")
         "E4": Recipe("petrov-e3", {}, 4000, 1e-3, 500, long_steps=5000, long_schedule="decay",
                      prefix_init="slot", bf16_pays=True),
     },

@@ -144,7 +144,7 @@ def best_prompts(jobs: list[dict], metrics: list[dict]) -> dict[str, dict]:
 
 def base_accuracy(base: Path, r: Recipe) -> dict:
     """The base's exact accuracy on its pretraining task, with that task's ceiling on the same
-    test set (mix4 with y1 given: 94.0 %, papers.md §3b)."""
+    test set (mix4 with y1 given: 94.0 %, docs/papers.md §3b)."""
     run = load_run(base)
     task = resolve_task(run.config["task"], run.spec)
     test = fixed_test_set(task, run.spec, r.eval_size)

@@ -1,4 +1,4 @@
-"""[L]'s sample-efficiency claim on the toy (papers.md §6): No-, Simple- and Deep-share prefixes
+"""[L]'s sample-efficiency claim on the toy (docs/papers.md §6): No-, Simple- and Deep-share prefixes
 on fixed pools of n training examples.
 
 The layout every experiment module shares (its run, its table rows, its report section; why
@@ -22,7 +22,7 @@ from study.runkit import _ensure_pretrain, _mean_std, _train, base_accuracy, pre
 
 STAGE = "sample_eff"
 
-# [L]'s prefix parameterizations (papers.md §1): Deep-share as [L]'s vision code built it (one MLP
+# [L]'s prefix parameterizations (docs/papers.md §1): Deep-share as [L]'s vision code built it (one MLP
 # per layer, hidden 48) and as Li & Liang built it (one MLP shared across layers, hidden 512)
 SAMPLE_EFF_VARIANTS = {
     "none": {"share": "none"},
@@ -56,7 +56,7 @@ def validation_set(task_name: str, spec: TaskSpec, n: int, seed: int = 4321):
 
 def run(out: Path, bases: Path, r: Recipe, cfg: dict, progress: Progress | None = None,
                           device=None, *, run_jobs) -> dict:
-    """The toy counterpart of [L]'s claim (papers.md §6): No-, Simple- and Deep-share prefixes
+    """The toy counterpart of [L]'s claim (docs/papers.md §6): No-, Simple- and Deep-share prefixes
     learning a task the base cannot do (E3's ascending_add1 on the E3/E4 base), each on a fixed
     pool of n training examples, n from tens to thousands, plus fresh data (n = None).
 
@@ -178,7 +178,7 @@ def rows(se: dict) -> list[dict]:
                  lab + f"; gap {100 * gap_small:+.1f} pp at n={lo} (spread {100 * spread:.1f} pp), "
                  f"{100 * gap_large:+.1f} pp at n={hi}; test loss No-share − {label(best)} at n={lo}: {dloss:+.3f}",
                  holds, crit, why)]
-    # the same contrast in teacher-forced test loss (the issue asks for both metrics; [L]'s language
+    # the same contrast in teacher-forced test loss (both metrics are reported; [L]'s language
     # rows and the language analogue read loss): lower is better, gaps in nats
     if all(lo in loss.get(v, {}) and hi in loss.get(v, {}) for v in ["none", *shared]):
         _, g_small, g_large, spr, holds_l, why_l = _sharing_ahead(se, loss, lo, hi, shared, higher_is_better=False)

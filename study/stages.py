@@ -1,4 +1,4 @@
-"""The study's stages: each experiment, probe and check of papers.md as a cached stage.
+"""The study's stages: each experiment, probe and check of docs/papers.md §3–§6 as a cached stage.
 
 Stages are cached by a hash of their config and of their upstream stages' keys
 (out/stages/<name>-<hash>/); `study.runner` runs them, serially or in parallel.
@@ -25,7 +25,7 @@ PRESETS = SCALES  # the old name, for callers that import it
 # [L]'s toy (study.experiments.run_sample_efficiency): E3's new composition on the E3/E4 base,
 # which a P=10 prefix can reach but must learn from its samples (docs/experiments.md). Learning-rate
 # grids per variant, as [L]'s and Li & Liang's code use: the MLP (deep) about 100x lower than the
-# direct parameterizations (papers.md §6b); each is chosen on a validation split.
+# direct parameterizations (docs/papers.md §6b); each is chosen on a validation split.
 _DIRECT, _MLP = [3e-3, 1e-2, 3e-2], [1e-4, 3e-4, 1e-3]
 SAMPLE_EFF = {
     "micro": {"task": "ascending_add1", "P": 2, "variants": ["none", "simple", "deep48", "deep512"],
@@ -41,7 +41,7 @@ SAMPLE_EFF = {
               "sizes": [32, 128, 512, 2048, None], "seeds": [0, 1, 2], "steps": 3000, "val_size": 1000,
               "lr_grid": {"none": _DIRECT, "simple": _DIRECT, "deep48": _MLP, "deep512": _MLP}},
 }
-# Hard prompting in E1 and E2 (tuning/prompt.py, issue 19): the best hard prompt of length <= P,
+# Hard prompting in E1 and E2 (tuning/prompt.py): the best hard prompt of length <= P,
 # each length searched exhaustively on one training batch of batch_size. P = 1: the E1 and E2 bases
 # have one prompt slot, so a search scores the 12 tokens of the vocabulary. In the stages' configs,
 # so that a cached E1/E2 without the prompt rows is not reused.
@@ -195,7 +195,7 @@ def estimate(name: str, cfg: dict) -> float:
     if name in _FIXED_S:
         return _FIXED_S[name]
     if name == "reparam":
-        return {"micro": 2.0, "quick": 40.0}.get(cfg["mode"], 900.0)
+        return {"micro": 4.0, "quick": 70.0}.get(cfg["mode"], 2400.0)
     r = cfg["recipe"]
     step = _step_s(r)
     if name.startswith("base-"):

@@ -1,4 +1,4 @@
-"""The paper-vs-lab table: each headline number of papers.md against this lab's measurement,
+"""The paper-vs-lab table: each headline number of docs/papers.md §3–§6 against this lab's measurement,
 with a verdict on whether the paper's *conclusion* holds under a criterion stated in the row, and
 the gap where it does not.
 
@@ -9,10 +9,21 @@ is in `study.rows`."""
 from __future__ import annotations
 
 from study import e1, e2, e3, e4, sample_eff
-from study.rows import _ms, _pct, _row, of_ceiling  # noqa: F401  (the table's formatting, as before)
+from study.rows import _ms, _pct, _row, of_ceiling  # noqa: F401  (the table's formatting, re-exported for its tests)
 from theory.reparam import table_row as reparam_row
 
 sample_eff_rows = sample_eff.rows
+
+# The line above the table (stdout and report) at a scale whose verdicts are not evidence
+SCALE_BANNERS = {
+    "micro": ("NOT EVIDENCE: at micro scale the models are too small and trained too briefly to learn the "
+              "tasks, so these verdicts only show that the pipeline runs (results: --scale quick or paper)"),
+}
+
+
+def scale_banner(scale: str) -> str | None:
+    """The one-line warning that goes above a `scale` table, or None where its verdicts count."""
+    return SCALE_BANNERS.get(scale)
 
 
 def _probe_rows(pr: dict) -> list[dict]:

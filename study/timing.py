@@ -1,7 +1,7 @@
 """Honest stage times: a stage's work (seconds it computed) apart from its wall time (seconds
 from its start to its end, which in a parallel study include the time its groups of runs waited
 for a core), and what they say about a whole study: its wall time against the sum of its stages'
-work and against its longest chain (docs/benchmarks.md, "Critical path first")."""
+work and against its longest chain (docs/benchmarks.md, "The study's wall time")."""
 
 from __future__ import annotations
 

@@ -126,3 +126,76 @@ def test_finetune_reads_the_method_registry(base, tmp_path):
     bad(["finetune", base, "--method", "prompt", "--task", "add2", "-P", "3", "--search", "exhaustive",
          "--max-candidates", "10", "--out", out], "max-candidates")
     assert not out.exists()
+
+
+def test_probe_says_what_each_line_is(base, tmp_path):
+    ok(["finetune", base, "--method", "prefix", "--init", "slot", "--task", "add2", "-P", "2", "--out",
+        tmp_path / "pre", *TUNE])
+    r = ok(["probe", tmp_path / "pre", "--inputs", "20", "--out", tmp_path / "probe"])
+    assert "pre: class in [P]'s method hierarchy: prefix-tuning (prefix keys/values in" in r.output
+
+
+def test_a_multi_seed_directory_passed_as_a_run_names_its_seed_folders(base, tmp_path):
+    ok(["finetune", base, "--method", "soft_prompt", "--task", "add2", "-P", "1", "--seeds", "0,1",
+        "--out", tmp_path / "s", "--steps", "2", "--batch-size", "8", "--eval-every", "1"])
+    bad(["evaluate", tmp_path / "s"], "seed0/, seed1/")
+    bad(["probe", tmp_path / "s", "--out", tmp_path / "p"], f"pass one of them, e.g. {tmp_path / 's' / 'seed0'}")
+    bad(["finetune", tmp_path / "s", "--method", "prefix", "--task", "add1", "--out", tmp_path / "x"], "seed0/")
+    assert not (tmp_path / "p").exists() and not (tmp_path / "x").exists()
+
+
+def test_report_png_without_a_browser_is_one_line_naming_make_browser(base, tmp_path, monkeypatch):
+    from choreographer.browsers.chromium import Chromium
+    monkeypatch.setattr(Chromium, "find_browser", classmethod(lambda cls, **kw: None))
+    out, png = tmp_path / "r.html", tmp_path / "png"
+    bad(["report", base, "--html", out, "--png", png], "make browser")
+    assert not out.exists() and not png.exists()
+
+
+def test_report_out_is_the_old_spelling_of_html(base, tmp_path):
+    r = runner.invoke(app, ["report", str(base), "--out", str(tmp_path / "r.html"), "--inputs", "20"])
+    assert r.exit_code == 0, r.output
+    assert r.stderr.splitlines()[0].startswith("warning: --out is deprecated; use --html")
+    assert (tmp_path / "r.html").is_file()
+
+
+@pytest.mark.parametrize("scale,banner", [("micro", True), ("quick", False)])
+def test_micro_tables_carry_a_not_evidence_banner(monkeypatch, tmp_path, scale, banner):
+    import reports.study
+    import study.reproduce
+    from reports.study import _table_section
+    from study.table import scale_banner
+    row = {"source": "[P] E1", "verdict": "reproduced", "claim": "a claim", "paper": "0 %", "lab": "0 %",
+           "criterion": "c"}
+    monkeypatch.setattr(study.reproduce, "reproduce", lambda out, s, *a, **k: {
+        "preset": s, "records": {}, "table": [row], "timing": None})
+    monkeypatch.setattr(reports.study, "render_study", lambda out, res: out / "report.html")
+    r = ok(["reproduce", "--scale", scale, "--out", tmp_path / "s"])
+    lines = r.stdout.splitlines()
+    intro = _table_section([row], scale)[2]
+    if banner:
+        assert lines[0] == scale_banner("micro") and "not evidence" in lines[0].lower()
+        assert intro.startswith(scale_banner("micro"))
+    else:
+        assert scale_banner(scale) is None and lines[0].startswith("[P] E1") and "NOT EVIDENCE" not in intro
+
+
+def test_a_local_ray_starts_without_token_auth_or_start_up_lines(monkeypatch):
+    """Token authentication is for clusters other machines reach; a local study's Ray needs none."""
+    import logging
+    import os
+    from study.parallel import _init_local
+    seen = {}
+
+    class FakeRay:
+        def init(self, **kwargs):
+            seen.update(kwargs, auth=os.environ.get("RAY_AUTH_MODE"))
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    _init_local(FakeRay(), 2)
+    assert seen["auth"] == "disabled" and "RAY_AUTH_MODE" not in os.environ
+    assert seen["log_to_driver"] is False and seen["include_dashboard"] is False
+    assert seen["logging_level"] >= logging.WARNING
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # the user's own choice is kept
+    _init_local(FakeRay(), 2)
+    assert seen["auth"] == "token" and os.environ["RAY_AUTH_MODE"] == "token"

@@ -1,7 +1,7 @@
-"""One name, one meaning on the command line (issue 19): --scale is the study's size (--preset a
+"""One name, one meaning on the command line: --scale is the study's size (--preset a
 model's), -P/--prefix-len is P and --seq-len is L on every command, and --json is a flag that prints
-JSON on every command (a file is --json-file). The old spellings work for one release, each with a
-one-line warning on stderr."""
+JSON on every command (a file is --json-file), --out is a directory on every command and one HTML
+page is --html FILE. The old spellings still work, each with a one-line warning on stderr."""
 import json
 
 import click
@@ -21,8 +21,8 @@ def rewrite(command, args):
 
 @pytest.mark.parametrize("command,old,new", [(c, o, n) for c, m in RENAMED.items() for o, n in m.items()])
 def test_each_old_spelling_becomes_the_new_one_with_one_warning(command, old, new):
-    args, warnings = rewrite(command, ["--out", "x", old, "3", "--seed", "1"])
-    assert args == ["--out", "x", new, "3", "--seed", "1"]
+    args, warnings = rewrite(command, ["--overwrite", old, "3", "--seed", "1"])
+    assert args == ["--overwrite", new, "3", "--seed", "1"]
     assert len(warnings) == 1 and warnings[0].startswith(f"warning: {old} is deprecated; use {new}")
     args, warnings = rewrite(command, [f"{old}=3"])
     assert args == [f"{new}=3"] and len(warnings) == 1

@@ -1,4 +1,4 @@
-"""The bottom package prefixlab_common: one UserError (re-exported where it used to live), one
+"""The bottom package prefixlab_common: one UserError (re-exported by toy_models.errors), one
 Progress type, finite JSON, and the two forms of the JS divergence the probes and the LLaMA checks
 report (kept apart: they differ in the last bits)."""
 import ast

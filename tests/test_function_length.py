@@ -1,4 +1,4 @@
-"""No function over 80 lines in study/ and reports/ (issue 19): a long function there is a stage, a
+"""No function over 80 lines in study/ and reports/: a long function there is a stage, a
 table or a report section that wants a function of its own. Lines run from the `def` (or its first
 decorator) to the function's last line, docstring and comments included."""
 import ast

@@ -1,4 +1,4 @@
-"""Issue 19's target: no import placed inside a function without a comment that justifies it. Every
+"""No import placed inside a function without a comment that justifies it. Every
 function-level import in the packages is either commented on its own line (or the line above), or
 named in a module-level comment that starts with "# Lazy import"."""
 

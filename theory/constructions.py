@@ -1,6 +1,6 @@
-"""The single-virtual-token constructions of [P] §3 (papers.md §5), built as the lab's own
-(583 lines, over the ~500 guide on purpose: Theorems 1 and 2 and the capacity count share one
-`Layout` and the same generation helpers; apart, each file would re-derive them.)
+"""The single-virtual-token constructions of [P] §3 (docs/papers.md §5), built as the lab's own
+(One file: Theorems 1 and 2 and the capacity count share one `Layout` and the same generation
+helpers; apart, each file would re-derive them.)
 
 `ToyTransformer` with hand-set weights, so hooks, caches and probes work on them unchanged.
 

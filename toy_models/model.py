@@ -4,13 +4,13 @@ A tuning method is *data* that `forward` accepts (a `MethodState`): soft-prompt 
 in the prompt slots, per-layer prefix keys/values, and/or overrides of base weights (full
 fine-tuning, merged LoRA). The base module itself is never mutated by a method.
 
-Positions (papers.md §4): the model reserves `n_prompt` slot positions; content always sits at
+Positions (docs/papers.md §4): the model reserves `n_prompt` slot positions; content always sits at
 positions n_prompt.., with or without a prompt or prefix, so the layer-0 identities are exact.
 Prefix keys and values are prepended to every layer's keys, so patterns are
 `[batch, head, query, key]` with the prefix first (`pattern[..., :P]`).
 
 Two slot protocols (`ToyConfig.slots`), recorded by every base run:
-- `token` ([P]'s pretraining with pads, papers.md §3b): the slots hold the SLOT token (the last
+- `token` ([P]'s pretraining with pads, docs/papers.md §3b): the slots hold the SLOT token (the last
   vocabulary entry) during pretraining and in every base forward. A method takes the *first*
   slots: a prefix of length P takes slots 0..P-1 in every layer (their keys/values are the
   prefix's), then a soft prompt of length P' takes the next P' slots (its embeddings replace the
@@ -50,7 +50,7 @@ class ToyConfig:
     d_mlp: int | None = None  # default 4 * d_model
     dropout: float = 0.1
     attn_only: bool = False
-    ln_before_attn: bool = True  # False: papers.md E2's model (no LayerNorm before attention)
+    ln_before_attn: bool = True  # False: E2's model (docs/papers.md §3), no LayerNorm before attention
     layer_norm_eps: float = 1e-5
     init_std: float = 0.02
     slots: str = "empty"  # "token": SLOT tokens fill the prompt slots ([P]); "empty": no slot tokens
@@ -90,7 +90,7 @@ class ToyConfig:
         return cls(**d)
 
 
-# Model sizes (layers/heads/d_model) of papers.md §3, and a default sized for 2 CPU cores.
+# Model sizes (layers/heads/d_model) of docs/papers.md §3, and a default sized for 2 CPU cores.
 PRESETS: dict[str, dict] = {
     "micro": dict(n_layers=1, n_heads=2, d_model=16),
     "default": dict(n_layers=2, n_heads=4, d_model=64),
@@ -149,7 +149,7 @@ class MethodState:
 
 def base_view(cfg: "ToyConfig", state: MethodState | None) -> MethodState | None:
     """The forward a method state is compared with: no method, and under the `token` protocol the
-    method's slots left vacant, so the remaining SLOT tokens keep their positions (papers.md §4)."""
+    method's slots left vacant, so the remaining SLOT tokens keep their positions (docs/papers.md §4)."""
     if cfg.slots == "token" and state is not None and state.slots_taken:
         return MethodState(vacant=state.slots_taken)
     return None
@@ -302,7 +302,7 @@ class Block(nn.Module):
         return self.hook_resid_post(x)
 
     def prefix_from_residual(self, p: Tensor) -> tuple[Tensor, Tensor]:
-        """Simple-share prefix (papers.md §1): residual vectors p [..., P, d_model] through this
+        """Simple-share prefix (docs/papers.md §1): residual vectors p [..., P, d_model] through this
         layer's frozen LayerNorm and key/value maps -> keys, values [..., head, P, d_head]."""
         h = F.layer_norm(p, (p.shape[-1],), self.ln1.w, self.ln1.b, self.ln1.eps) \
             if self.cfg.ln_before_attn else p
@@ -432,9 +432,9 @@ class ToyTransformer(HookedRootModule):
 
     def _forward_shared_head(self, x: Tensor, prefixes, S: int, last: int) -> Tensor:
         """The forward with the first S positions computed once, at batch 1. In every layer their
-        keys and values are exactly a prefix for the other positions (papers.md §1: a prefix is
+        keys and values are exactly a prefix for the other positions (docs/papers.md §1: a prefix is
         the keys and values of earlier positions), so the content attends to [prefix, head,
-        content] as before. Only the last `last` logits are returned."""
+        content] exactly as in the unshared forward. Only the last `last` logits are returned."""
         head, x = x[:1, :S], x[:, S:]
         n = len(self.blocks)
         for layer, block in enumerate(self.blocks):

@@ -6,14 +6,14 @@ loss and every evaluation in fp32). Probes and identity checks never use it: the
   AVX512-BF16 or AMX, or an ARM CPU with its bf16 extension). Elsewhere it is refused: emulated
   bf16 is slower than fp32 and would only add rounding.
 - `auto`: bf16 where the hardware does it natively, fp32 elsewhere.
-- no choice (None): bf16 on a CUDA GPU that has it, fp32 on a CPU. On this lab's reference CPU
-  (AVX512-BF16) bf16 was measured 1.6-2.6x faster on every base's pretraining step but *slower* on
-  the quick study's d=128 tuning steps (0.74x prefix, 0.96x LoRA), which hold most of its work,
-  and the quick study's rows were validated in fp32 (docs/benchmarks.md, "Precision";
-  `benchmarks/bench_precision.py`), so the CPU default stays fp32.
+- no choice (None): bf16 on a CUDA GPU that has it, fp32 on a CPU. On a CPU with native bf16,
+  bf16 is faster on every base's pretraining step but *slower* on the quick study's d=128 tuning
+  steps, which hold most of its work, and the quick study's rows were validated in fp32, so the
+  CPU default stays fp32 (measured in docs/benchmarks.md, "Precision";
+  `benchmarks/bench_precision.py`).
 - a study (`reproduce`) with no choice, on a CPU with native bf16: per stage. Only the recipes
-  measured faster in bf16 and validated in it train in bf16 (the quick E4 at d=256: base 2.47x,
-  LoRA 1.88x, prefix 1.53x); study.reproduce.study_precision.
+  measured faster in bf16 and validated in it train in bf16 (the quick E4 at d=256: its base, LoRA
+  and prefix; docs/benchmarks.md, "Precision"); study.reproduce.study_precision.
 
 A run records its precision in provenance.json, and in config.json when it is not fp32 (so a run
 of one precision is never reused for another, and fp32 runs keep the configs they always had).

@@ -246,6 +246,11 @@ class RunDir:
     def config(self) -> dict:
         if not self.path.is_dir():
             raise UserError(f"no run at {self.path}")
+        if not (self.path / "config.json").exists():
+            inner = sorted(p.name for p in self.path.iterdir() if (p / "config.json").is_file())
+            if inner:  # a --seeds (seed0/, seed1/...) or several-task parent: its runs are one level down
+                raise UserError(f"{self.path} holds {len(inner)} runs, not one ({', '.join(n + '/' for n in inner)}); "
+                                f"pass one of them, e.g. {self.path / inner[0]}")
         return self.read_json("config.json")
 
     def finish(self, metrics: dict, files: tuple[str, ...] = ()) -> None:

@@ -1,4 +1,4 @@
-"""Task registry, sequence layout, stable-hash split and datasets (papers.md §2).
+"""Task registry, sequence layout, stable-hash split and datasets (docs/papers.md §2).
 
 Encoding (one sequence of the lab, [P]'s minGPT layout with a dedicated slot token):
 
@@ -110,7 +110,7 @@ MIX4 = ("ascending", "descending", "add1", "add2")
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """Sizes of the sequence layout. Defaults are papers.md §2's."""
+    """Sizes of the sequence layout. Defaults are docs/papers.md §2's."""
 
     length: int = 10
     num_digits: int = 8
@@ -314,7 +314,7 @@ def exact_ceiling(task: ResolvedTask, batch: Batch, provide_first: bool) -> floa
     """The best expected exact accuracy any predictor can reach on `batch`: 1 for a single task.
     A mixture (mix4) has no indicator; with y1 given, the alternatives whose output starts with
     that y1 stay possible, and a Bayes predictor (alternatives equally likely) picks the output
-    most of them share. papers.md §3b: 94.0 % for mix4 on the fixed test set."""
+    most of them share. docs/papers.md §3b: 94.0 % for mix4 on the fixed test set."""
     if len(task.stages) == 1:
         return 1.0
     x = batch.x.numpy()

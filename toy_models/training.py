@@ -1,6 +1,6 @@
 """One generic training loop, used by pretraining and by every tuning method.
-(521 lines, just over the ~500 guide: `fit` is `fit_many` with one run, and the fused runs'
-folding, per-run optimizers and checkpoints belong to the same loop.)
+(One file: `fit` is `fit_many` with one run, and the fused runs' folding, per-run optimizers and
+checkpoints belong to the same loop.)
 
 nothing here knows which method is trained: a method is a set of trainable tensors and a function
 that turns them into a `MethodState` for the frozen model's forward (minGPT's "generic trainer").
@@ -173,8 +173,9 @@ def evaluate(model: ToyTransformer, state: MethodState | None, batch: Batch, gre
     It is computed from one teacher-forced forward, which is exactly equivalent: greedy decoding
     reproduces Y iff every argmax given the true earlier outputs is right (induction on t).
     token_acc: per-token accuracy of real greedy decoding (when greedy=True).
-    provide_first: y1 is given and only y2..yL are scored, as [P] did for mix4, whose y1 cannot
-    be known (the task has no indicator; y1 is what reveals it)."""
+    provide_first: y1 is given and only y2..yL are scored: the lab's convention for mix4, whose y1
+    cannot be known (the task has no indicator; y1 is what reveals it). [P] scored mix4 without y1
+    (docs/papers.md §3b)."""
     was_training = model.training
     model.eval()
     s = 1 if provide_first else 0

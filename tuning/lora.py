@@ -1,6 +1,6 @@
 """LoRA: W + (alpha / r) * A @ B on chosen linear maps, merged into weight overrides per forward.
 
-Default targets are [P]'s (papers.md §1): attention output and both MLP layers, not q/k/v, so
+Default targets are [P]'s (docs/papers.md §1): attention output and both MLP layers, not q/k/v, so
 attention scores stay frozen. B starts at zero, so the start is an exact no-op.
 """
 
@@ -46,8 +46,9 @@ class LoRA(Method):
     name = "lora"
     summary = "LoRA: W + (alpha / r) A B on chosen linear maps (B starts at zero: an exact no-op)"
     options = (
-        Option("rank", int, 1, "LoRA rank r", "[P] E4 (papers.md §3b)", short="-r"),
-        Option("alpha", float, None, "LoRA alpha (default r: scale 1)", "[P] E4: alpha 1 at rank 1"),
+        Option("rank", int, 1, "LoRA rank r", "[P] E4 (docs/papers.md §3b)", short="-r"),
+        Option("alpha", float, None, "LoRA alpha: the update is scaled by alpha / r", "[P] E4: alpha 1 at rank 1",
+               default_text="r (scale 1)"),
         Option("targets", str, DEFAULT_TARGETS, f"LoRA targets, of {', '.join(TARGETS)}",
                "[P] E4: attention output and both MLP layers, never q/k/v", many=True),
         Option("init_b", str, "zero", "LoRA B init: zero (a no-op start) or normal (N(0, 0.02²))",
@@ -55,7 +56,7 @@ class LoRA(Method):
     )
     examples = ({"rank": 2}, {"rank": 1, "targets": ["q", "k", "v", "o"]})
     budget_option = "rank"
-    # [P]'s E4 protocol (papers.md §3b): constant lr 5e-3, no warmup, model in eval mode, no decay.
+    # [P]'s E4 protocol (docs/papers.md §3b): constant lr 5e-3, no warmup, model in eval mode, no decay.
     defaults = dict(lr=5e-3, weight_decay=0.0, train_mode=False, schedule="constant", warmup=0)
 
     def __init__(self, model, rank: int = 1, alpha: float | None = None, targets=DEFAULT_TARGETS,

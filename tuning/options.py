@@ -11,8 +11,8 @@ from typing import Any
 from prefixlab_common.errors import UserError
 
 
-# CLI spellings that are not --name: P is -P/--prefix-len on every command (issue 19: finetune's
-# --length meant P while pretrain's meant L; the old spelling warns for one release, cli.RENAMED)
+# CLI spellings that are not --name: P is -P/--prefix-len on every command (--length could mean P
+# or L, so it is only an old spelling that warns: cli.RENAMED)
 FLAGS = {"length": "--prefix-len"}
 
 
@@ -30,6 +30,9 @@ class Option:
     source: str  # where the default came from: a paper's section, or the lab's own measurement
     many: bool = False  # a comma-separated list on the command line, e.g. --tokens 11,3
     short: str | None = None  # a one-letter spelling, e.g. -P
+    # the default in words where `default` is None but stands for a value the method computes or
+    # picks (LoRA's alpha: r, so scale 1): the help and `prefixlab methods` show this, never "—"
+    default_text: str | None = None
 
     @property
     def flag(self) -> str:

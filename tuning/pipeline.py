@@ -93,7 +93,7 @@ def load_tuned(path: Path, config: dict, device: str | torch.device | None = Non
 
 def budget_match(model, target: int, method: str, vary: str | None = None, **opts) -> tuple[int, int]:
     """Pick the value of the method's size option (its `budget_option`: P, or the LoRA rank r)
-    whose trainable-parameter count is closest to `target`. Returns (value, count). papers.md E4:
+    whose trainable-parameter count is closest to `target`. Returns (value, count). docs/papers.md §1:
     rank-1 LoRA on attention out + both MLP layers of the 4/4/256 model and a P=12 prefix have
     12,288 parameters each. Each candidate is built (so an invalid size ends the search) and
     counted by the method's declared `param_count`."""

@@ -1,4 +1,4 @@
-"""Prefix-tuning in the three parameterizations of papers.md §1 ([L]):
+"""Prefix-tuning in the three parameterizations of docs/papers.md §1 ([L]):
 
 - `none`   (No-share):     free keys and values per layer and slot.
 - `simple` (Simple-share): one residual-space vector per slot per layer, through the layer's
@@ -7,7 +7,7 @@
                            (Li & Liang 2021), one MLP per layer or one shared across layers;
                            `fold()` turns it into explicit keys and values after training.
 `depth="shallow"` puts the prefix in layer 0 only. Every variant exports the per-layer layout
-of architecture.md: keys and values `[n_heads, P, d_head]`.
+of docs/architecture.md: keys and values `[n_heads, P, d_head]`.
 """
 
 from __future__ import annotations
@@ -40,14 +40,14 @@ class Prefix(Method):
     name = "prefix"
     summary = "prefix-tuning: per-layer prefix keys/values, No-, Simple- or Deep-share ([L])"
     options = (
-        Option("length", int, 1, "prompt/prefix length P", "[P] E1/E2 (papers.md §3)", short="-P"),
-        Option("share", str, "simple", "prefix: none, simple (default) or deep",
-               "[P]'s prefix is Simple-share (papers.md §1)"),
-        Option("depth", str, "deep", "prefix: deep (all layers, default) or shallow (layer 0)", "[P]: all layers"),
-        Option("hidden", int, None, "prefix --share deep: MLP hidden width (default 2 d_model)",
-               "the lab's choice; Li & Liang used 512, [L]'s vision code 48"),
-        Option("mlp", str, None, "prefix --share deep: shared (default) or per_layer MLP",
-               "Li & Liang 2021 share one MLP across layers"),
+        Option("length", int, 1, "prompt/prefix length P", "[P] E1/E2 (docs/papers.md §3)", short="-P"),
+        Option("share", str, "simple", "prefix: none, simple or deep",
+               "[P]'s prefix is Simple-share (docs/papers.md §1)"),
+        Option("depth", str, "deep", "prefix: deep (all layers) or shallow (layer 0)", "[P]: all layers"),
+        Option("hidden", int, None, "prefix --share deep: MLP hidden width",
+               "the lab's choice; Li & Liang used 512, [L]'s vision code 48", default_text="2·d_model"),
+        Option("mlp", str, None, "prefix --share deep: one MLP shared by the layers (shared) or one per layer (per_layer)",
+               "Li & Liang 2021 share one MLP across layers", default_text="shared"),
         Option("init_scale", float, 1.0, "prefix: std of the N(0, s²) init", "[P]: N(0, 1)"),
         Option("init", str, "normal", "prefix init: normal ([P]) or slot (start from the base's SLOT positions)",
                "[P]: N(0, 1)"),
@@ -176,7 +176,7 @@ class Prefix(Method):
         return folded
 
     def export_layout(self) -> dict[str, torch.Tensor]:
-        """architecture.md's layout: `blocks.{l}.prefix_k` / `prefix_v`, each [n_heads, P, d_head]."""
+        """docs/architecture.md's layout: `blocks.{l}.prefix_k` / `prefix_v`, each [n_heads, P, d_head]."""
         ks, vs = self.keys_values()
         out = {}
         for l, (k, v) in enumerate(zip(ks, vs)):

@@ -1,5 +1,5 @@
 """Prompting (a hard prompt): P real tokens of the toy vocabulary in the prompt slots; nothing is
-trained. [P]'s hierarchy (papers.md §1): prompting ⊆ soft prompting ⊆ prefix-tuning; a hard prompt
+trained. [P]'s hierarchy (docs/papers.md §1): prompting ⊆ soft prompting ⊆ prefix-tuning; a hard prompt
 is the soft prompt whose embeddings are rows of W_E, so its state takes the soft prompt's path.
 
 The vocabulary is small (V = 12 at [P]'s sizes), so the prompt is found by search, scored by the
@@ -30,9 +30,10 @@ class HardPrompt(Method):
     name = "prompt"
     summary = "prompting: P real tokens in the prompt slots, found by search (nothing trained)"
     options = (
-        Option("length", int, 1, "prompt/prefix length P", "[P] E1/E2 (papers.md §3)", short="-P"),
-        Option("tokens", int, None, "the prompt's tokens, e.g. 11,3 (prompt: given, not searched)",
-               "none: they are a choice of the user", many=True),
+        Option("length", int, 1, "prompt/prefix length P", "[P] E1/E2 (docs/papers.md §3)", short="-P"),
+        Option("tokens", int, None,
+               "token ids, e.g. 11,3: soft_prompt starts from them with --init tokens; for prompt, the prompt itself (no search)",
+               "the user's choice", many=True, default_text="none: the prompt is searched"),
         Option("search", str, "auto", "prompt: exhaustive, greedy, or auto (exhaustive when V^P <= --max-candidates)",
                "the lab's choice"),
         Option("max_candidates", int, 20_000, "prompt: the most prompts an exhaustive search scores",

@@ -19,11 +19,12 @@ class SoftPrompt(Method):
     name = "soft_prompt"
     summary = "soft prompting: P input embeddings in the prompt slots, flowing through the frozen model"
     options = (
-        Option("length", int, 1, "prompt/prefix length P", "[P] E1/E2 (papers.md §3)", short="-P"),
+        Option("length", int, 1, "prompt/prefix length P", "[P] E1/E2 (docs/papers.md §3)", short="-P"),
         Option("init", str, "random", "soft prompt init: random, vocab or tokens",
                "Lester et al. 2021 compare random and vocab inits; tokens starts at a hard prompt"),
-        Option("tokens", int, None, "the prompt's tokens, e.g. 11,3 (soft prompt: with --init tokens)",
-               "none: they are a choice of the user", many=True),
+        Option("tokens", int, None,
+               "token ids, e.g. 11,3: soft_prompt starts from them with --init tokens; for prompt, the prompt itself (no search)",
+               "the user's choice", many=True, default_text="none"),
     )
     examples = ({"length": 2}, {"init": "tokens", "tokens": [1, 2]})
     budget_option = "length"

@@ -1,4 +1,4 @@
-"""Tests for llama_checks/check.py: the papers.md §4 identities on LLaMA-family models through the bridge."""
+"""Tests for llama_checks/check.py: the docs/papers.md §4 identities on LLaMA-family models through the bridge."""
 
 from __future__ import annotations
 
@@ -224,7 +224,7 @@ def test_trained_prefix_on_tiny(tiny):
 
 
 def test_layer0_identities_property():
-    """Property test over random tiny models, prefixes, lengths and texts (papers.md §4)."""
+    """Property test over random tiny models, prefixes, lengths and texts (docs/papers.md §4)."""
     hyp = pytest.importorskip("hypothesis")
     st = pytest.importorskip("hypothesis.strategies")
 

@@ -1,5 +1,5 @@
-"""The CLI loads a LLaMA model once per command (issue 19): `llama-check --fig --dilution` and
-`dilution --out` check and measure the same loaded model; the outputs are those of two loads."""
+"""The CLI loads a LLaMA model once per command: `llama-check --html --dilution` and
+`dilution --html` check and measure the same loaded model; the outputs are those of two loads."""
 
 import pytest
 from typer.testing import CliRunner
@@ -30,7 +30,7 @@ def loads(monkeypatch):
 ])
 def test_one_load_per_command(loads, tmp_path, argv):
     page = tmp_path / "page.html"
-    argv = argv + (["--fig", str(page)] if argv[0] == "llama-check" else ["--out", str(page)])
+    argv = argv + ["--html", str(page)]
     res = CliRunner().invoke(app, argv)
     assert res.exit_code == 0, res.output
     assert page.exists() and loads == ["tiny"]

@@ -223,7 +223,7 @@ def _cli(*args):
 def test_cli_refuses_mismatched_adapter_in_one_line(tmp_path):
     _peft_prompt_adapter(tmp_path / "deep", gqa=False, n_layers=3)
     out = tmp_path / "page.html"
-    r = _cli("llama-check", "--model", "tiny", "--adapter", str(tmp_path / "deep"), "--fig", str(out))
+    r = _cli("llama-check", "--model", "tiny", "--adapter", str(tmp_path / "deep"), "--html", str(out))
     assert r.returncode == 2, r.stderr
     assert _one_error_line(r.stderr) and "num_layers=3" in r.stderr
     assert not out.exists()
@@ -236,7 +236,7 @@ def test_cli_refuses_mismatched_adapter_in_one_line(tmp_path):
 
 def test_cli_dilution_writes_json_and_page(tmp_path):
     j, page = tmp_path / "d.json", tmp_path / "d.html"
-    r = _cli("dilution", "--model", "tiny", "--lengths", "8,16,64", "--json-file", str(j), "--out", str(page))
+    r = _cli("dilution", "--model", "tiny", "--lengths", "8,16,64", "--json-file", str(j), "--html", str(page))
     assert r.returncode == 0, r.stderr[-2000:]
     d = json.loads(j.read_text())
     assert len(d["layers"]) == 2 and d["lengths"] == [8, 16, 64] and set(d["decay_exponents"]) == {"0", "1"}

@@ -62,7 +62,7 @@ def test_layer0_identities_hold_for_any_context_method(seed, n_layers, n_heads, 
 @SETTINGS
 @given(seed=st.integers(0, 10_000), P=st.integers(1, 6), n_layers=st.integers(1, 3))
 def test_token_protocol_prefix_takes_the_place_of_slots(seed, P, n_layers):
-    """[P]'s replacement (papers.md §3b): a prefix whose keys/values are the base's own keys/values
+    """[P]'s replacement (docs/papers.md §3b): a prefix whose keys/values are the base's own keys/values
     at slots 0..P-1 gives back the plain base forward exactly; a prefix at other slots does not."""
     spec = TaskSpec(length=4, num_digits=4, prompt_len=6)
     model = micro_model(spec, seed=seed, n_layers=n_layers, slots="token")
@@ -195,7 +195,7 @@ def test_the_forward_uses_the_prefix_the_method_holds(share, slots):
     """The identities above read the prefix back from the model's own hooks, so they hold for any
     keys and values the forward makes up. Here the keys and values attention uses are computed
     by hand from the method's parameters (Simple-share: p^K = W_K·LN(p)+b_K, p^V = W_V·LN(p)+b_V,
-    papers.md §1; No-share: its own tensors), slot by slot, in every layer; and layer 0's head
+    docs/papers.md §1; No-share: its own tensors), slot by slot, in every layer; and layer 0's head
     output is the pattern times [those values; the content's values]."""
     spec = TaskSpec(length=4, num_digits=4, prompt_len=4)
     model = micro_model(spec, seed=4, n_layers=2, n_heads=2, slots=slots)

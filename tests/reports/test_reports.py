@@ -97,7 +97,7 @@ def test_attention_heatmap_z_is_the_hook_pattern(prefixed, spec):
             got = stored_attention(fig, 1, l, h, "renormalized")
             assert np.isnan(got[:, :2]).all()  # prefix columns are not part of the content view
             assert np.allclose(got[:, 2:], renorm[0, h].numpy(), atol=1e-6)
-    # at layer 0 the renormalized prefix view is the base pattern (papers.md §4)
+    # at layer 0 the renormalized prefix view is the base pattern (docs/papers.md §4)
     assert np.allclose(stored_attention(fig, 1, 0, 0, "renormalized")[:, 2:], stored_attention(fig, 0, 0, 0),
                        atol=1e-5)
     meta = fig.layout.meta[META_KEY]

@@ -1,4 +1,4 @@
-"""Each experiment is one module (issue 19): `study.<e>` holds its run and its table rows,
+"""Each experiment is one module: `study.<e>` holds its run and its table rows,
 `reports.experiments.<e>` its report section, and the table, the report and `EXPERIMENTS` reach
 them through those modules rather than through string keys spread over four files."""
 import ast

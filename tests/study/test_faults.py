@@ -207,7 +207,7 @@ def _pretrain_args(out, steps=40, every=10):
 
 
 def test_disk_full_on_the_model_file_leaves_an_incomplete_run_that_resume_finishes(tmp_path, monkeypatch):
-    """The issue's case: `pretrain` runs out of space as it writes model.safetensors (patched writer)."""
+    """A full disk: `pretrain` runs out of space as it writes model.safetensors (patched writer)."""
     done = tmp_path / "done"
     assert CliRunner().invoke(app, _pretrain_args(done)).exit_code == 0
     kept = complete_runs(tmp_path)

@@ -110,7 +110,7 @@ def test_report_opens_with_the_paper_vs_lab_table(tmp_path):
 
 
 ANCHOR = Path(__file__).with_name("micro_anchor.json")
-STAGES = ("E1", "E2", "E3", "E4")  # the sample-efficiency and reparameterization stages are being redesigned
+STAGES = ("E1", "E2", "E3", "E4")  # the [P] stages; [L]'s sample-efficiency and reparameterization stages are not pinned
 
 
 def anchor_of(records: dict) -> dict:
@@ -148,7 +148,7 @@ def write_anchor(records: dict) -> None:
 
 
 def test_a_study_records_each_stage_s_work_and_wall_and_its_own_wall_time(sequential):
-    """report.json says how fast the study ran (issue 21, item 4), apart from its content."""
+    """report.json says how fast the study ran, apart from its content."""
     path, full = sequential
     report = json.loads((path / "report.json").read_text())
     t = report["timing"]
@@ -170,7 +170,7 @@ def test_a_study_records_each_stage_s_work_and_wall_and_its_own_wall_time(sequen
 
 
 def test_micro_study_has_hard_prompt_rows_searched_not_trained(sequential):
-    """Hard prompting in E1 and E2 (issue 19): the best hard prompt of length ≤ P=1 on each task,
+    """Hard prompting in E1 and E2: the best hard prompt of length ≤ P=1 on each task,
     found by an exhaustive search of the V tokens on one training batch (no optimizer steps); its
     rows in the table; the probes stage classes E1's prompt run as prompting."""
     from tuning.pipeline import load_run
@@ -203,7 +203,7 @@ def test_micro_study_has_hard_prompt_rows_searched_not_trained(sequential):
 
 
 def test_e1_and_e2_stage_keys_carry_the_prompt_settings(tmp_path):
-    """A cached E1/E2 from before the prompt rows is not reused: their configs (so their keys) hold
+    """A cached E1/E2 without the prompt rows is not reused: their configs (so their keys) hold
     the prompt settings; the other experiments' and the bases' configs do not."""
     from study.stages import PROMPTING, stages_for
     for scale in ("micro", "quick", "paper"):

@@ -1,4 +1,4 @@
-"""tools/sample_eff_sweep.py (docs/experiments.md, "[L] on the toy at more sizes"): a micro sweep
+"""tools/sample_eff_sweep.py (docs/experiments.md, "Results: five sizes, three seeds"): a micro sweep
 reuses the runs of a previous one and writes the stage's result format for every size and seed."""
 
 import importlib.util

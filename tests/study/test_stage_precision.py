@@ -60,7 +60,7 @@ def test_a_per_stage_study_trains_only_the_paying_recipe_in_bf16_on_its_own_base
     assert by["E4"].needs == ("base-E4",) and by["E3"].needs == ("base-E3",)
     assert stage_precision(stages) == {n: ("bf16" if n in ("base-E4", "E4") else "fp32") for n in stage_precision(stages)}
     assert {n for n in keys if keys[n] != fp32.get(n)} == {"base-E4", "E4"}
-    assert "base-E4" not in fp32  # in fp32 the micro E3 and E4 share one base, as before
+    assert "base-E4" not in fp32  # in fp32 the micro E3 and E4 share one base
     # no recipe pays: a per-stage study is an fp32 study, key for key
     assert _plan(monkeypatch, micro, PER_STAGE)[1] == _plan(monkeypatch, micro, "fp32")[1]
 

@@ -298,7 +298,7 @@ def test_edges_of_the_rows_a_reader_sees():
 
 
 def test_prompt_rows_need_their_records_and_read_every_task():
-    """A study recorded before the hard-prompt rows has none (its E1/E2 stage keys differ, so it is
+    """A study record without hard-prompt results has no prompt rows (its E1/E2 stage keys differ, so it is
     not reused: tests/study/test_reproduce.py); E2's hierarchy row reads every task and names the worst."""
     rec = good()
     del rec["E1"]["result"]["descending_acc"]["prompt"], rec["E2"]["result"]["prompt"]

@@ -1,4 +1,4 @@
-"""[P] §3's single-virtual-token constructions (papers.md §5) on the lab's own ToyTransformer."""
+"""[P] §3's single-virtual-token constructions (docs/papers.md §5) on the lab's own ToyTransformer."""
 
 import json
 

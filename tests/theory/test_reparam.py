@@ -1,5 +1,6 @@
-"""Tests of theory/reparam.py: the Voronoi loss and its cells, the split starts, the hand-written
-normal equations, the certified fit, the slopes, the verdict logic and the study's structure."""
+"""Tests of theory/reparam.py: the Voronoi loss and its cells, the split and valley starts, the
+hand-written normal equations, the certified fit, the valley, the slopes, the per-model statistics
+and the study's structure (the verdict rule: tests/theory/test_reparam_stats.py)."""
 
 import json
 import math
@@ -10,12 +11,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reports.theory_figures import reparam_figure
+from reports.theory_figures import reparam_study_figure
 from theory.reparam import (
-    METRICS, MODELS, ReparamConfig, ReparamResult, _normal_equations, _map_jacobian, _samples_last,
-    cell_metrics, fit_certified, gate_features, levenberg_marquardt, loglog_slope, make_dataset,
-    make_truth, mse, normal_equations, regression, run_reparam_study, sample_inputs, start_params,
-    table_row, truth_reparam, voronoi_cells, voronoi_loss,
+    CONTROL, METRICS, MODELS, ReparamConfig, ReparamResult, _normal_equations, _map_jacobian, _samples_last,
+    cell_metrics, fit_certified, fit_endpoints, gate_features, levenberg_marquardt, loglog_slope,
+    make_dataset, make_truth, model_statistics, mse, normal_equations, regression, run_reparam_study, sample_inputs,
+    start_params, summary_lines, table_row, truth_reparam, valley_path, valley_start, voronoi_cells,
+    voronoi_loss,
 )
 from toy_models.errors import UserError
 
@@ -243,71 +245,75 @@ def test_loglog_slope_recovers_known_rate_and_skips_missing():
 
 def test_micro_study_structure_json_and_progress():
     calls = []
-    cfg = ReparamConfig.quick(**MICRO)
-    result = run_reparam_study(cfg, progress=lambda done, total, msg: calls.append((done, total)))
-    assert calls[-1] == (6, 6) and len(calls) == 6
+    cfg = ReparamConfig.quick(**MICRO, truth_seeds=(0, 1))
+    result = run_reparam_study(cfg, progress=lambda done, total, msg: calls.append((done, total, msg)))
+    # progress counts a fixed budget (truths x n x R x steps x fits) and ends at total/total
+    total = 2 * (100 + 300) * 2 * 5 * (3 * 3 + 1)
+    assert calls[-1][:2] == (total, total) and all(c[1] == total for c in calls)
+    assert [c[0] for c in calls] == sorted(c[0] for c in calls) and len(calls) > 20
+    assert "truth 1 n=300" in " ".join(c[2]["what"] for c in calls)
     payload = json.loads(json.dumps(result.to_json()))
     assert payload == result.to_json()
     assert ReparamResult.from_json(payload).to_json() == result.to_json()
-    assert set(payload) >= {"config", "ns", "truth", "voronoi", "l2_error", "metrics", "slopes",
-                            "certified", "fits", "checkpoints", "diagnostics", "total_seconds"}
+    assert set(payload) >= {"config", "ns", "truth", "truths", "voronoi", "l2_error", "metrics", "slopes",
+                            "certified", "fits", "checkpoints", "diagnostics", "stats", "valley",
+                            "total_seconds"}
+    assert [t["seed"] for t in payload["truths"]] == [0, 1] and payload["truths"][0]["p"] != payload["truths"][1]["p"]
     for m in MODELS:
-        assert result.voronoi[m].shape == (2, 2) and set(payload["metrics"][m]) == set(METRICS)
+        # columns run over truths: 2 truths x 2 replicates
+        assert result.voronoi[m].shape == (2, 4) and set(payload["metrics"][m]) == {*METRICS, "D_max"}
         assert set(payload["slopes"][m]) == set(METRICS)
         diag = payload["diagnostics"][m]
         assert set(diag) == {"n_used", "with_multi_cell", "at_step_cap", "drift_D_multi", "excess_dof"}
         assert all(len(v) == 2 for v in diag.values() if isinstance(v, list))
-        assert len(payload["fits"][m]) == 2 and all(len(row) == 2 for row in payload["fits"][m])
+        assert len(payload["fits"][m]) == 2 and all(len(row) == 4 for row in payload["fits"][m])
         for row in payload["fits"][m]:
+            assert [f["truth_seed"] for f in row] == [0, 0, 1, 1]
             for f in row:
                 assert len(f["mass"]) == 3 and len(f["cell"]) == 3 and len(f["cell_size"]) == 2
                 assert sum(f["cell_size"]) == 3 and isinstance(f["certified"], bool)
                 assert len(f["D_multi_at"]) == len(payload["checkpoints"])
                 assert f["mass"] == pytest.approx([math.exp(c) for c in np.array(f["params"])[:, -1]])
+                assert [e["spread"] for e in f["endpoints"]] == [None, 0.3, 1.0]
+                assert f["endpoints"][0]["D_multi"] == pytest.approx(f["D_multi"])
+        pooled = payload["stats"]["pooled"][m]
+        assert set(pooled) == {"mean_D_multi", "mean_D_single", "mean_L2", "share_D_multi", "D_max", "nonidentified"}
+        # counted: replicates with a certified split fit and a certified near-best endpoint
+        counted = [sum(f["certified"] and f["D_max"] is not None for f in row) for row in payload["fits"][m]]
+        assert [p["m"] for p in pooled["nonidentified"]["per_n"]] == counted
+        assert [p["k"] for p in pooled["nonidentified"]["per_n"]] == [
+            sum(f["certified"] and f["D_max"] is not None and f["D_max"] > cfg.threshold for f in row)
+            for row in payload["fits"][m]]
+        assert set(payload["stats"]["by_truth"]) == {"0", "1"}
+        assert [p["m"] for p in payload["stats"]["by_truth"]["1"][m]["share_D_multi"]["per_n"]] == [
+            sum(f["certified"] for f in row[2:]) for row in payload["fits"][m]]
+    assert set(payload["stats"]["pooled"][CONTROL]) == {"mean_D", "mean_L2"}
+    assert payload["metrics"][CONTROL]["D"] and len(payload["metrics"][CONTROL]["D"][0]) == 4
+    assert set(payload["valley"]["models"]) == set(MODELS) and payload["valley"]["n"] == 300
     # same config -> same numbers (seeded data and starts)
     again = run_reparam_study(cfg)
     assert np.array_equal(again.voronoi["no-share"], result.voronoi["no-share"])
     assert set(table_row(payload)) == {"claim", "paper", "lab", "holds", "criterion", "gap"}
-    fig = reparam_figure(result)
-    assert fig.layout.xaxis.type == "log" and fig.layout.yaxis.type == "log"
+    assert table_row(payload)["holds"] is None  # n spans 3x: not judged
+    lines = summary_lines(payload)
+    assert lines[0].startswith("legend:") and len(lines) == 2 + 3 * 2 + 4
+    fig = reparam_study_figure(result)
+    assert fig.layout.xaxis.type == "log" and fig.layout.yaxis.type == "log" and len(fig.data) == 10
 
 
-def _slope(s, lo, hi):
-    return {"slope": s, "ci_low": lo, "ci_high": hi, "intercept": 0.0}
-
-
-def _result(ns_multi, shared_d=(-0.5, -0.6, -0.4)):
-    shared = {"D": _slope(*shared_d), "D_multi": _slope(-0.5, -0.6, -0.4), "L2": _slope(-0.5, -0.55, -0.45)}
-    return {"ns": [1000, 100000], "config": {"replicates": 20},
-            "certified": {m: [20, 20] for m in MODELS},
-            "slopes": {"shared-linear": shared, "shared-tanh": shared,
-                       "no-share": {"D": _slope(*ns_multi), "D_multi": _slope(*ns_multi),
-                                    "L2": _slope(-0.5, -0.55, -0.45)}}}
-
-
-def test_table_row_verdict_is_computed_from_both_sides():
-    row = table_row(_result((-0.05, -0.2, 0.1)))
-    assert row["holds"] is True and set(row) == {"claim", "paper", "lab", "holds", "criterion", "gap"}
-    assert "-0.05" in row["lab"] and "40/40" in row["lab"]
-    # no-share as steep as the shared models: differs
-    row = table_row(_result((-0.5, -0.7, -0.3)))
-    assert row["holds"] is False and "no-share" in row["gap"]
-    # flatter but CIs touching: differs
-    assert table_row(_result((-0.3, -0.45, -0.1)))["holds"] is False
-    # shared models not near -1/2: differs even if no-share is flat
-    row = table_row(_result((0.0, -0.1, 0.1), shared_d=(-0.9, -1.0, -0.8)))
-    assert row["holds"] is False and "not near" in row["gap"]
-    # a missing slope: no verdict
-    missing = _result((0.0, -0.1, 0.1))
-    missing["slopes"]["no-share"]["D_multi"] = None
-    assert table_row(missing)["holds"] is None
-    assert table_row({})["holds"] is None
+def test_a_single_truth_without_control():
+    res = run_reparam_study(ReparamConfig(**MICRO, control=False, valley_spreads=(0.5,))).to_json()
+    assert CONTROL not in res["stats"]["pooled"] and CONTROL not in res["metrics"]
+    assert [t["seed"] for t in res["truths"]] == [0]
+    assert [e["spread"] for e in res["fits"]["no-share"][0][0]["endpoints"]] == [None, 0.5]
+    assert table_row(res)["holds"] is None
 
 
 @pytest.mark.parametrize("bad", [
     dict(ns=(0, 100)), dict(ns=(-5, 100)), dict(ns=(100,)), dict(ns=(100, 100)), dict(replicates=1),
     dict(n_true_prompts=3, n_fit_prompts=3), dict(models=("shared-cubic",)),
     dict(steps=0), dict(restarts=0), dict(noise_sd=-1.0), dict(tol=0.0),
+    dict(valley_spreads=(0.0,)), dict(threshold=0.0), dict(near_best=-1.0), dict(truth_seeds=(1, 1)),
 ])
 def test_bad_knobs_raise_user_error(bad):
     with pytest.raises(UserError) as info:
@@ -323,6 +329,108 @@ def test_unknown_override_is_a_user_error():
 def test_presets():
     quick, full = ReparamConfig.quick(), ReparamConfig.full()
     quick.validate(), full.validate()
-    assert min(full.ns) == 1000 and max(full.ns) == 100000 and full.replicates >= 20
-    assert quick.replicates >= 20 and max(quick.ns) < max(full.ns)
+    assert min(full.ns) == 1000 and max(full.ns) == 100000 and len(full.seeds()) == 2
+    assert full.replicates * len(full.seeds()) >= 20 and full.valley_spreads == (0.3, 1.0) and full.control
+    assert quick.seeds() == (0,) and max(quick.ns) < max(full.ns) and quick.valley_spreads == full.valley_spreads
     assert ReparamConfig.quick(replicates=5).replicates == 5
+
+
+# ----------------------------------------------------------------------------- the valley
+
+
+def test_valley_start_is_an_exact_fit_of_no_share_with_d_growing_as_t_squared():
+    cfg = ReparamConfig(**{**MICRO, "noise_sd": 0.05})
+    truth = make_truth(cfg)
+    data = make_dataset(cfg, truth, 300, 3)
+    y = data.responses(truth, "linear", cfg.noise_sd)
+    features = (data.u, data.log_z, data.mean, y)
+    tk, tv = truth.prompts("linear")
+    truth_loss = mse(features, tk, tv, truth.bias)
+    mass0 = truth.bias[0].exp()
+    for t in (0.3, 1.0):
+        q = valley_start(cfg, "no-share", 300, 3, t, truth)
+        key, value, bias, _ = _map_jacobian("no-share", q, truth)
+        # f = f* on every input: the same training loss as the truth, on noisy data too
+        assert torch.allclose(mse(features, key, value, bias), truth_loss, rtol=1e-12)
+        cells = voronoi_cells(torch.cat([key, value], -1), bias, torch.cat([tk, tv], -1), truth.bias)
+        assert cells["size"].tolist() == [[2, 1]] * 3
+        # two copies of mass m*/2 at distance t: D = m*·t²
+        assert torch.allclose(cell_metrics(cells)["D_multi"], mass0 * t ** 2 * torch.ones(3, dtype=torch.float64))
+        # the copies share true atom 0's key and spread their values by ±t along a unit vector
+        assert torch.allclose(key[:, 0], key[:, 2]) and torch.allclose(key[:, 0], tk[0].expand(3, -1))
+        assert torch.allclose((value[:, 0] - value[:, 2]).norm(dim=-1), torch.full((3,), 2 * t, dtype=torch.float64))
+    # a shared-linear valley start spreads its values the same way, but its keys move too: not exact
+    qs = valley_start(cfg, "shared-linear", 300, 3, 1.0, truth)
+    ks, vs, bs, _ = _map_jacobian("shared-linear", qs, truth)
+    assert torch.allclose(vs, _map_jacobian("no-share", valley_start(cfg, "no-share", 300, 3, 1.0, truth), truth)[1])
+    assert (mse(features, ks, vs, bs) > 1.5 * truth_loss).all()
+
+
+def test_noiseless_no_share_stays_on_the_valley_and_a_shared_model_returns_to_the_truth():
+    cfg = ReparamConfig(**{**MICRO, "noise_sd": 0.0, "init_scale": 0.0, "steps": 60})
+    truth = make_truth(cfg)
+    n = 300
+    data = make_dataset(cfg, truth, n, 2)
+    mass0 = truth.bias[0].exp().item()
+    found = {}
+    for model in ("no-share", "shared-linear"):
+        y = data.responses(truth, truth_reparam(model), 0.0)
+        features = (data.u, data.log_z, data.mean, y)
+        tk, tv = truth.prompts(truth_reparam(model))
+        true_atoms = torch.cat([tk, tv], -1)
+        for t in (0.3, 1.0):
+            fit = levenberg_marquardt(model, valley_start(cfg, model, n, 2, t, truth), features, truth, 60, 1e-12)
+            key, value, bias, _ = _map_jacobian(model, fit["q"], truth)
+            d = cell_metrics(voronoi_cells(torch.cat([key, value], -1), bias, true_atoms, truth.bias))["D_multi"]
+            found[model, t] = (fit["loss"], d)
+    for t in (0.3, 1.0):
+        loss, d = found["no-share", t]
+        assert (loss < 1e-26).all()  # the truth's loss (zero) ...
+        assert torch.allclose(d, torch.full((2,), mass0 * t ** 2, dtype=torch.float64))  # ... with D = m*·t²
+        loss, d = found["shared-linear", t]
+        assert (loss < 1e-20).all() and (d < 1e-8).all()  # back at the truth
+    # D_max over the starts: No-share's is the widest valley start's, shared-linear's is ~0
+    for model, expect in (("no-share", mass0), ("shared-linear", 0.0)):
+        fit, ends = fit_endpoints(cfg, model, data, data.responses(truth, truth_reparam(model), 0.0), n, truth)
+        assert ends["certified"].all() and ends["D_multi"].shape == (2, 3)
+        assert torch.allclose(ends["D_max"], torch.full((2,), expect, dtype=torch.float64), atol=1e-8)
+
+
+def test_valley_path_is_flat_for_no_share_only():
+    cfg = ReparamConfig(**{**MICRO, "noise_sd": 0.05})
+    truth = make_truth(cfg)
+    data = make_dataset(cfg, truth, 300, 2)
+    ts = [0.0, 0.25, 0.5, 1.0]
+    v = valley_path(cfg, truth, data, 300, ts)
+    assert v["t"] == ts and v["n"] == 300 and set(v["models"]) == set(MODELS)
+    ns_ = v["models"]["no-share"]
+    assert np.allclose(ns_["loss_gain"], 0.0, atol=1e-6)  # in σ² units: flat
+    assert np.allclose(ns_["D_multi"], truth.bias[0].exp().item() * np.array(ts) ** 2)
+    lin = v["models"]["shared-linear"]["loss_gain"]
+    assert lin[0] == pytest.approx(0.0, abs=1e-6) and lin[1] > 1.0 and lin[-1] > lin[1]
+
+
+def test_model_statistics_by_hand_on_a_small_array():
+    """Far and non-identified mean strictly above τ; uncertified split fits are left out of all."""
+    cfg = ReparamConfig(ns=(100, 10000), replicates=3, bootstrap=50)
+    tau = cfg.threshold
+    d_multi = np.array([[tau, tau + 1e-4, tau - 1e-4], [0.01, 0.02, 9.0]])
+    d_max = np.array([[tau + 1e-4, tau, 1.0], [0.01, 0.5, 9.0]])
+    ones = np.ones((2, 3))
+    m = {"D": ones, "D_multi": d_multi, "D_single": 2 * ones, "L2": ones, "dist_multi": ones, "D_max": d_max}
+    ok = np.array([[True, True, True], [True, True, False]])  # the 9.0 fit is uncertified
+    s = model_statistics(cfg, [100, 10000], m, ok, 1, seed=0)
+    assert [(p["k"], p["m"]) for p in s["share_D_multi"]["per_n"]] == [(1, 3), (0, 2)]
+    assert [(p["k"], p["m"]) for p in s["nonidentified"]["per_n"]] == [(2, 3), (1, 2)]
+    assert [p["value"] for p in s["mean_D_multi"]["per_n"]] == pytest.approx([tau, 0.015])
+    assert [p["value"] for p in s["D_max"]["per_n"]] == pytest.approx([tau + 1e-4, (0.01 + 0.5) / 2])
+    assert s["mean_D_multi"]["slope"]["slope"] == pytest.approx(math.log(0.015 / tau) / math.log(100))
+    assert s["share_D_multi"]["trend"]["per_decade"] == pytest.approx((0 - 1 / 3) / 2)
+    assert s["mean_D_single"]["slope"]["slope"] == pytest.approx(0.0)
+    # two truths side by side: columns t·R + r
+    cfg2 = ReparamConfig(ns=(100, 10000), replicates=3, truth_seeds=(4, 5), bootstrap=50)
+    two = model_statistics(cfg2, [100, 10000], {k: np.concatenate([v, v], 1) for k, v in m.items()},
+                           np.concatenate([ok, ok], 1), 2, seed=0)
+    assert cfg2.seeds() == (4, 5)
+    assert [(p["k"], p["m"]) for p in two["nonidentified"]["per_n"]] == [(4, 6), (2, 4)]
+    assert two["mean_D_multi"]["slope"]["slope"] == pytest.approx(s["mean_D_multi"]["slope"]["slope"])

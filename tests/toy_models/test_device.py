@@ -41,7 +41,7 @@ def test_cuda_without_a_gpu_is_a_user_error():
 @pytest.mark.parametrize("argv", [["pretrain", "--preset", "micro", "--steps", "2", "--out", "OUT"],
                                   ["finetune", "RUN", "--method", "prefix", "--task", "add1", "--out", "OUT"],
                                   ["evaluate", "RUN"], ["probe", "RUN", "--out", "OUT"],
-                                  ["report", "RUN", "--out", "OUT"]])
+                                  ["report", "RUN", "--html", "OUT"]])
 def test_cli_bad_device_is_one_line_exit_2_nothing_written(tmp_path, argv):
     out = tmp_path / "out"
     names = {"RUN": str(tmp_path / "missing"), "OUT": str(out)}

@@ -1,4 +1,4 @@
-"""--precision auto|fp32|bf16 (issue 21): the choice and its refusal, its record in each run, the
+"""--precision auto|fp32|bf16: the choice and its refusal, its record in each run, the
 runs and study stages of one precision never reused for another, bf16 training that converges,
 and probes of a bf16-trained run that still give the layer-0 identities at fp32 tolerance."""
 

@@ -109,7 +109,7 @@ def test_bad_sizes(kw):
 
 
 def test_exact_ceiling_of_mix4():
-    """papers.md §3b: with y1 given a perfect predictor reaches 94.0 % on mix4's fixed test set
+    """docs/papers.md §3b: with y1 given a perfect predictor reaches 94.0 % on mix4's fixed test set
     (y1 cannot tell descending from add1/add2 on some inputs); without y1, about 1/4."""
     from toy_models.tasks import MIX4, exact_ceiling, fixed_test_set
     spec = TaskSpec(prompt_len=1)

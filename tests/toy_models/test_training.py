@@ -81,7 +81,7 @@ def test_resume_equals_uninterrupted(tmp_path):
 def test_a_kill_between_the_checkpoints_two_files_resumes_exactly(tmp_path, monkeypatch):
     """SIGKILL after train_state.safetensors (step 20) but before train_state.json (still step 10):
     the resumed run continues from the step its tensors belong to and ends as the uninterrupted one
-    (it used to replay steps 10-20 on step-20 tensors)."""
+    (the failure guarded against: replaying steps 10-20 on step-20 tensors)."""
     from toy_models.runs import RunDir
     full = pretrain(tmp_path / "full", "ascending", "micro", SPEC, tiny_train())
     real = RunDir.write_json

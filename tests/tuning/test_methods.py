@@ -1,4 +1,4 @@
-"""Every method's numbers against a hand computation (papers.md §1), its defaults pinned, and a
+"""Every method's numbers against a hand computation (docs/papers.md §1), its defaults pinned, and a
 saved and reloaded run that gives the logits it gave before saving.
 
 `reference_logits` is the toy model written out from its definition (pre-LN GPT-2 block, the
@@ -88,7 +88,7 @@ def lora_delta(target, A, B, like):
 
 
 def hand_state(m) -> MethodState:
-    """The method's state, rebuilt from its parameters by the formulas of papers.md §1."""
+    """The method's state, rebuilt from its parameters by the formulas of docs/papers.md §1."""
     base = dict(m.base.named_parameters())
     cfg = m.base.cfg
     if isinstance(m, FullFinetune):
@@ -226,7 +226,7 @@ def test_lora_on_query_key_value_maps_d_model_to_each_head():
 
 
 def test_method_defaults_are_the_documented_ones():
-    """docs/methods.md and papers.md §3b: LoRA rank 1 on attention output and both MLP layers
+    """docs/methods.md and docs/papers.md §3b: LoRA rank 1 on attention output and both MLP layers
     (never q/k/v), alpha = r, A ~ N(0, 1/d_in), B = 0; the training recipes per method."""
     assert DEFAULT_TARGETS == ("o", "mlp_in", "mlp_out")
     assert TARGETS == {"q": "attn.W_Q", "k": "attn.W_K", "v": "attn.W_V", "o": "attn.W_O",

@@ -1,4 +1,4 @@
-"""[L]'s parameterizations fold to the common per-layer key/value layout (architecture.md) and
+"""[L]'s parameterizations fold to the common per-layer key/value layout (docs/architecture.md) and
 give the same forward before and after folding, from the slot start and away from it, for
 random models, prefixes and inputs."""
 
