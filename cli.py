@@ -938,11 +938,9 @@ def data_to_text_cmd(scale: str = typer.Option("quick", "--scale", metavar="SCAL
 def reparam_sim(quick: bool = typer.Option(False, "--quick", help="quick preset: one truth, n = 10^3..10^4, 8 replicates (under 2 min of one core; shows the valley, not rates: no verdict)"),
                 out: Path = typer.Option(Path("runs/reparam"), metavar="DIR", help="directory for reparam.json and reparam.html"),
                 overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP)):
-    """The reparameterization sample-efficiency study of [L] (docs/papers.md §6, docs/reparam.md):
-    split-start and valley-start fits of shared-linear, shared-tanh and no-share, and the
-    exact-atom control; prints per model and n the mean split-cell D, the far and non-identified
-    replicates, the slopes, and the [L] §6 verdict. Without --quick: the full preset (two truths,
-    n = 10^3..10^5, about 40 minutes of one core). A progress line goes to stderr every 30 s.
+    """[L]'s reparameterization theory as a simulation: shared vs No-share prefix fits (docs/reparam.md).
+
+    Fits shared-linear, shared-tanh and No-share models from a split start and from valley starts, plus an exact-atom control, and prints per model and n the mean split-cell D, the far and non-identified replicates, the slopes, and the verdict of the [L] simulation row (docs/papers.md §6). Without --quick: the full preset (two truths, n = 10^3..10^5, about 30 minutes of one core). A progress line goes to stderr every 30 s.
 
     Example (under 2 minutes of one core):
 
@@ -963,9 +961,9 @@ def reparam_sim(quick: bool = typer.Option(False, "--quick", help="quick preset:
             return
         last[0] = now
         frac = done / total if total else 1.0
-        left = (now - begin) * (1 - frac) / frac if frac > 0 else float("nan")
+        left = f"about {(now - begin) * (1 - frac) / frac:.0f} s left" if frac >= 0.01 else "estimating"
         print(f"[reparam] {100 * frac:5.1f} % of the fit budget, {now - begin:6.0f} s elapsed, "
-              f"about {left:.0f} s left: {info.get('what', '')}", file=sys.stderr, flush=True)
+              f"{left}: {info.get('what', '')}", file=sys.stderr, flush=True)
 
     res = run_reparam_study(cfg, progress=progress)
     rd.prepare(overwrite, False)
@@ -977,6 +975,7 @@ def reparam_sim(quick: bool = typer.Option(False, "--quick", help="quick preset:
     row = table_row(data)
     print(f"[L] §6: {VERDICT_WORD[row['holds']]}" + (f" ({row['gap']})" if row["gap"] else ""))
     print(f"wrote {out}/reparam.json and {out}/reparam.html ({res.total_seconds:.0f} s)")
+
 
 @command()
 def report(runs: List[Path] = typer.Argument(..., metavar="RUN...", show_default=False, help="run directories (base and tuned)"),

@@ -15,8 +15,13 @@ def _ms(d: dict | None) -> str:
     return _pct(d["mean"])
 
 
+NOT_JUDGED = "not judged"  # `holds` of a row that ran but whose design cannot decide its criterion
+
+
 def _row(source, claim, paper, ours, holds, criterion, gap=None):
-    if holds is None:
+    if holds == NOT_JUDGED:
+        verdict = "no verdict" + (f" ({gap})" if gap else "")
+    elif holds is None:
         verdict = "not run"
     elif holds:
         verdict = "reproduced"

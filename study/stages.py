@@ -195,7 +195,7 @@ def estimate(name: str, cfg: dict) -> float:
     if name in _FIXED_S:
         return _FIXED_S[name]
     if name == "reparam":
-        return {"micro": 4.0, "quick": 70.0}.get(cfg["mode"], 2400.0)
+        return {"micro": 4.0, "quick": 50.0}.get(cfg["mode"], 1800.0)
     r = cfg["recipe"]
     step = _step_s(r)
     if name.startswith("base-"):

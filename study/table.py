@@ -9,7 +9,7 @@ is in `study.rows`."""
 from __future__ import annotations
 
 from study import e1, e2, e3, e4, sample_eff
-from study.rows import _ms, _pct, _row, of_ceiling  # noqa: F401  (the table's formatting, re-exported for its tests)
+from study.rows import NOT_JUDGED, _ms, _pct, _row, of_ceiling  # noqa: F401  (the table's formatting, re-exported for its tests)
 from theory.reparam import table_row as reparam_row
 
 sample_eff_rows = sample_eff.rows
@@ -76,9 +76,11 @@ def _thm2_rows(t2: dict) -> list[dict]:
 
 
 def _reparam_rows(rp: dict) -> list[dict]:
-    """theory.reparam computes its own verdict; a slope it could not measure is no reproduction."""
+    """theory.reparam computes its own verdict; a design too small to decide it (the quick and micro
+    presets: one truth, under two decades of n) says so instead of "differs"."""
     r = reparam_row(rp)
-    return [_row("[L] §6", r["claim"], r["paper"], r["lab"], bool(r["holds"]), r["criterion"], r["gap"])]
+    holds = NOT_JUDGED if r["holds"] is None else bool(r["holds"])
+    return [_row("[L] §6", r["claim"], r["paper"], r["lab"], holds, r["criterion"], r["gap"])]
 
 
 def _d2t_rows(d2t: dict) -> list[dict]:

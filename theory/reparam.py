@@ -78,7 +78,8 @@ Statistics, checks, verdict
 ---------------------------
 theory/reparam_stats.py: arithmetic means with log-log slopes, shares with Wilson intervals and
 trends per decade, medians of D_max, each with a bootstrap interval, pooled over the truths; the
-geometric-mean slopes of earlier analyses stay in `slopes` as a description only. Seeds come from
+geometric-mean slopes stay in `slopes` as a description only (they weight every replicate's
+logarithm alike and hide a minority that stays far). Seeds come from
 numpy's SeedSequence over (base seed, purpose, n, replicate[, start]). Every fit's masses,
 parameters, cells and endpoints go to the JSON, with D after 1/4 and 1/2 of the iteration budget
 (`diagnostics`: the drift of D_multi shows a fit still sliding along a flat direction).
@@ -111,7 +112,7 @@ _CERT_ATOL = 1e-20  # float64 round-off of a split truth on noiseless data is ~1
 
 
 
-FULL_REPLICATES = 24  # per truth and n: sized so that the full preset fits about 40 minutes of one core
+FULL_REPLICATES = 24  # per truth and n: the full preset takes about 27 minutes of one core
 
 
 @dataclass
@@ -170,7 +171,7 @@ class ReparamConfig:
     @classmethod
     def full(cls, **overrides) -> "ReparamConfig":
         """Two truths (seeds 2 and 3), n log-spaced over 10³…10⁵, FULL_REPLICATES per truth and n
-        (about 40 minutes of one core)."""
+        (about 30 minutes of one core)."""
         return cls._make(dict(truth_seeds=(2, 3), replicates=FULL_REPLICATES), overrides)
 
     def seeds(self) -> tuple[int, ...]:

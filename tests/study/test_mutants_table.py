@@ -122,3 +122,12 @@ def test_language_and_reparam_rows_carry_the_computed_row_through(monkeypatch, h
             "verdict": verdict}
     assert [r for r in rows if r["source"] == "[L] §6"] == [{"source": "[L] §6", **want}]
     assert [r for r in rows if r["source"] == "[L] language"] == [{"source": "[L] language", **want}]
+
+
+def test_an_unjudged_reparam_row_says_no_verdict_not_differs(monkeypatch):
+    """A simulation too small to decide its rule (holds None: one truth, under two decades of n) is
+    reported as such; only a judged run may say "differs"."""
+    import study.table as table
+    monkeypatch.setattr(table, "reparam_row", lambda r: _computed(None))
+    rows = paper_vs_lab({"reparam": {"status": "done", "result": {"the": "reparam result"}}})
+    assert [r["verdict"] for r in rows if r["source"] == "[L] §6"] == ["no verdict (the gap)"]
