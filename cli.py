@@ -951,7 +951,7 @@ def reparam_sim(quick: bool = typer.Option(False, "--quick", help="quick preset:
     from toy_models.runs import RunDir, write_json
     from reports.html import write_figure_html
     rd = RunDir(out)
-    rd.check_new(overwrite, False)
+    rd.check_new(overwrite, False, resumable=False)
     cfg = ReparamConfig.quick() if quick else ReparamConfig.full()
     begin, last = time.monotonic(), [0.0]
 

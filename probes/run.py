@@ -79,7 +79,7 @@ def run_probes(paths: list[Path], probes: list[str] | None, out: Path, layers: l
     asked = resolve_device(device)
     runs = load_tuned_runs(paths)
     out_dir = RunDir(out)
-    out_dir.check_new(overwrite, False)
+    out_dir.check_new(overwrite, False, resumable=False)
     report: dict = {"runs": {}, "verdicts": [], "device": str(PROBE_DEVICE), "probes": probes}
     if asked != PROBE_DEVICE:
         report["device_note"] = f"--device {asked} asked; the probes compute on the CPU in fp32"

@@ -194,9 +194,10 @@ class RunDir:
         return [name for name, digest in sums.items()
                 if not (self.path / name).is_file() or sha256(self.path / name) != digest]
 
-    def check_new(self, overwrite: bool, resume: bool) -> None:
+    def check_new(self, overwrite: bool, resume: bool, resumable: bool = True) -> None:
         """Refuse an existing output unless --overwrite or --resume says what to do with it.
-        Called before anything is written."""
+        Called before anything is written. `resumable=False`: the command has no --resume, and its
+        refusal does not offer one."""
         if not self.path.exists():
             if resume:
                 raise UserError(f"nothing to resume at {self.path}")
@@ -210,8 +211,8 @@ class RunDir:
         if not self.path.is_dir():
             raise UserError(f"{self.path} exists and is not a run directory")
         if any(self.path.iterdir()) and not overwrite:
-            raise UserError(f"{self.path} already exists; pass --overwrite to replace it "
-                            f"or --resume to continue an interrupted run")
+            raise UserError(f"{self.path} already exists; pass --overwrite to replace it"
+                            + (" or --resume to continue an interrupted run" if resumable else ""))
 
     def prepare(self, overwrite: bool, resume: bool) -> None:
         if overwrite and self.path.exists() and not resume:

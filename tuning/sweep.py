@@ -36,9 +36,9 @@ def sweep(base, method: str, tasks: list[str], out, seeds: list[int] | None, opt
         return {tasks[0]: finetune(base, method, tasks[0], out, opts, train, overwrite=overwrite, progress=progress,
                                    device=device, precision=precision)}
     root = RunDir(out)
-    root.check_new(overwrite, False)
+    root.check_new(overwrite, False, resumable=False)
     with DirLock(root.path, "finetune"):
-        root.check_new(overwrite, False)
+        root.check_new(overwrite, False, resumable=False)
         return _sweep(base, method, tasks, Path(out), seeds, opts, train, overwrite, progress, fuse, device, precision)
 
 

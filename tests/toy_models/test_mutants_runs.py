@@ -233,6 +233,8 @@ def test_check_new_refuses_each_case_with_its_message(tmp_path):
     with pytest.raises(UserError, match=re.escape(f"{p} already exists; pass --overwrite to replace it "
                                                   "or --resume to continue an interrupted run")):
         RunDir(p).check_new(overwrite=False, resume=False)
+    with pytest.raises(UserError, match=re.escape(f"{p} already exists; pass --overwrite to replace it") + "$"):
+        RunDir(p).check_new(overwrite=False, resume=False, resumable=False)  # a command without --resume
     RunDir(p).check_new(overwrite=True, resume=False)
     RunDir(p).check_new(overwrite=False, resume=True)  # started: resumable
     (p / "metrics.json").write_text("{}")
