@@ -122,3 +122,26 @@ def test_no_py_file_carries_history():
         except (SyntaxError, tokenize.TokenError) as e:
             found.append(f"{path}: cannot be tokenized: {e}")
     assert not found, "history in .py files (it goes to docs/history.md):\n" + "\n".join(found)
+
+
+# The reference docs and the README answer what a reader looks up; their history is docs/history.md.
+REFERENCE_DOCS = ("README.md", *sorted(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md") if p.name != "history.md"))
+
+
+def history_in_prose(text: str, path: str) -> list[str]:
+    """The ANYWHERE patterns and commit ids, line by line, in a Markdown file."""
+    commit = re.compile(r"\bcommits?\s+[0-9a-f]{7,40}\b", re.I)
+    return [f"{path}:{i}: {kind}: {m.group(0)!r}" for i, line in enumerate(text.splitlines(), 1)
+            for kind, rx in [*ANYWHERE.items(), ("commit id", commit)] for m in rx.finditer(line)]
+
+
+def test_the_prose_checker_flags_history():
+    bad = f"measured {HISTORY['date']} for issue {HISTORY['n']}, on commit {HISTORY['sha']}"
+    assert len(history_in_prose("fine\n" + bad, "x.md")) == 3
+    assert history_in_prose("the 94.0 % ceiling, 12,288 parameters", "x.md") == []
+
+
+def test_no_reference_doc_carries_history():
+    assert "docs/papers.md" in REFERENCE_DOCS and "docs/history.md" not in REFERENCE_DOCS
+    found = [f for path in REFERENCE_DOCS for f in history_in_prose((ROOT / path).read_text(encoding="utf-8"), path)]
+    assert not found, "history in the reference docs (it goes to docs/history.md):\n" + "\n".join(found)
