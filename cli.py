@@ -45,8 +45,17 @@ class _Readable:
         return pieces + ([self.subcommand_metavar] if hasattr(self, "subcommand_metavar") else [])
 
 
+# Renamed commands: the old name still runs the new command, with a one-line notice on stderr.
+RENAMED_COMMANDS = {"llama-check": "identity-check"}
+
+
 class _Group(_Readable, typer.core.TyperGroup):
-    pass
+    def get_command(self, ctx, name):
+        if name in RENAMED_COMMANDS and name not in self.commands:
+            typer.echo(f"note: `{name}` is now `{RENAMED_COMMANDS[name]}` (it checks the identities on any "
+                       f"supported model); the old name goes in the next release", err=True)
+            name = RENAMED_COMMANDS[name]
+        return super().get_command(ctx, name)
 
 
 APP_HELP = """What can context-based fine-tuning do, what can it not do, and why?
@@ -127,7 +136,7 @@ RENAMED = {
     # --out is a directory everywhere; a single HTML page is --html FILE
     "report": {"--out": "--html"},
     "dilution": {"--out": "--html"},
-    "llama-check": {"--fig": "--html"},
+    "identity-check": {"--fig": "--html"},
 }
 JSON_FILE = ("dilution", "data-to-text")  # --json PATH wrote a file there: now --json-file PATH
 
@@ -655,8 +664,8 @@ def probe(runs: List[Path] = typer.Argument(..., metavar="RUN...", show_default=
     print(f"wrote {out}/probe.json and {out}/probe.safetensors")
 
 
-@command("llama-check")
-def llama_check(model: str = typer.Option("tiny", metavar="MODEL", help="tiny, tiny-gqa, smollm2, or a local HF checkpoint directory"),
+@command("identity-check")
+def identity_check(model: str = typer.Option("tiny", metavar="MODEL", help="tiny, tiny-gqa, smollm2, or a local HF checkpoint directory"),
                 prefix: str = typer.Option("random", metavar="PREFIX", help="random, train, or a prefix file saved by prefixlab"),
                 soft_prompt: Optional[str] = typer.Option(None, "--soft-prompt", metavar="PROMPT", help=f"check a soft prompt instead: random, or a soft-prompt file saved by prefixlab {dflt('none: check --prefix')}"),
                 adapter: Optional[Path] = typer.Option(None, metavar="DIR", help=f"a PEFT adapter directory: prefix tuning or prompt tuning (read from adapter_config.json) {dflt('none')}"),
@@ -675,12 +684,12 @@ def llama_check(model: str = typer.Option("tiny", metavar="MODEL", help="tiny, t
 
     Examples (the tiny random model: seconds; SmolLM2: about a minute):
 
-    prefixlab llama-check --model tiny
-    prefixlab llama-check --model smollm2 --soft-prompt random -P 4 \\
+    prefixlab identity-check --model tiny
+    prefixlab identity-check --model smollm2 --soft-prompt random -P 4 \\
       --html check.html
     """
     fig = html
-    from llama_checks.check import run_llama_check
+    from model_checks.check import run_identity_check
     lay = None if layers in (None, "all") else _ints(layers, "--layers")
     if dilution is not None and fig is None:
         _fail("--dilution adds curves to the page: give --html too")
@@ -689,21 +698,21 @@ def llama_check(model: str = typer.Option("tiny", metavar="MODEL", help="tiny, t
         check_new_output(fig, overwrite)
     lengths = None
     if dilution is not None:
-        from llama_checks.dilution import check_lengths, parse_lengths
+        from model_checks.dilution import check_lengths, parse_lengths
         lengths = check_lengths(parse_lengths(dilution), None, prefix_len)
     from contextlib import nullcontext
-    with (nullcontext() if json_out else Heartbeat("llama-check")) as hb:  # --json: stderr stays quiet
+    with (nullcontext() if json_out else Heartbeat("identity-check")) as hb:  # --json: stderr stays quiet
         say = hb.say if hb is not None else None
         kept = []  # the model the check loaded, reused for --dilution (loaded once)
-        res = run_llama_check(model, prefix, str(adapter) if adapter else None, lay, _ints(heads, "--heads"),
+        res = run_identity_check(model, prefix, str(adapter) if adapter else None, lay, _ints(heads, "--heads"),
                               prefix_len, dtype, text, seed, stream, progress=say, soft_prompt=soft_prompt,
                               on_loaded=kept.append if lengths is not None else None)
         if fig is not None:
             from reports.llama_figures import write_page
             dil = None
             if lengths is not None:
-                from llama_checks.dilution import dilution_loaded
-                from llama_checks.models import load_model, resolve_dtype
+                from model_checks.dilution import dilution_loaded
+                from model_checks.models import load_model, resolve_dtype
                 loaded = kept[0] if kept else load_model(model, resolve_dtype(dtype), seed=seed)  # stream mode loads here
                 dil = dilution_loaded(loaded, prefix, str(adapter) if adapter else None, lengths, "mean", prefix_len, seed,
                                       say=say or (lambda m: None))
@@ -748,7 +757,7 @@ def dilution_cmd(model: str = typer.Option("tiny", metavar="MODEL", help="tiny, 
     prefixlab dilution --model smollm2 --json-file dil.json --html dil.html
     """
     out = html
-    from llama_checks.dilution import check_lengths, parse_lengths, run_dilution
+    from model_checks.dilution import check_lengths, parse_lengths, run_dilution
     from reports.llama_figures import check_new_output
     for path in (json_path, out):
         if path is not None:
@@ -767,10 +776,10 @@ def dilution_cmd(model: str = typer.Option("tiny", metavar="MODEL", help="tiny, 
             from reports.html import write_report
             write_report(json_path, json.dumps(res.to_json(), indent=1) + "\n")
         if out is not None:
-            from llama_checks.check import check_loaded
-            from llama_checks.soft_check import check_soft_loaded
+            from model_checks.check import check_loaded
+            from model_checks.soft_check import check_soft_loaded
             from reports.llama_figures import write_page
-            from llama_checks.soft_prompt import adapter_kind
+            from model_checks.soft_prompt import adapter_kind
             loaded = kept[0]
             say("layer-0 check of the same prefix for the Fig. 5 panels")
             if adapter is not None and adapter_kind(adapter) == "soft_prompt":
@@ -884,7 +893,7 @@ def data_to_text_cmd(scale: str = typer.Option("quick", "--scale", metavar="SCAL
     prefixlab data-to-text --scale micro
     prefixlab data-to-text --scale quick --cost
     """
-    from llama_checks.data_to_text import PRESETS, estimate_seconds, measure_step_seconds, parse_lrs, run_preset
+    from model_checks.data_to_text import PRESETS, estimate_seconds, measure_step_seconds, parse_lrs, run_preset
     from reports.llama_figures import check_new_output
     if json_path is not None:
         check_new_output(json_path, overwrite)

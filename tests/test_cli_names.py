@@ -71,7 +71,7 @@ def test_json_is_a_flag_on_every_command_and_p_and_l_have_one_spelling():
             assert "--preset" not in opts or name in ("pretrain",), f"{name}: a study's size is --scale"
             if "--prefix-len" in opts:
                 assert "-P" in opts, name
-    assert {"pretrain", "finetune", "evaluate", "probe", "llama-check", "dilution", "data-to-text",
+    assert {"pretrain", "finetune", "evaluate", "probe", "identity-check", "dilution", "data-to-text",
             "construct thm1", "construct thm2", "construct capacity"} <= set(seen)
 
 
@@ -133,3 +133,14 @@ def test_make_demo_runs_the_quick_scale(monkeypatch, tmp_path):
     r = runner.invoke(app, ["demo", "--out", str(tmp_path / "d"), "--workers", "1"])
     assert r.exit_code == 2 and r.stderr.splitlines()[-1] == "error: stopped by the test", r.output
     assert seen == {"out": tmp_path / "d", "scale": "quick"}
+
+
+def test_the_old_command_name_runs_the_new_command_with_one_notice():
+    new = runner.invoke(app, ["identity-check", "--model", "tiny", "--json"])
+    old = runner.invoke(app, ["llama-check", "--model", "tiny", "--json"])
+    assert new.exit_code == old.exit_code == 0, old.output
+    assert old.stderr.splitlines() == ["note: `llama-check` is now `identity-check` (it checks the identities on any "
+                                       "supported model); the old name goes in the next release"]
+    assert new.stderr == ""
+    assert json.loads(old.stdout)["passed"] == json.loads(new.stdout)["passed"] is True
+    assert "llama-check" not in runner.invoke(app, ["-h"]).output  # the help lists one name

@@ -18,16 +18,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_user_error_is_one_class_everywhere():
-    import llama_checks.identities
+    import model_checks.identities
     import toy_models.errors
     import toy_models.training
     assert toy_models.errors.UserError is UserError  # back-compat re-export
     assert toy_models.training.Progress is Progress
-    assert llama_checks.identities.finite_json is finite_json
+    assert model_checks.identities.finite_json is finite_json
 
 
 def test_the_bottom_package_imports_nothing_of_the_project():
-    project = {"toy_models", "tuning", "probes", "llama_checks", "theory", "study", "reports", "cli"}
+    project = {"toy_models", "tuning", "probes", "model_checks", "theory", "study", "reports", "cli"}
     for f in Path(prefixlab_common.__file__).parent.glob("*.py"):
         for node in ast.walk(ast.parse(f.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
@@ -38,7 +38,7 @@ def test_the_bottom_package_imports_nothing_of_the_project():
 def test_no_package_defines_its_own_user_error_or_progress_type():
     """UserError and the Progress callback type are defined once (cli's ProgressBar is a callable of it)."""
     found = []
-    for pkg in ("toy_models", "tuning", "probes", "llama_checks", "theory", "study", "reports"):
+    for pkg in ("toy_models", "tuning", "probes", "model_checks", "theory", "study", "reports"):
         for f in (ROOT / pkg).rglob("*.py"):
             tree = ast.parse(f.read_text())
             for node in tree.body:
@@ -69,7 +69,7 @@ def _reference_probes(p, q):  # probes/invariance.py's form as it was recorded
     return (0.5 * kl(p, m) + 0.5 * kl(q, m)).clamp_min(0)
 
 
-def _reference_llama(p, q):  # llama_checks/identities.py's form as it was recorded
+def _reference_llama(p, q):  # model_checks/identities.py's form as it was recorded
     p, q = p.clamp_min(0), q.clamp_min(0)
     m = (p + q) / 2
     kl = lambda a, b: torch.xlogy(a, a).sum(-1) - torch.xlogy(a, b).sum(-1)
@@ -95,7 +95,7 @@ def test_both_js_forms_keep_their_numbers_bit_for_bit():
 
 
 def test_the_modules_that_report_js_use_their_own_form():
-    import llama_checks.identities as li
+    import model_checks.identities as li
     import probes.drift as pd
     import probes.invariance as pi
     assert pi.js_divergence is js_divergence and pd.js_divergence is js_divergence

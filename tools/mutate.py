@@ -33,12 +33,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ["toy_models", "tuning", "probes", "llama_checks", "theory", "study", "reports"]
+PACKAGES = ["toy_models", "tuning", "probes", "model_checks", "theory", "study", "reports"]
 # the bottom package every package imports (UserError); copied with the others where it exists
 PACKAGES += [p for p in ("prefixlab_common",) if (ROOT / p).is_dir()]
 # the methods against hand computations; test_tuning.py trains every variant (minutes per mutant)
 _TUNE = ["tests/tuning/test_methods.py"]
-_LLAMA = ["tests/llama_checks/test_llama.py", "tests/llama_checks/test_soft_prompt_dilution.py"]
+_LLAMA = ["tests/model_checks/test_llama.py", "tests/model_checks/test_soft_prompt_dilution.py"]
 # the table's rows by hand (every verdict at its threshold) and the experiment modules' wiring
 _TABLE = ["tests/study/test_table.py", "tests/study/test_table_l.py", "tests/study/test_experiment_modules.py",
           "tests/study/test_mutants_table.py"]
@@ -74,10 +74,10 @@ MODULES: dict[str, list[str]] = {
     "probes/clusters.py": _PROBES,
     "probes/drift.py": _PROBES + ["tests/probes/test_mutants_drift.py"],
     "probes/run.py": _PROBES,
-    "probes/hierarchy.py": _PROBES + ["tests/llama_checks/test_soft_prompt_dilution.py",
+    "probes/hierarchy.py": _PROBES + ["tests/model_checks/test_soft_prompt_dilution.py",
                                       "tests/probes/test_mutants_hierarchy.py"],
-    "llama_checks/prefix.py": _LLAMA + ["tests/llama_checks/test_mutants_prefix.py"],
-    "llama_checks/soft_prompt.py": _LLAMA + ["tests/llama_checks/test_mutants_soft_prompt_llama.py"],
+    "model_checks/prefix.py": _LLAMA + ["tests/model_checks/test_mutants_prefix.py"],
+    "model_checks/soft_prompt.py": _LLAMA + ["tests/model_checks/test_mutants_soft_prompt_llama.py"],
     "theory/reparam.py": ["tests/theory/test_reparam.py", "tests/theory/test_mutants_reparam.py"],
 }
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped",

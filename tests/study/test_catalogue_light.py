@@ -12,9 +12,9 @@ def test_the_stage_catalogue_imports_no_heavy_package():
     assert out.strip() == "[]"
 
 
-def test_planning_the_study_does_not_import_the_llama_checks():
+def test_planning_the_study_does_not_import_the_model_checks():
     code = ("import sys; from pathlib import Path; from study.stages import stages_for; "
             "assert stages_for('quick', Path('/tmp/x')); "
-            "print(sorted(m for m in sys.modules if m.startswith(('llama_checks', 'ray'))))")
+            "print(sorted(m for m in sys.modules if m.startswith(('model_checks', 'ray'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -41,10 +41,10 @@ from typing import Callable
 
 import torch
 
-from llama_checks.bridge import capture, content_kv, kv_hook_names, model_dims
+from model_checks.bridge import capture, content_kv, kv_hook_names, model_dims
 from prefixlab_common.jsonsafe import finite_json
-from llama_checks.models import LoadedModel, load_model, resolve_dtype
-from llama_checks.prefix import (
+from model_checks.models import LoadedModel, load_model, resolve_dtype
+from model_checks.prefix import (
     Prefix,
     dart_lines,
     hard_prompt_prefix,
@@ -53,7 +53,7 @@ from llama_checks.prefix import (
     prefix_from_source,
     train_prefix,
 )
-from llama_checks.soft_prompt import adapter_kind, load_peft_prompt, soft_prompt_prefix, warn_if_other_base
+from model_checks.soft_prompt import adapter_kind, load_peft_prompt, soft_prompt_prefix, warn_if_other_base
 from prefixlab_common.errors import UserError
 
 DEFAULT_LENGTHS = (16, 32, 64, 128, 256, 512, 1024)
@@ -344,7 +344,7 @@ def dilution_loaded(
         n_layers=n_layers, n_heads=n_heads, prefix_source=source, prefix_len=P, lengths=lengths, heads=how,
         head_indices=idx, sink="content position 0 (BOS)" if has_bos else "content position 0 (first token; no BOS)",
         window=f"queries in the last ceil(L/{WINDOW_FRACTION}) positions",
-        text="given text, repeated" if text is not None else "llama_checks/data/dart_style.txt lines, seeded order, repeated",
+        text="given text, repeated" if text is not None else "model_checks/data/dart_style.txt lines, seeded order, repeated",
         seed=seed, context_limit=limit, layers=out_layers,
         timings={"setup_s": t_setup, "forwards_s": total - t_setup, "total_s": total},
     )

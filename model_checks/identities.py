@@ -5,7 +5,7 @@ and A^pt the pattern with it (docs/papers.md §4): prefix mass ``α_i = Σ_k A^p
 ``A^pt_ij = (1 − α_i)·A_ij`` on content; bias ``t^pt_i = Σ_k A^pt_ik·v_k + (1 − α_i)·t_i``;
 renormalized-pattern drift ``A^pt_ij / (1 − α_i)`` vs ``A_ij``; attention-sink mass on content
 position 0. How the tensors are produced (prefix cache, soft prompt, streamed layers) is the
-business of `llama_checks.check` and `llama_checks.soft_check`; the tolerances are explained there.
+business of `model_checks.check` and `model_checks.soft_check`; the tolerances are explained there.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from llama_checks.bridge import model_dims
+from model_checks.bridge import model_dims
 from prefixlab_common.attention import js_divergence_clamped_inputs as js_divergence  # the LLaMA checks' form
-from prefixlab_common.jsonsafe import finite_json  # noqa: F401 (re-exported: llama_checks.identities.finite_json)
+from prefixlab_common.jsonsafe import finite_json  # noqa: F401 (re-exported: model_checks.identities.finite_json)
 
 TEST_SAMPLE = "TABLE: Fourth Round Qualifying : NEW_ENTRIES_THIS_ROUND : 24 TEXT: Fourth round qualifying had 24 new entries."
 RENORM_MIN_CONTENT_MASS = 1e-3

@@ -1,4 +1,4 @@
-"""The [L] language analogue (llama_checks.data_to_text): the grammar, the three prefix
+"""The [L] language analogue (model_checks.data_to_text): the grammar, the three prefix
 parameterizations on a LLaMA cache, a micro run's structure, the table row's rule, bad inputs."""
 
 import json
@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from llama_checks import data_to_text as d2t
-from llama_checks.d2t_data import make_splits
-from llama_checks.prefix import Prefix, hard_prompt_prefix, load_prefix, prefix_cache, save_prefix
+from model_checks import data_to_text as d2t
+from model_checks.d2t_data import make_splits
+from model_checks.prefix import Prefix, hard_prompt_prefix, load_prefix, prefix_cache, save_prefix
 from prefixlab_common.errors import UserError
 
 

@@ -1,4 +1,4 @@
-"""Loading LLaMA-family checkpoints for the prefix checks of `llama_checks.check` (docs/papers.md §4).
+"""Loading LLaMA-family checkpoints for the prefix checks of `model_checks.check` (docs/papers.md §4).
 
 Three model sources, all Hugging Face causal LMs with eager attention wrapped in TransformerLens 4's
 `TransformerBridge` (built from the already-loaded HF model with `boot_transformers(hf_model=...)`):
@@ -32,7 +32,7 @@ import torch
 
 from prefixlab_common.errors import UserError
 # Lazy imports: transformers, tokenizers, safetensors, transformer_lens' bridge (and ctypes/functools for
-# the GGUF reader) are imported inside the functions that load a model, so `import llama_checks` and the
+# the GGUF reader) are imported inside the functions that load a model, so `import model_checks` and the
 # CLI's help stay fast and the toy lab works where the LLaMA extras are missing. No cycle is hidden.
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")

@@ -1,8 +1,8 @@
 """LLaMA prefix attention checks on real LLaMA-family checkpoints (docs/papers.md §4 "LLaMA check", Fig. 5).
 
-The identity maths and the result type are in `llama_checks.identities`, the hook capture in
-`llama_checks.bridge`; this module feeds them a prefix, in memory or streamed, and `run_llama_check`
-hands a soft prompt to `llama_checks.soft_check`.
+The identity maths and the result type are in `model_checks.identities`, the hook capture in
+`model_checks.bridge`; this module feeds them a prefix, in memory or streamed, and `run_identity_check`
+hands a soft prompt to `model_checks.soft_check`.
 
 For one head, query i, content keys j and prefix slots k = 1..P, with A the pattern without prefix
 and A^pt the pattern with it ([P] §4):
@@ -28,7 +28,7 @@ keys ≤ i. RoPE scores depend only on position differences, so every content–
 the pretrained pattern A over content, is the same as at positions 0..T−1; the prefix keys are
 cached after rotation and are never rotated again, so only the query's absolute rotation enters
 the prefix scores. The layer-0 identities therefore hold up to float rounding (of cos/sin at the
-shifted angles); `rope_shift_error` (`llama_checks.bridge`) measures exactly that: the layer-0 pattern without prefix at
+shifted angles); `rope_shift_error` (`model_checks.bridge`) measures exactly that: the layer-0 pattern without prefix at
 positions P..P+T−1 vs 0..T−1. This is also what PEFT prefix-tuning does at training time.
 
 **Tolerances** (layer 0; max abs error of the rescaling identity on pattern entries, and the bias
@@ -59,7 +59,7 @@ from typing import Callable
 
 import torch
 
-from llama_checks.bridge import (
+from model_checks.bridge import (
     capture,
     content_kv,
     hook_names,
@@ -70,8 +70,8 @@ from llama_checks.bridge import (
     token_ids,
     token_strings,
 )
-from llama_checks.identities import TEST_SAMPLE, LlamaCheckResult, check_result, layer_check
-from llama_checks.models import (
+from model_checks.identities import TEST_SAMPLE, LlamaCheckResult, check_result, layer_check
+from model_checks.models import (
     LoadedModel,
     StreamedCheckpoint,
     load_model,
@@ -79,7 +79,7 @@ from llama_checks.models import (
     resolve_dtype,
     write_random_llama_checkpoint,  # noqa: F401  (re-exported for the benchmark and the CLI)
 )
-from llama_checks.prefix import (
+from model_checks.prefix import (
     Prefix,
     hard_prompt_prefix,
     prefix_cache,
@@ -89,12 +89,12 @@ from llama_checks.prefix import (
     save_prefix,  # noqa: F401  (re-exported)
     train_prefix,
 )
-from llama_checks.soft_check import check_soft_loaded
-from llama_checks.soft_prompt import adapter_base_warning, adapter_kind, load_soft_prompt
+from model_checks.soft_check import check_soft_loaded
+from model_checks.soft_prompt import adapter_base_warning, adapter_kind, load_soft_prompt
 from prefixlab_common.errors import UserError
 
 
-def run_llama_check(
+def run_identity_check(
     model: str,
     prefix: str = "random",
     adapter: str | None = None,
@@ -112,10 +112,10 @@ def run_llama_check(
     """Check the prefix (or soft-prompt) identities of docs/papers.md §4 on a LLaMA-family model.
 
     model: ``tiny``, ``tiny-gqa``, ``smollm2`` or a checkpoint directory. prefix: ``random``,
-    ``train`` or a prefixlab prefix file (see `llama_checks.prefix`); adapter: a PEFT
+    ``train`` or a prefixlab prefix file (see `model_checks.prefix`); adapter: a PEFT
     prefix-tuning or prompt-tuning directory (replaces `prefix`; the type is read from its
     adapter_config.json). soft_prompt: ``random`` or a prefixlab soft-prompt file: check a soft
-    prompt of `prefix_len` embeddings instead of a prefix (`llama_checks.soft_check`). layers/heads:
+    prompt of `prefix_len` embeddings instead of a prefix (`model_checks.soft_check`). layers/heads:
     default all. text: default the docs/papers.md §4 test sample; a BOS token is prepended. stream: read a
     checkpoint directory one layer at a time (see module docstring). progress: called with a
     one-line status string. on_loaded: called with the loaded model (not in stream mode), so that a
@@ -204,7 +204,7 @@ def check_loaded(
     pre = prefix_from_source(prefix, adapter, n_layers, kv_heads, d_head, prefix_len, seed,
                              lambda l: content_kv(base, l, T, kv_heads, d_head))
     if prefix == "train" and adapter is None:
-        say("training a prefix on llama_checks/data/dart_style.txt")
+        say("training a prefix on model_checks/data/dart_style.txt")
         start_id = loaded.bos_token_id if loaded.bos_token_id is not None else int(ids[0])
         init = hard_prompt_prefix(loaded.model, torch.full((prefix_len,), start_id, dtype=torch.long))
         pre, losses = train_prefix(loaded.model, loaded.tokenizer, init, loaded.bos_token_id, steps=train_steps,
