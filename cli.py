@@ -448,7 +448,7 @@ def pretrain(task: str = typer.Option("mix4", metavar="TASK", help="task to pret
 
     prefixlab pretrain --task mix4 --out runs/mix4
     """
-    from toy_models.pipeline import PRETRAIN_DEFAULTS, pretrain as _pretrain
+    from toy_models.pretraining import PRETRAIN_DEFAULTS, pretrain as _pretrain
     dev = _device(device)
     _precision(precision, dev)
     from toy_models.tasks import TaskSpec
@@ -594,7 +594,7 @@ def evaluate(runs: List[Path] = typer.Argument(..., metavar="RUN...", show_defau
 
     prefixlab evaluate runs/mix4 runs/p-add1 --task add1 --task add2 --n 200
     """
-    from toy_models.pipeline import evaluate_run
+    from toy_models.pretraining import evaluate_run
     from tuning.pipeline import load_run
     dev = _device(device)
     if n <= 0:
@@ -641,7 +641,7 @@ def probe(runs: List[Path] = typer.Argument(..., metavar="RUN...", show_default=
 
     prefixlab probe runs/p-add1 --inputs 200 --out runs/probe
     """
-    from probes.run import run_probes
+    from probes.compute import run_probes
     dev = _device(device)
     report = run_probes(runs, None if probe_ is None else [p.strip() for p in probe_.split(",") if p.strip()], out,
                         _ints(layers, "--layers"), _ints(heads, "--heads"), inputs, overwrite, device=dev)
@@ -665,7 +665,7 @@ def probe(runs: List[Path] = typer.Argument(..., metavar="RUN...", show_default=
 
 
 @command("identity-check")
-def identity_check(model: str = typer.Option("tiny", metavar="MODEL", help="tiny, tiny-gqa, smollm2, or a local HF checkpoint directory"),
+def identity_check(model: str = typer.Option("tiny", metavar="MODEL", help="tiny, tiny-gqa, tiny-gemma3, smollm2, gemma3 (Gemma 3 270M), or a local HF checkpoint directory (llama, mistral, qwen2, qwen3, gemma3_text)"),
                 prefix: str = typer.Option("random", metavar="PREFIX", help="random, train, or a prefix file saved by prefixlab"),
                 soft_prompt: Optional[str] = typer.Option(None, "--soft-prompt", metavar="PROMPT", help=f"check a soft prompt instead: random, or a soft-prompt file saved by prefixlab {dflt('none: check --prefix')}"),
                 adapter: Optional[Path] = typer.Option(None, metavar="DIR", help=f"a PEFT adapter directory: prefix tuning or prompt tuning (read from adapter_config.json) {dflt('none')}"),
@@ -680,13 +680,16 @@ def identity_check(model: str = typer.Option("tiny", metavar="MODEL", help="tiny
                 dilution: Optional[str] = typer.Option(None, metavar="LIST", help=f"with --html: also measure prefix dilution at these lengths, e.g. 16,64,256 {dflt('none')}"),
                 overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --html file"),
                 json_out: bool = typer.Option(False, "--json", help=JSON_HELP)):
-    """Check the prefix or soft-prompt identities on a LLaMA-family model (docs/papers.md §4, Fig. 5).
+    """Check the prefix or soft-prompt identities on a LLaMA-family or Gemma 3 model (docs/papers.md §4, Fig. 5).
 
-    Examples (the tiny random model: seconds; SmolLM2: about a minute):
+    The table says per layer its attention (full or sliding window) and how many content queries still see the prefix.
+
+    Examples (the tiny random model: seconds; SmolLM2: about a minute; Gemma 3 270M: about 1.5 minutes):
 
     prefixlab identity-check --model tiny
     prefixlab identity-check --model smollm2 --soft-prompt random -P 4 \\
       --html check.html
+    prefixlab identity-check --model gemma3 --layers all
     """
     fig = html
     from model_checks.check import run_identity_check
@@ -736,7 +739,7 @@ def identity_check(model: str = typer.Option("tiny", metavar="MODEL", help="tiny
 
 
 @command("dilution")
-def dilution_cmd(model: str = typer.Option("tiny", metavar="MODEL", help="tiny, tiny-gqa, smollm2, or a local HF checkpoint directory"),
+def dilution_cmd(model: str = typer.Option("tiny", metavar="MODEL", help="tiny, tiny-gqa, tiny-gemma3, smollm2, gemma3 (Gemma 3 270M), or a local HF checkpoint directory (llama, mistral, qwen2, qwen3, gemma3_text)"),
                  prefix: str = typer.Option("random", metavar="PREFIX", help="random, train, or a prefix file saved by prefixlab"),
                  adapter: Optional[Path] = typer.Option(None, metavar="DIR", help=f"a PEFT prefix-tuning or prompt-tuning adapter directory {dflt('none')}"),
                  lengths: Optional[str] = typer.Option(None, metavar="LIST", help=f"input lengths, e.g. 16,64,256,1024 {dflt('16..1024 within the context')}"),
@@ -748,13 +751,17 @@ def dilution_cmd(model: str = typer.Option("tiny", metavar="MODEL", help="tiny, 
                  json_out: bool = typer.Option(False, "--json", help="print the curves and fits as JSON"),
                  json_path: Optional[Path] = typer.Option(None, "--json-file", metavar="FILE", help=f"write the curves and fits as JSON here {NO_FILE}"),
                  html: Optional[Path] = typer.Option(None, "--html", metavar="FILE", help=f"{HTML_HELP}: dilution, sink, and a layer-0 Fig. 5 check {NO_FILE}"),
-                 overwrite: bool = typer.Option(False, "--overwrite", help="replace existing --json-file / --html files")):
+                 overwrite: bool = typer.Option(False, "--overwrite", help="replace existing --json-file / --html files"),
+                 identities: bool = typer.Option(False, "--identities", help="also the per-layer identity residuals at every length, each layer's input patched to the base forward's (sliding and global layers alike)")):
     """Prefix dilution: attention mass on the prefix and on the sink as the input grows.
+
+    On sliding-window layers (Gemma 3) the table says which share of the queries still sees the prefix.
 
     Examples (the tiny random model: seconds; SmolLM2: about a minute):
 
     prefixlab dilution --model tiny --lengths 16,64,256
     prefixlab dilution --model smollm2 --json-file dil.json --html dil.html
+    prefixlab dilution --model gemma3 --lengths 64,256,512,1024 --identities --html window.html
     """
     out = html
     from model_checks.dilution import check_lengths, parse_lengths, run_dilution
@@ -771,7 +778,7 @@ def dilution_cmd(model: str = typer.Option("tiny", metavar="MODEL", help="tiny, 
         say = hb.say
         kept = []  # the model dilution loaded, reused for the --html page's layer-0 check (loaded once)
         res = run_dilution(model, prefix, str(adapter) if adapter else None, wanted, heads, prefix_len, dtype, seed, text,
-                           progress=say, on_loaded=kept.append)
+                           progress=say, on_loaded=kept.append, identities=identities)
         if json_path is not None:
             from reports.html import write_report
             write_report(json_path, json.dumps(res.to_json(), indent=1) + "\n")
@@ -893,27 +900,27 @@ def data_to_text_cmd(scale: str = typer.Option("quick", "--scale", metavar="SCAL
     prefixlab data-to-text --scale micro
     prefixlab data-to-text --scale quick --cost
     """
-    from model_checks.data_to_text import PRESETS, estimate_seconds, measure_step_seconds, parse_lrs, run_preset
+    from study.experiments.data_to_text import SCALES, estimate_seconds, measure_step_seconds, parse_lrs, run_scale
     from reports.llama_figures import check_new_output
     if json_path is not None:
         check_new_output(json_path, overwrite)
-    if scale not in PRESETS:
-        _fail(f"unknown scale {scale!r}; use one of {', '.join(PRESETS)}")
+    if scale not in SCALES:
+        _fail(f"unknown scale {scale!r}; use one of {', '.join(SCALES)}")
     dev = str(_device(device))
     over = {k: v for k, v in {"model": model, "steps": steps, "prefix_len": prefix_len, "batch_size": batch_size,
                               "shares": tuple(s.strip() for s in shares.split(",") if s.strip()) if shares else None,
                               "sizes": _ints(sizes, "--sizes"), "seeds": _ints(seeds, "--seeds"),
                               "lrs": parse_lrs(lr) or None}.items() if v is not None}
     if cost:
-        cfg = {**PRESETS[scale], **over}
+        cfg = {**SCALES[scale], **over}
         res = measure_step_seconds(cfg["model"], cfg["shares"], cfg["batch_size"], cfg["prefix_len"],
                                    threads=(1,), device=dev)
         step = max(res["seconds_per_step"].values())
         res["estimate"] = {"preset": scale, **estimate_seconds(cfg, step)}
     else:
-        model_name = over.get("model", PRESETS[scale]["model"])
+        model_name = over.get("model", SCALES[scale]["model"])
         with ProgressBar("data-to-text", start=f"loading {model_name}, scoring the start prefix") as prog:
-            res = run_preset(scale, device=dev, progress=lambda i, n, info: prog(i, n, {**info, "eval": True}), **over)
+            res = run_scale(scale, device=dev, progress=lambda i, n, info: prog(i, n, {**info, "eval": True}), **over)
     if json_path is not None:
         from reports.html import write_report
         write_report(json_path, json.dumps(res, indent=1) + "\n")
@@ -1001,9 +1008,9 @@ def report(runs: List[Path] = typer.Argument(..., metavar="RUN...", show_default
     """
     out = html
     from reports.build import build_report
+    from toy_models.runs import check_overwrite
     dev = _device(device)
-    if out.exists() and not overwrite:
-        _fail(f"{out} already exists; pass --overwrite to replace it")
+    check_overwrite(out, overwrite)
     if png is not None:
         from reports.html import png_export_unavailable
         why = png_export_unavailable()
@@ -1041,7 +1048,7 @@ def reproduce(scale: str = typer.Option("quick", "--scale", metavar="SCALE", hel
     only = [s for s in stage.split(",")] if stage else None
     if workers < 1:
         _fail(f"--workers must be at least 1, got {workers}")
-    from study.progress import StudyProgress
+    from engine.progress import StudyProgress
     with StudyProgress(sys.stderr) as sp:
         res = _reproduce(out, scale, sp.factory, only, workers, ray, sp.done, device=device, on_note=_note,
                          precision=precision)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from common import machine, stats
 
-from study.experiments import run_e1
+from study.experiments.e1 import run as run_e1
 from study.recipes import RECIPES
 
 
@@ -26,7 +26,7 @@ def main():
         d = Path(tempfile.mkdtemp())
         try:
             t = time.perf_counter()
-            res = run_e1(d / "e1", d / "bases", RECIPES["quick"]["E1"])
+            res = run_e1(d / "e1", d / "bases", RECIPES["quick"]["E1"], {})
             times.append(time.perf_counter() - t)
         finally:
             shutil.rmtree(d)

@@ -25,12 +25,14 @@ from common import machine, stats
 
 import torch
 
-from toy_models.pipeline import load_model, pretrain
+from toy_models.pretraining import load_model, pretrain
 from toy_models.tasks import MIX4, TaskSpec
-from toy_models.training import Member, TrainConfig, fit_many
+from toy_models.batched import Member, fit_many
+from toy_models.training import TrainConfig
 from tuning import make_method
 from tuning.fused import finetune_many
-from tuning.pipeline import finetune, method_train_config
+from tuning.jobs import method_train_config
+from tuning.pipeline import finetune
 
 E3_TASKS = list(MIX4) + ["ascending_add1", "double_hist"]
 SPEC = TaskSpec(prompt_len=12)

@@ -16,7 +16,7 @@ from common import machine, stats
 import torch
 
 from probes.clusters import activation_clusters
-from probes.run import identity_probes
+from probes.compute import identity_probes
 from toy_models.model import ToyTransformer, preset_config
 from toy_models.tasks import TaskSpec, fixed_test_set, resolve_task
 from tuning import make_method

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from reports.build import build_report  # noqa: E402
-from toy_models.pipeline import pretrain  # noqa: E402
+from toy_models.pretraining import pretrain  # noqa: E402
 from toy_models.tasks import TaskSpec  # noqa: E402
 from toy_models.training import TrainConfig  # noqa: E402
 from tuning.pipeline import finetune  # noqa: E402

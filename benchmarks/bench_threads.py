@@ -28,7 +28,7 @@ import hashlib, json, sys, tempfile
 from pathlib import Path
 import torch
 from safetensors.torch import load_file
-from toy_models.pipeline import pretrain
+from toy_models.pretraining import pretrain
 from toy_models.tasks import TaskSpec
 from toy_models.training import TrainConfig
 from tuning.pipeline import finetune

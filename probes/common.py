@@ -12,7 +12,7 @@ from torch import Tensor
 
 from prefixlab_common.errors import UserError
 from toy_models.model import MethodState, ToyTransformer, base_view
-from toy_models.pipeline import LoadedRun
+from toy_models.pretraining import LoadedRun
 from toy_models.tasks import fixed_test_set, resolve_task
 
 

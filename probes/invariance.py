@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from prefixlab_common.attention import js_divergence  # the toy probes' form (probes.drift uses it too)
+from prefixlab_common.attention import js_divergence
 from probes.common import Accumulator, Probe, accumulate, check_layers_heads, require_state
 from toy_models.model import MethodState, ToyTransformer
 

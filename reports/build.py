@@ -1,4 +1,4 @@
-"""`build_report`: load runs, collect their probes (`probes.run.collect`, one pass per run) and
+"""`build_report`: load runs, collect their probes (`probes.compute.collect`, one pass per run) and
 render one self-contained HTML report. Method labels come from the method registry.
 
 Sections: overview, any caller sections (`extra_sections`), attention patterns ([P] Figure 1
@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 
 from probes.common import paired_forwards
-from probes.run import collect, probe_inputs
+from probes.compute import collect, probe_inputs
 from reports.figures import (AttentionPanel, accuracy_figure, attention_figure, clusters_figure,
                              invariance_figure, learning_curves_figure)
 from reports.html import Pre, Section, Table, as_section, check_output, export_pngs, render_report, write_report
 from prefixlab_common.errors import UserError
-from toy_models.pipeline import LoadedRun, base_sha
+from toy_models.pretraining import LoadedRun, base_sha
 from tuning.pipeline import load_run
 from tuning.registry import METHODS
 from toy_models.runs import RunDir
@@ -47,7 +47,7 @@ def build_report(runs: list[Path], out: Path, png_dir: Path | None = None, n_inp
     if n_inputs <= 0:
         raise UserError(f"--inputs must be positive, got {n_inputs}")
     extras = [as_section(s) for s in (extra_sections or [])]  # validated before the slow part
-    # validated and recorded; the probe sections compute on the CPU in fp32 (probes/run.py)
+    # validated and recorded; the probe sections compute on the CPU in fp32 (probes/compute.py)
     asked = resolve_device(device)
 
     loaded = _load(runs)

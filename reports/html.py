@@ -10,15 +10,13 @@ section holds items, each one of:
     Raw           trusted HTML, inserted as is (the caller vouches for it)
     str           a paragraph of plain text (escaped)
 
-Nothing here prints; `write_report` writes atomically (temporary file + os.replace).
+Nothing here prints; `write_report` writes atomically (toy_models.runs.atomic_write).
 """
 
 from __future__ import annotations
 
 import html
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from prefixlab_common.errors import UserError
+from toy_models.runs import write_text
 # Lazy import: plotly.io, only to export PNGs (it needs kaleido, an optional extra).
 
 
@@ -237,23 +236,13 @@ def check_output(out: Path) -> Path:
 
 
 def write_report(out: Path, text: str) -> None:
-    """Write atomically: a temporary file in the same directory, then os.replace."""
+    """Write atomically (the run store's `atomic_write`); a folder that cannot be made or
+    written is a one-line UserError."""
     out = check_output(out)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+        write_text(out, text)
     except OSError as e:
         raise UserError(f"cannot write the report to {out} ({e.strerror})") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is an ordinary, shareable file
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def png_export_unavailable() -> str | None:

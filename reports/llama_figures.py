@@ -25,6 +25,7 @@ from model_checks.identities import LlamaCheckResult
 from reports.figures import PREFIX_COLOR, escape_token
 from reports.html import Pre, Section, Table, check_output, render_report, write_report
 from prefixlab_common.errors import UserError
+from toy_models.runs import check_overwrite
 
 BASE_COLOR = "#1f77b4"
 
@@ -121,6 +122,57 @@ def dilution_figure(d: dict, title: str | None = None) -> go.Figure:
     return fig
 
 
+def window_figure(d: dict, title: str | None = None) -> go.Figure:
+    """The prefix across a sliding window, per layer type. Left: prefix mass α of the last queries
+    against input length (linear y, so the exact zeros past the window show), one line per layer,
+    sliding layers dashed, the window marked. Middle: the share of those queries that still see the
+    prefix. Right (when the run measured them): the identity residuals per layer type (max over the
+    type's layers; inputs patched, `model_checks.dilution.patched_identities`)."""
+    _check(d)
+    lengths, layers = d["lengths"], d["layers"]
+    windows = sorted({l["window"] for l in layers if l.get("window")})
+    with_ids = all(l.get("rescale_err") for l in layers)
+    titles = ["prefix mass α of the last queries", "share of those queries that see the prefix"]
+    if with_ids:
+        titles.append("identity residuals (max over the type's layers)")
+    fig = make_subplots(rows=1, cols=len(titles), subplot_titles=titles, horizontal_spacing=0.07)
+    colors = _layer_colors(len(layers))
+    for c, layer in zip(colors, layers):
+        kind = "sliding" if layer.get("window") else "global"
+        dash = "dash" if kind == "sliding" else "solid"
+        name = f"layer {layer['layer']} ({kind})"
+        for col, key in ((1, "alpha"), (2, "prefix_visible")):
+            fig.add_trace(go.Scatter(x=lengths, y=layer.get(key) or [None] * len(lengths), mode="lines+markers", name=name,
+                                     legendgroup=name, showlegend=col == 1, line=dict(color=c, dash=dash, width=1.6),
+                                     marker=dict(size=4),
+                                     hovertemplate=f"{name}<br>L=%{{x}}<br>%{{y:.3g}}<extra></extra>"), row=1, col=col)
+    if with_ids:
+        for kind, dash in (("sliding", "dash"), ("global", "solid")):
+            chosen = [l for l in layers if bool(l.get("window")) == (kind == "sliding")]
+            if not chosen:
+                continue
+            for key, color in (("rescale_err", PREFIX_COLOR), ("bias_rel", BASE_COLOR)):
+                ys = [max(l[key][n] for l in chosen) for n in range(len(lengths))]
+                label = f"{'rescale error' if key == 'rescale_err' else 'bias residual (rel.)'}, {kind} layers"
+                fig.add_trace(go.Scatter(x=lengths, y=_positive(ys), mode="lines+markers", name=label,
+                                         line=dict(color=color, dash=dash), marker=dict(size=4),
+                                         hovertemplate=f"{label}<br>L=%{{x}}<br>%{{y:.2e}}<extra></extra>"), row=1, col=3)
+        fig.update_yaxes(type="log", title_text="max abs error", row=1, col=3)
+    for w in windows:
+        for col in range(1, len(titles) + 1):
+            fig.add_vline(x=w, line=dict(color="#888", dash="dot"), row=1, col=col)
+        fig.add_annotation(x=w, y=1.02, xref="x", yref="paper", text=f"window {w}", showarrow=False, font=dict(size=10))
+    for col in range(1, len(titles) + 1):
+        fig.update_xaxes(type="log", title_text="input length L (tokens, BOS included)", row=1, col=col)
+    fig.update_yaxes(title_text="α", row=1, col=1)
+    fig.update_yaxes(title_text="share of queries", range=[-0.05, 1.05], row=1, col=2)
+    head = title or (f"The prefix across the sliding window: {d.get('model', '')}, P={d.get('prefix_len')}, "
+                     f"prefix {d.get('prefix_source', '')}")
+    fig.update_layout(title=dict(text=escape_token(head), x=0.0, xanchor="left"), template="plotly_white",
+                      height=520, margin=dict(t=100, l=60, r=20, b=60), legend=dict(font=dict(size=10)))
+    return fig
+
+
 def sink_figure(d: dict, title: str | None = None) -> go.Figure:
     """Left: sink mass with the prefix against the base sink mass, one point per (layer, length),
     colour = layer, with y = x (the prefix takes nothing from the sink) for reference. Right: sink
@@ -169,8 +221,7 @@ def sink_figure(d: dict, title: str | None = None) -> go.Figure:
 def check_new_output(out: Path, overwrite: bool) -> Path:
     """UserError (before any work) if `out` is unusable or exists without `overwrite`."""
     out = check_output(Path(out))
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists; pass --overwrite to replace it")
+    check_overwrite(out, overwrite)
     return out
 
 
@@ -223,9 +274,20 @@ def _dilution_sections(d: DilutionResult) -> list[Section]:
              "input length exactly as α does. An exponent near 1 is the 1/L dilution of a prefix whose key competes "
              "with every content key; near 0, a head whose content mass sits on the sink, so the prefix keeps "
              f"its share however long the input. Here: {summary}.")
+    window = []
+    if any(l.window for l in d.layers) or d.identities:
+        sliding = sorted({l.window for l in d.layers if l.window})
+        window = [Section("The prefix across the sliding window", [window_figure(js)],
+                          ("A prefix holds the first positions of every layer's cache. "
+                           + (f"On a sliding layer (window {', '.join(map(str, sliding))}) a query at content position i "
+                              "sees it only while i < window − 1; past that its mass is exactly 0. " if sliding else
+                              "Every layer here is global: every query sees the prefix. ")
+                           + ("The identity residuals are measured with every layer's input patched to the base "
+                              "forward's, so they are exact on every layer; they show whether the identities hold "
+                              "on both layer types at every length." if d.identities else "")))]
     return [
         Section("Prefix dilution", [dilution_figure(js), Table(rows[0], rows[1:], caption="per layer (heads aggregated)")],
-                intro),
+                intro), *window,
         Section("Attention sink", [sink_figure(js)],
                 f"Sink: {d.sink}. Points below y = x: the prefix takes its mass partly from the sink; at layer 0 the "
                 "invariance identity makes the with-prefix sink mass (1 − α) times the base one, query by query."),

@@ -102,3 +102,10 @@ RECIPES: dict[str, dict[str, Recipe]] = {
         "E4": Recipe("petrov-e3", {}, 12000, 1e-3, 2000, long_steps=6000, prefix_init="slot", seeds=(0, 1, 2)),
     },
 }
+
+# Hard prompting in E1 and E2 (tuning/prompt.py): the best hard prompt of length <= P,
+# each length searched exhaustively on one training batch of batch_size. P = 1: the E1 and E2 bases
+# have one prompt slot, so a search scores the 12 tokens of the vocabulary. In the stages' configs,
+# so that a cached E1/E2 without the prompt rows is not reused.
+PROMPTING = {"micro": {"P": 1, "batch_size": 64}, "quick": {"P": 1, "batch_size": 256},
+             "paper": {"P": 1, "batch_size": 256}}

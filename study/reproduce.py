@@ -6,8 +6,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from study.runner import plan, run_stages
-from study.timing import study_timing
+from engine.driver import run_stages, stage_keys
+from engine.timing import study_timing
+from study.stages import stages_for
 from study.table import paper_vs_lab
 from prefixlab_common.errors import UserError
 from toy_models.lock import DirLock
@@ -47,7 +48,13 @@ def stage_precision(stages) -> dict[str, str]:
     return {s.name: recipe_precision(s.config["recipe"]) for s in stages if "recipe" in s.config}
 
 
-def reproduce(out: Path, preset: str = "quick", progress_factory=None, only: list[str] | None = None,
+def plan(out: Path, scale: str, only: list[str] | None, precision: str = "fp32") -> tuple[list, dict[str, str]]:
+    """The study's stages at `scale` and their keys, nothing run (an unknown scale or stage is refused)."""
+    stages = stages_for(scale, Path(out), precision)
+    return stages, stage_keys(stages, only)
+
+
+def reproduce(out: Path, scale: str = "quick", progress_factory=None, only: list[str] | None = None,
               workers: int = 1, ray_address: str | None = None, on_done=None, threads: int | None = None,
               device=None, on_note=None, precision: str | None = None) -> dict:
     """Run every stage (cached; in parallel on Ray with workers > 1 or a Ray address), then write
@@ -64,7 +71,7 @@ def reproduce(out: Path, preset: str = "quick", progress_factory=None, only: lis
         raise UserError(f"--workers must be at least 1, got {workers}")
     # a device this machine lacks, or bf16 where it has none, is refused before any stage runs
     precision = study_precision(precision, resolve_device(device))
-    plan(out, preset, only, precision)  # an unknown preset or stage is refused before anything is written
+    stages, _ = plan(out, scale, only, precision)  # an unknown scale or stage is refused before anything is written
     notes: list[str] = []
 
     def note(line: str) -> None:
@@ -75,15 +82,14 @@ def reproduce(out: Path, preset: str = "quick", progress_factory=None, only: lis
         if lock.note:
             note(lock.note)
         t0 = time.perf_counter()
-        records = run_stages(out, preset, progress_factory, only, workers, ray_address, on_done, threads, device,
-                             on_note=note, precision=precision)
-        stages, _ = plan(out, preset, only, precision)
+        records = run_stages(out, stages, progress_factory, only, workers, ray_address, on_done, threads, device,
+                             on_note=note)
         # the study's speed from its own records: wall time against work and the longest chain
         timing = study_timing(records, {s.name: s.needs for s in stages}, time.perf_counter() - t0,
                               workers if workers > 1 or ray_address else 1)
         table = paper_vs_lab(records)
-        content = {"preset": preset, "precision": precision, "stage_precision": stage_precision(stages),
+        content = {"preset": scale, "precision": precision, "stage_precision": stage_precision(stages),
                    "table": table, "stages": _content(records), "timing": timing}
         write_json(out / "report.json", content)
-    return {"preset": preset, "precision": precision, "stage_precision": content["stage_precision"], "records": records, "table": table, "report_json": str(out / "report.json"),
+    return {"preset": scale, "precision": precision, "stage_precision": content["stage_precision"], "records": records, "table": table, "report_json": str(out / "report.json"),
             "notes": notes, "timing": timing}

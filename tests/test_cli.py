@@ -184,7 +184,7 @@ def test_a_local_ray_starts_without_token_auth_or_start_up_lines(monkeypatch):
     """Token authentication is for clusters other machines reach; a local study's Ray needs none."""
     import logging
     import os
-    from study.parallel import _init_local
+    from engine.parallel import _init_local
     seen = {}
 
     class FakeRay:

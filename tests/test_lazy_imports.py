@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ["prefixlab_common", "toy_models", "tuning", "probes", "model_checks", "theory", "study", "reports"]
+PACKAGES = ["prefixlab_common", "toy_models", "tuning", "probes", "model_checks", "theory", "engine", "study", "reports"]
 
 
 def unjustified(path: Path) -> list[str]:

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ["toy_models", "tuning", "probes", "model_checks", "theory", "study", "reports"]
+PACKAGES = ["toy_models", "tuning", "probes", "model_checks", "theory", "engine", "study", "reports"]
 # the bottom package every package imports (UserError); copied with the others where it exists
 PACKAGES += [p for p in ("prefixlab_common",) if (ROOT / p).is_dir()]
 # the methods against hand computations; test_tuning.py trains every variant (minutes per mutant)
@@ -50,6 +50,7 @@ MODULES: dict[str, list[str]] = {
     "toy_models/tasks.py": ["tests/toy_models/test_tasks.py"],
     "toy_models/training.py": ["tests/toy_models/test_training.py", "tests/toy_models/test_mutants_training.py",
                                "tests/toy_models/test_tasks.py"],
+    "toy_models/batched.py": ["tests/toy_models/test_training.py", "tests/tuning/test_fused.py"],
     # test_tuning.py trains every method (minutes per mutant): the store's own tests instead
     "toy_models/runs.py": ["tests/toy_models/test_mutants_runs.py", "tests/toy_models/test_training.py"],
     "tuning/lora.py": _TUNE,
@@ -59,21 +60,22 @@ MODULES: dict[str, list[str]] = {
     "tuning/prefix.py": _TUNE + ["tests/tuning/test_prefix_fold.py", "tests/tuning/test_method_registry.py",
                                  "tests/tuning/test_mutants_prefix_tuning.py"],
     "tuning/prompt.py": ["tests/tuning/test_prompt.py"] + _TUNE + ["tests/tuning/test_mutants_prompt.py"],
-    # study/table.py assembles the rows the experiment modules write (e1 ... sample_eff, rows); their
-    # `run`s train the micro study (tests/study/test_reproduce.py): measure the rows with --only
+    # study/table.py assembles the rows the experiment modules write (study/experiments/e1 ...
+    # sample_eff, rows); their `run`s train the micro study (tests/study/test_reproduce.py): measure
+    # the rows with --only
     "study/table.py": _TABLE,
     "study/rows.py": _TABLE,
-    "study/e1.py": _TABLE,
-    "study/e2.py": _TABLE,
-    "study/e3.py": _TABLE,
-    "study/e4.py": _TABLE,
-    "study/sample_eff.py": _TABLE,
+    "study/experiments/e1.py": _TABLE,
+    "study/experiments/e2.py": _TABLE,
+    "study/experiments/e3.py": _TABLE,
+    "study/experiments/e4.py": _TABLE,
+    "study/experiments/sample_eff.py": _TABLE,
     "probes/common.py": _PROBES,
     "probes/invariance.py": _PROBES + ["tests/probes/test_mutants_invariance.py"],
     "probes/bias.py": _PROBES + ["tests/probes/test_mutants_bias.py"],
     "probes/clusters.py": _PROBES,
     "probes/drift.py": _PROBES + ["tests/probes/test_mutants_drift.py"],
-    "probes/run.py": _PROBES,
+    "probes/compute.py": _PROBES,
     "probes/hierarchy.py": _PROBES + ["tests/model_checks/test_soft_prompt_dilution.py",
                                       "tests/probes/test_mutants_hierarchy.py"],
     "model_checks/prefix.py": _LLAMA + ["tests/model_checks/test_mutants_prefix.py"],

@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from study.experiments import run_sample_efficiency  # noqa: E402
+from study.experiments.sample_eff import SAMPLE_EFF  # noqa: E402
+from study.experiments.sample_eff import run as run_sample_efficiency  # noqa: E402
 from study.recipes import RECIPES  # noqa: E402
-from study.stages import SAMPLE_EFF  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -116,6 +116,13 @@ class MethodState:
     prefix_k: per layer, None or keys   [n_heads, P, d_head] (or [batch, n_heads, P, d_head])
     prefix_v: per layer, None or values [n_heads, P, d_head]
     weights:  name -> tensor overrides of base parameters (full fine-tuning, merged LoRA).
+    memory:   per layer, None or a Prefix-Tuning+ memory M [n_heads, r, d_head]: each head's output
+              z gets φ(q)ᵀM added after its softmax, before W_O (docs/papers.md §7); patterns untouched.
+    memory_proj: per layer, None (φ reads q itself, r = d_head) or φ's input map [n_heads, d_head, r].
+    feature:  the positive feature map φ of the memory term (`FEATURES`).
+              A memory may also come as weights named `memory.{feature}.{layer}.M` / `.proj`
+              (`memory_weights`): so K runs of it stack and train under vmap as LoRA's do
+              (fused runs); the forward moves them into these fields (`unpack_memory`).
     vacant:   slots taken with nothing in their place (the `token` protocol's base view of a
               method: its slots removed, the remaining SLOT tokens kept where they were).
     """
@@ -125,6 +132,16 @@ class MethodState:
     prefix_v: list[Tensor | None] | None = None
     weights: dict[str, Tensor] = field(default_factory=dict)
     vacant: int = 0
+    memory: list[Tensor | None] | None = None
+    memory_proj: list[Tensor | None] | None = None
+    feature: str = "elu"
+
+    def layer_memory(self, layer: int) -> tuple | None:
+        """(M, φ's input map or None, feature) of `layer`, or None: what Attention.forward takes."""
+        if self.memory is None or self.memory[layer] is None:
+            return None
+        proj = None if self.memory_proj is None else self.memory_proj[layer]
+        return self.memory[layer], proj, self.feature
 
     @property
     def prompt_len(self) -> int:
@@ -147,12 +164,56 @@ class MethodState:
         return self.max_prefix_len + self.vacant + self.prompt_len
 
 
+MEMORY_PREFIX = "memory."
+
+
+def memory_weights(memory: list, proj: list, feature: str) -> dict[str, Tensor]:
+    """A Prefix-Tuning+ memory as reserved weight names (MethodState's docstring)."""
+    out = {}
+    for l, m in enumerate(memory):
+        if m is not None:
+            out[f"{MEMORY_PREFIX}{feature}.{l}.M"] = m
+            if proj[l] is not None:
+                out[f"{MEMORY_PREFIX}{feature}.{l}.proj"] = proj[l]
+    return out
+
+
+def unpack_memory(state: MethodState | None, n_layers: int) -> MethodState | None:
+    """`state` with its `memory.*` weights moved into the memory fields (unchanged without any)."""
+    if state is None or not any(k.startswith(MEMORY_PREFIX) for k in state.weights):
+        return state
+    memory, proj, feature = [None] * n_layers, [None] * n_layers, state.feature
+    rest = {}
+    for k, v in state.weights.items():
+        if not k.startswith(MEMORY_PREFIX):
+            rest[k] = v
+            continue
+        feature, layer, kind = k[len(MEMORY_PREFIX):].split(".")
+        (memory if kind == "M" else proj)[int(layer)] = v
+    return MethodState(state.prompt, state.prefix_k, state.prefix_v, rest, vacant=state.vacant,
+                       memory=memory, memory_proj=proj, feature=feature)
+
+
 def base_view(cfg: "ToyConfig", state: MethodState | None) -> MethodState | None:
     """The forward a method state is compared with: no method, and under the `token` protocol the
     method's slots left vacant, so the remaining SLOT tokens keep their positions (docs/papers.md §4)."""
     if cfg.slots == "token" and state is not None and state.slots_taken:
         return MethodState(vacant=state.slots_taken)
     return None
+
+
+# Prefix-Tuning+'s positive feature maps φ (docs/papers.md §7): elu(x) + 1 is linear attention's
+# (Katharopoulos et al. 2020), relu the non-negative alternative.
+FEATURES = {"elu": lambda x: F.elu(x) + 1, "relu": F.relu}
+
+
+def memory_term(q: Tensor, memory: tuple) -> Tensor:
+    """Prefix-Tuning+'s term φ(q)ᵀM per head: q [batch, pos, head, d_head], M [head, r, d_head]
+    (proj [head, d_head, r] or None) -> [batch, pos, head, d_head]."""
+    M, proj, feature = memory
+    if proj is not None:
+        q = torch.einsum("bqhe,her->bqhr", q, proj.to(q.dtype))
+    return torch.einsum("bqhr,hre->bqhe", FEATURES[feature](q), M.to(q.dtype))
 
 
 class LayerNorm(nn.Module):
@@ -203,10 +264,12 @@ class Attention(nn.Module):
         return k, v
 
     def forward(self, x: Tensor, prefix_k: Tensor | None, prefix_v: Tensor | None,
-                fast: bool = False, last: int | None = None) -> Tensor:
+                fast: bool = False, last: int | None = None, memory: tuple | None = None) -> Tensor:
         """fast: scaled_dot_product_attention, which never forms the pattern, so hook_attn_scores
         and hook_pattern do not fire; the model asks for it only when no hook is attached.
-        last: only the last `last` query positions (their keys/values still span everything)."""
+        last: only the last `last` query positions (their keys/values still span everything).
+        memory: Prefix-Tuning+'s (M, proj, feature): φ(q)ᵀM is added to each head's softmax
+        output z (before hook_z and W_O); the scores and pattern never see it."""
         B, T, _ = x.shape
         q, k, v = self._project(x, (self.W_Q, self.W_K, self.W_V), (self.b_Q, self.b_K, self.b_V))
         q = self.hook_q(q)
@@ -235,6 +298,8 @@ class Attention(nn.Module):
             scores = self.hook_attn_scores(scores.masked_fill(~causal, float("-inf")))
             pattern = self.hook_pattern(scores.softmax(dim=-1))
             z = torch.einsum("bhqk,bkhe->bqhe", self.drop(pattern), v)
+        if memory is not None:
+            z = z + memory_term(q, memory)
         z = self.hook_z(z)
         H, Dh, D = self.W_O.shape
         return torch.addmm(self.b_O, z.reshape(B * Tq, H * Dh), self.W_O.reshape(H * Dh, D)).view(B, Tq, D)
@@ -289,11 +354,11 @@ class Block(nn.Module):
         self.hook_resid_post = HookPoint()  # [batch, pos, d_model]
 
     def forward(self, x: Tensor, prefix_k: Tensor | None, prefix_v: Tensor | None,
-                fast: bool = False, last: int | None = None) -> Tensor:
+                fast: bool = False, last: int | None = None, memory: tuple | None = None) -> Tensor:
         """last: compute only the last `last` positions' outputs (the model's final block, when
-        only those logits are wanted and no hook reads the others)."""
+        only those logits are wanted and no hook reads the others). memory: Attention.forward's."""
         x = self.hook_resid_pre(x)
-        attn_out = self.hook_attn_out(self.drop(self.attn(self.ln1(x), prefix_k, prefix_v, fast, last)))
+        attn_out = self.hook_attn_out(self.drop(self.attn(self.ln1(x), prefix_k, prefix_v, fast, last, memory)))
         if last is not None:
             x = x[:, x.shape[1] - last:]
         x = self.hook_resid_mid(x + attn_out)
@@ -356,8 +421,10 @@ class ToyTransformer(HookedRootModule):
         last: only the logits of the last `last` positions, [batch, last, d_vocab] (the loss and
         teacher-forced evaluation need no others); without hooks the final block then skips the
         other positions' queries, MLP and unembedding."""
+        state = unpack_memory(state, self.cfg.n_layers)
         if state is not None and state.weights:
-            inner = MethodState(state.prompt, state.prefix_k, state.prefix_v, vacant=state.vacant)
+            inner = MethodState(state.prompt, state.prefix_k, state.prefix_v, vacant=state.vacant,
+                                memory=state.memory, memory_proj=state.memory_proj, feature=state.feature)
             return torch.func.functional_call(self, state.weights, (tokens,), {"state": inner, "last": last},
                                               strict=False)
         cfg = self.cfg
@@ -393,12 +460,13 @@ class ToyTransformer(HookedRootModule):
             raise ValueError(f"last={last} is not in 1..{x.shape[1]}")
         trim = None if hooked else last  # with hooks, every position runs (the hook contract)
         prefixes = [self._layer_prefix(state, layer) for layer in range(cfg.n_layers)]
+        memories = [None if state is None else state.layer_memory(layer) for layer in range(cfg.n_layers)]
         S = self._shared_head(state, x, prefixes, T, last) if fast else 0
         if S:
-            return self._forward_shared_head(x, prefixes, S, last)
+            return self._forward_shared_head(x, prefixes, S, last, memories)
         for layer, block in enumerate(self.blocks):
             pk, pv = prefixes[layer]
-            x = block(x, pk, pv, fast, trim if layer == len(self.blocks) - 1 else None)
+            x = block(x, pk, pv, fast, trim if layer == len(self.blocks) - 1 else None, memories[layer])
         if last is not None and trim is None:
             x = x[:, x.shape[1] - last:]
         return self._unembed(x)
@@ -430,23 +498,26 @@ class ToyTransformer(HookedRootModule):
             return 0
         return S
 
-    def _forward_shared_head(self, x: Tensor, prefixes, S: int, last: int) -> Tensor:
+    def _forward_shared_head(self, x: Tensor, prefixes, S: int, last: int, memories=None) -> Tensor:
         """The forward with the first S positions computed once, at batch 1. In every layer their
         keys and values are exactly a prefix for the other positions (docs/papers.md §1: a prefix is
         the keys and values of earlier positions), so the content attends to [prefix, head,
-        content] exactly as in the unshared forward. Only the last `last` logits are returned."""
+        content] exactly as in the unshared forward. Only the last `last` logits are returned.
+        memories: per layer, a Prefix-Tuning+ memory term both parts' queries get."""
         head, x = x[:1, :S], x[:, S:]
         n = len(self.blocks)
+        memories = memories or [None] * n
         for layer, block in enumerate(self.blocks):
             pk, pv = prefixes[layer]
+            mem = memories[layer]
             kh, vh = block.attn.keys_values(block.ln1(head))  # [1, S, head, d_head]
             kh = einops.rearrange(kh[0], "p h e -> h p e")
             vh = einops.rearrange(vh[0], "p h e -> h p e")
             tk = kh if pk is None else torch.cat([pk.to(kh.dtype), kh], dim=-2)
             tv = vh if pv is None else torch.cat([pv.to(vh.dtype), vh], dim=-2)
-            x = block(x, tk, tv, True, last if layer == n - 1 else None)
+            x = block(x, tk, tv, True, last if layer == n - 1 else None, mem)
             if layer < n - 1:
-                head = block(head, pk, pv, True)
+                head = block(head, pk, pv, True, memory=mem)
         return self._unembed(x)
 
     def content_logits(self, tokens: Tensor, state: MethodState | None = None) -> Tensor:

@@ -70,17 +70,3 @@ def resolve_precision(precision: str | None, device: torch.device) -> str:
         return "fp32"
     what = "this CPU has neither AVX512-BF16 nor AMX" if device.type == "cpu" else f"{device} has no native bf16"
     raise UserError(f"--precision bf16: {what}; use --precision fp32 or auto")
-
-
-def precision_of(device: torch.device, amp: bool | None) -> str:
-    """The precision of the older `amp` switch (None: bf16 on a CUDA GPU that has it; True: bf16
-    autocast, also on a CPU without native bf16, as a benchmark may ask for; False: fp32)."""
-    if amp is None:
-        return resolve_precision(None, device)
-    return "bf16" if amp and device.type in ("cuda", "cpu") else "fp32"
-
-
-def training_precision(device: torch.device, precision: str | None = None, amp: bool | None = None) -> str:
-    """What a training entry point runs in: the choice `precision` when given (resolve_precision),
-    else the older `amp` switch (precision_of)."""
-    return resolve_precision(precision, device) if precision is not None else precision_of(device, amp)

@@ -26,6 +26,7 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -37,13 +38,18 @@ MODEL_FILE = "model.safetensors"
 METHOD_FILE = "method.safetensors"
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-def _atomic(path: Path, write) -> None:
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """The project's one atomic file write: `write(tmp)` fills a temporary file in `path`'s folder
+    (created if missing), which then replaces `path` (os.replace), so a reader never sees half a
+    file and a failed write leaves the old one. The file gets the permissions of any new file
+    (mkstemp makes 0600). An OSError names `path`, the file the user knows, not the temporary one."""
+    path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -52,13 +58,26 @@ def _atomic(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are as readable as any file
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
-    except OSError as e:  # name the file the user knows, not the temporary one
+    except OSError as e:
         raise OSError(e.errno, e.strerror, str(path)) from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_text(path: Path, text: str) -> None:
+    """`text` (UTF-8) to `path`, atomically (`atomic_write`)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def check_overwrite(path: Path, overwrite: bool, alternative: str = "") -> None:
+    """The project's one refusal of an existing output: a UserError unless `overwrite` (the
+    command's --overwrite). alternative: another way out, appended to the message
+    (" or --resume to continue an interrupted run")."""
+    if Path(path).exists() and not overwrite:
+        raise UserError(f"{path} already exists; pass --overwrite to replace it{alternative}")
 
 
 def write_json(path: Path, obj) -> None:
@@ -66,7 +85,7 @@ def write_json(path: Path, obj) -> None:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=True)
             f.write("\n")
-    _atomic(Path(path), w)
+    atomic_write(path, w)
 
 
 def read_json(path: Path) -> dict:
@@ -82,7 +101,7 @@ def read_json(path: Path) -> dict:
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     metadata_ = {"prefixlab": json.dumps(meta or {}, sort_keys=True)}
-    _atomic(Path(path), lambda tmp: _save_file(tensors, tmp, metadata_))
+    atomic_write(path, lambda tmp: _save_file(tensors, tmp, metadata_))
 
 
 def _save_file(tensors: dict, tmp: str, metadata: dict) -> None:
@@ -210,9 +229,8 @@ class RunDir:
             return
         if not self.path.is_dir():
             raise UserError(f"{self.path} exists and is not a run directory")
-        if any(self.path.iterdir()) and not overwrite:
-            raise UserError(f"{self.path} already exists; pass --overwrite to replace it"
-                            + (" or --resume to continue an interrupted run" if resumable else ""))
+        if any(self.path.iterdir()):
+            check_overwrite(self.path, overwrite, " or --resume to continue an interrupted run" if resumable else "")
 
     def prepare(self, overwrite: bool, resume: bool) -> None:
         if overwrite and self.path.exists() and not resume:
@@ -230,7 +248,7 @@ class RunDir:
         # the whole file is rewritten atomically: a kill never leaves half a line
         rows = self.metrics_rows() + [row]
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
-        _atomic(self.path / "metrics.jsonl", lambda tmp: Path(tmp).write_text(text))
+        write_text(self.path / "metrics.jsonl", text)
 
     def metrics_rows(self) -> list[dict]:
         p = self.path / "metrics.jsonl"
@@ -241,7 +259,7 @@ class RunDir:
     def truncate_metrics(self, step: int) -> None:
         rows = [r for r in self.metrics_rows() if r.get("step", 0) <= step]
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
-        _atomic(self.path / "metrics.jsonl", lambda tmp: Path(tmp).write_text(text))
+        write_text(self.path / "metrics.jsonl", text)
 
     @property
     def config(self) -> dict:

@@ -45,13 +45,13 @@ def _histogram(x: np.ndarray) -> np.ndarray:
     return (x[:, :, None] == x[:, None, :]).sum(axis=2)
 
 
-def _modulo(x: np.ndarray) -> np.ndarray:
+def modulo(x: np.ndarray) -> np.ndarray:
     d = x[:, :1]
     # Convention for a zero divisor (only reachable inside compositions): x mod 0 = x.
     return np.where(d == 0, x, np.remainder(x, np.maximum(d, 1)))
 
 
-def _divisible_mask(x: np.ndarray) -> np.ndarray:
+def divisible_mask(x: np.ndarray) -> np.ndarray:
     d = x[:, :1]
     # Convention: a is divisible by 0 iff a == 0.
     return np.where(d == 0, x == 0, np.remainder(x, np.maximum(d, 1)) == 0)
@@ -90,15 +90,15 @@ _register(Task("ascending_add1", "sort ascending, then add 1 (new compositional 
                lambda x: _ascending(x) + 1, lambda m, L: m + 1))
 _register(Task("double_hist", "each element's count in X (new attention pattern)",
                _histogram, lambda m, L: L))
-_register(Task("modulo", "x mod x[0]", _modulo, lambda m, L: m, divisor_first=True))
+_register(Task("modulo", "x mod x[0]", modulo, lambda m, L: m, divisor_first=True))
 _register(Task("less_than", "keep x if x < x[0], else 0",
                lambda x: np.where(x < x[:, :1], x, 0), lambda m, L: m))
 _register(Task("more_than_equal", "keep x if x >= x[0], else 0",
                lambda x: np.where(x >= x[:, :1], x, 0), lambda m, L: m))
 _register(Task("divisible", "keep x if x[0] divides x, else 0",
-               lambda x: np.where(_divisible_mask(x), x, 0), lambda m, L: m, divisor_first=True))
+               lambda x: np.where(divisible_mask(x), x, 0), lambda m, L: m, divisor_first=True))
 _register(Task("not_divisible", "keep x if x[0] does not divide x, else 0",
-               lambda x: np.where(_divisible_mask(x), 0, x), lambda m, L: m, divisor_first=True))
+               lambda x: np.where(divisible_mask(x), 0, x), lambda m, L: m, divisor_first=True))
 _register(Task("inverse_binary", "(x + 1) mod 2; as a first stage X is drawn from {0, 1}",
                lambda x: np.remainder(x + 1, 2),
                lambda m, L: 1, binary=True))
@@ -278,6 +278,9 @@ class Batch:
 
     def __len__(self) -> int:
         return self.x.shape[0]
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(self.x.to(device), self.y.to(device), self.which.to(device))
 
 
 def sample_batch(task: ResolvedTask, spec: TaskSpec, n: int, rng: np.random.Generator,

@@ -1,8 +1,9 @@
-"""One generic training loop, used by pretraining and by every tuning method.
-(One file: `fit` is `fit_many` with one run, and the fused runs' folding, per-run optimizers and
-checkpoints belong to the same loop.)
+"""The training loop, used by pretraining and by every tuning method: `fit` trains one run, a
+plain loop (batch, forward, loss, backward, step, evaluate every k, checkpoint, progress).
+Several runs trained in one forward (fused runs) are toy_models/batched.py, which reuses this
+module's optimizer, checkpoints, data and evaluation, and gives a run the same results.
 
-nothing here knows which method is trained: a method is a set of trainable tensors and a function
+Nothing here knows which method is trained: a method is a set of trainable tensors and a function
 that turns them into a `MethodState` for the frozen model's forward (minGPT's "generic trainer").
 
 Determinism: the data of step s come from `step_rng(seed, s)` and dropout is reseeded per step,
@@ -14,20 +15,17 @@ from __future__ import annotations
 
 import contextlib
 import math
-from concurrent.futures import ThreadPoolExecutor
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 
 from prefixlab_common.errors import UserError
 from prefixlab_common.progress import Progress
 from toy_models.model import MethodState, ToyTransformer
-from toy_models.precision import precision_of
 from toy_models.runs import RunDir, load_tensors_meta, save_tensors
 from toy_models.tasks import Batch, ResolvedTask, TaskSpec, sample_batch, step_rng, fixed_test_set
 
@@ -57,6 +55,13 @@ class TrainConfig:
     train_mode: bool = True  # dropout on; [P] tuned prefixes with the model in eval mode
     stop_at: float | None = None  # stop early once exact accuracy reaches this (0..1)
     train_size: int | None = None  # a fixed pool of this many training examples (None: fresh samples)
+    # early stop on a validation plateau (None: off): at each evaluation the loss on a validation set
+    # of val_size inputs of the train split (`validation_set`); the run stops once `patience`
+    # evaluations in a row have not lowered it by more than min_delta, and ends on the tensors of
+    # its lowest validation loss (`Plateau`)
+    patience: int | None = None
+    min_delta: float = 0.0
+    val_size: int = 1000
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_every", "eval_size"):
@@ -72,6 +77,10 @@ class TrainConfig:
             raise UserError(f"unknown schedule {self.schedule!r}; use {', '.join(SCHEDULES[:-1])} or {SCHEDULES[-1]}")
         if not 0 < self.decay_frac <= 1:
             raise UserError(f"decay-frac must be in (0, 1], got {self.decay_frac}")
+        if self.patience is not None and self.patience <= 0:
+            raise UserError(f"patience must be positive, got {self.patience}")
+        if self.min_delta < 0 or self.val_size <= 0:
+            raise UserError(f"min-delta must be >= 0 and val-size positive, got {self.min_delta} and {self.val_size}")
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup:
@@ -91,6 +100,9 @@ class TrainConfig:
         d = asdict(self)
         if self.schedule != "decay":  # only the decay schedule reads it: other runs keep their configs
             del d["decay_frac"]
+        if self.patience is None:  # runs without an early stop keep their configs too
+            for k in ("patience", "min_delta", "val_size"):
+                del d[k]
         return d
 
     @classmethod
@@ -141,13 +153,16 @@ def device_info(device: torch.device, precision: str = "fp32") -> dict:
     return info
 
 
-def _use_amp(device: torch.device, amp: bool | None) -> bool:
-    """bf16 autocast of the training forward (toy_models/precision.py): by default on CUDA GPUs
-    that support bf16; on the CPU only when asked (amp=True)."""
-    return precision_of(device, amp) == "bf16"
+def forward_precision(device: torch.device, precision: str):
+    """The context of the training forward: bf16 autocast for precision "bf16", else nothing
+    (fp32). `precision` is already resolved (toy_models.precision.resolve_precision), so a
+    benchmark may ask for bf16 where the CPU only emulates it."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16' (resolved), got {precision!r}")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
+def model_device(model: torch.nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
 
@@ -181,9 +196,9 @@ def evaluate(model: ToyTransformer, state: MethodState | None, batch: Batch, gre
     s = 1 if provide_first else 0
     exact, tf_tok, greedy_tok = [], [], []
     try:
-        dev = _model_device(model)
+        dev = model_device(model)
         for i in range(0, len(batch), chunk):
-            b = Batch(batch.x[i:i + chunk].to(dev), batch.y[i:i + chunk].to(dev), batch.which[i:i + chunk].to(dev))
+            b = Batch(batch.x[i:i + chunk], batch.y[i:i + chunk], batch.which[i:i + chunk]).to(dev)
             ok = output_logits(model, b, state)[:, s:].argmax(-1) == b.y[:, s:]
             exact.append(ok.all(1))
             tf_tok.append(ok.float().mean(1))
@@ -202,7 +217,7 @@ def evaluate(model: ToyTransformer, state: MethodState | None, batch: Batch, gre
 
 
 # --------------------------------------------------------------------------------------------
-# The loop.
+# What the loop trains, and its state.
 
 # Progress (prefixlab_common.progress): (step, total, info) -> None, imported above
 
@@ -216,20 +231,7 @@ class Trainable:
     no_decay: Callable[[str, torch.Tensor], bool] = lambda name, p: p.ndim < 2
 
 
-@dataclass
-class Member:
-    """One run of a (possibly fused) training group: its own trainable tensors, task, config
-    (seed, lr, schedule, ...), data stream, optimizer, clipping, evaluation and run directory."""
-
-    tr: Trainable
-    task: ResolvedTask
-    cfg: TrainConfig
-    run: RunDir | None = None
-    resume: bool = False
-    test: Batch | None = None
-
-
-def _optimizer(tr: Trainable, cfg: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(tr: Trainable, cfg: TrainConfig) -> torch.optim.AdamW:
     decay = [p for n, p in tr.params.items() if not tr.no_decay(n, p)]
     no_decay = [p for n, p in tr.params.items() if tr.no_decay(n, p)]
     groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
@@ -239,7 +241,9 @@ def _optimizer(tr: Trainable, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
-def _save_train_state(run: RunDir, step: int, tr: Trainable, opt: torch.optim.Optimizer) -> None:
+def save_train_state(run: RunDir, step: int, tr: Trainable, opt: torch.optim.Optimizer,
+                     plateau: "Plateau | None" = None) -> None:
+    """The checkpoint of `step`: tensors, optimizer state and, with an early stop, its state."""
     tensors = {f"param.{n}": p for n, p in tr.params.items()}
     names = list(tr.params)
     index = {id(p): names[i] for i, p in enumerate(tr.params.values())}
@@ -249,12 +253,18 @@ def _save_train_state(run: RunDir, step: int, tr: Trainable, opt: torch.optim.Op
                 tensors[f"opt.{index[id(p)]}.{k}"] = v if v.ndim else v.reshape(1)
     # the step goes into the tensors' own file as well: a kill between the two writes below then
     # resumes from the step the tensors belong to, not from the step before
-    save_tensors(run.path / "train_state.safetensors", tensors, meta={"step": step})  # saved from CPU copies
+    meta = {"step": step}
+    if plateau is not None:
+        tensors.update({f"best.{n}": t for n, t in plateau.best_params.items()})
+        meta["plateau"] = plateau.state()
+    save_tensors(run.path / "train_state.safetensors", tensors, meta=meta)  # saved from CPU copies
     run.write_json("train_state.json", {"step": step})
 
 
-def _load_train_state(run: RunDir, tr: Trainable, opt: torch.optim.Optimizer) -> int:
+def load_train_state(run: RunDir, tr: Trainable, opt: torch.optim.Optimizer, plateau: "Plateau | None" = None) -> int:
     tensors, meta = load_tensors_meta(run.path / "train_state.safetensors")
+    if plateau is not None:
+        plateau.load(meta.get("plateau"), {n[5:]: t for n, t in tensors.items() if n.startswith("best.")}, run)
     # the tensors' own step (train_state.json's for a checkpoint written before it was kept there)
     step = meta["step"] if "step" in meta else run.read_json("train_state.json")["step"]
     with torch.no_grad():
@@ -279,6 +289,96 @@ def _load_train_state(run: RunDir, tr: Trainable, opt: torch.optim.Optimizer) ->
     return step
 
 
+def resume_point(run: RunDir | None, resume: bool, tr: Trainable, opt: torch.optim.Optimizer,
+                 plateau: "Plateau | None" = None) -> int:
+    """The step a run starts from: its checkpoint's (tensors, optimizer and early-stop state
+    loaded, later metrics rows dropped) when resuming a run that has one, else 0."""
+    if not (resume and run is not None and run.resumable):
+        return 0
+    start = load_train_state(run, tr, opt, plateau)
+    run.truncate_metrics(start)
+    return start
+
+
+def training_pool(task: ResolvedTask, spec: TaskSpec, cfg: TrainConfig) -> Batch | None:
+    """The finite training set of cfg.train_size examples, drawn once (sample-efficiency
+    studies); None: every step draws fresh samples."""
+    if cfg.train_size is None:
+        return None
+    return sample_batch(task, spec, cfg.train_size, step_rng(cfg.seed, 0, stream=1))
+
+
+# The validation inputs' stream: of the train split, on a stream no training pool uses (their
+# pools and batches come from step_rng); the sample-efficiency study chooses its rates on it too
+VAL_SEED = 4321
+
+
+def validation_set(task: ResolvedTask, spec: TaskSpec, n: int, seed: int = VAL_SEED) -> Batch:
+    """n inputs of the *train* split (never the test split) on the validation stream."""
+    return sample_batch(task, spec, n, np.random.default_rng([seed, 0x7A1]), split="train")
+
+
+class Plateau:
+    """The early stop of a run with `patience` (TrainConfig): at each evaluation its validation
+    loss; `bad` counts the evaluations in a row that did not lower it by more than min_delta below
+    the last one that did, and the run stops when it reaches patience. The tensors of the lowest
+    validation loss so far are kept (`best_params`) and are what the run ends with."""
+
+    def __init__(self, cfg: TrainConfig, task: ResolvedTask, spec: TaskSpec, tr: Trainable):
+        self.patience, self.min_delta = cfg.patience, cfg.min_delta
+        self.val = validation_set(task, spec, cfg.val_size).to(next(iter(tr.params.values())).device)
+        self.ref = self.best = math.inf  # the loss that last reset the count; the lowest loss
+        self.best_step, self.bad = 0, 0
+        self.best_params = {n: p.detach().clone() for n, p in tr.params.items()}
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, task: ResolvedTask, spec: TaskSpec, tr: Trainable) -> "Plateau | None":
+        return None if cfg.patience is None else cls(cfg, task, spec, tr)
+
+    @property
+    def stopped(self) -> bool:
+        return self.bad >= self.patience
+
+    def update(self, model: ToyTransformer, tr: Trainable, step: int) -> float:
+        """Evaluate the validation loss after `step` and record it; returns it."""
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            loss = loss_on(model, self.val, tr.to_state()).item()
+        model.train(was_training)
+        return self.record(loss, step, tr)
+
+    def record(self, loss: float, step: int, tr: Trainable) -> float:
+        """Keep the tensors if `loss` is the lowest so far; count the evaluations without progress."""
+        if loss < self.best:
+            self.best, self.best_step = loss, step
+            self.best_params = {n: p.detach().clone() for n, p in tr.params.items()}
+        if loss < self.ref - self.min_delta:
+            self.ref, self.bad = loss, 0
+        else:
+            self.bad += 1
+        return loss
+
+    def restore(self, tr: Trainable) -> None:
+        """Put the kept tensors back into the run's (the run ends on its best evaluation)."""
+        with torch.no_grad():
+            for n, p in tr.params.items():
+                p.copy_(self.best_params[n])
+
+    def state(self) -> dict:
+        return {"ref": self.ref, "best": self.best, "best_step": self.best_step, "bad": self.bad}
+
+    def load(self, state: dict | None, tensors: dict[str, torch.Tensor], run: RunDir) -> None:
+        if state is None or set(tensors) != set(self.best_params):
+            raise UserError(f"train state in {run.path} has no early-stop state for this run; use --overwrite")
+        self.ref, self.best, self.best_step, self.bad = state["ref"], state["best"], state["best_step"], state["bad"]
+        self.best_params = {n: t.to(self.best_params[n].device) for n, t in tensors.items()}
+
+    def summary(self) -> dict:
+        """What the final metrics record: the best evaluation's step and validation loss."""
+        return {"best_step": self.best_step, "val_loss": self.best}
+
+
 def next_batch(task: ResolvedTask, spec: TaskSpec, cfg: TrainConfig, step: int, pool: Batch | None) -> Batch:
     """Fresh samples of step `step`, or a minibatch of the fixed pool (a pure function of step)."""
     rng = step_rng(cfg.seed, step)
@@ -288,135 +388,14 @@ def next_batch(task: ResolvedTask, spec: TaskSpec, cfg: TrainConfig, step: int, 
     return Batch(pool.x[idx], pool.y[idx], pool.which[idx])
 
 
-# --------------------------------------------------------------------------------------------
-# Several runs in one forward: K method states over one frozen base.
+def reseed_dropout(cfg: TrainConfig, step: int) -> None:
+    """Dropout masks of step `step`: a pure function of the run's seed and the step."""
+    torch.manual_seed(cfg.seed * 1_000_003 + step)
 
 
-def fold_states(states: list[MethodState], batch: int) -> MethodState:
-    """K context-method states (prompt and/or prefix keys/values, no weight overrides) as one
-    state over a batch of K*batch sequences, run k owning rows k*batch..(k+1)*batch-1. The
-    model's forward already accepts per-sequence prompts and prefixes; gradients flow back to
-    each run's own tensors."""
-    s0 = states[0]
-    if any(s.weights for s in states):
-        raise ValueError("fold_states: weight overrides cannot be folded into the batch (use vmap)")
-    if any(s.vacant != s0.vacant for s in states):
-        raise ValueError("fold_states: the states take different slots")
-
-    def fold(ts: list[Tensor | None]) -> Tensor | None:
-        if all(t is None for t in ts):
-            return None
-        if any(t is None or t.shape != ts[0].shape for t in ts):
-            raise ValueError("fold_states: the states have different structures")
-        x = torch.stack(ts)  # [K, ...]
-        return x.unsqueeze(1).expand(x.shape[0], batch, *x.shape[1:]).reshape(-1, *x.shape[1:])
-
-    def fold_layers(lists):
-        if all(ls is None for ls in lists):
-            return None
-        if any(ls is None or len(ls) != len(lists[0]) for ls in lists):
-            raise ValueError("fold_states: the states have different structures")
-        return [fold([ls[i] for ls in lists]) for i in range(len(lists[0]))]
-
-    return MethodState(prompt=fold([s.prompt for s in states]),
-                       prefix_k=fold_layers([s.prefix_k for s in states]),
-                       prefix_v=fold_layers([s.prefix_v for s in states]), vacant=s0.vacant)
-
-
-def runs_logits(model: ToyTransformer, tokens: Tensor, states: list[MethodState], last: int | None = None) -> Tensor:
-    """Logits of K runs in one forward: tokens [K, batch, T], one state per run ->
-    [K, batch, slots + T (or last), vocab]. Context methods fold into the batch (`fold_states`);
-    weight overrides (LoRA) go through torch.func.vmap over the unchanged forward."""
-    K, B, T = tokens.shape
-    if not any(s.weights for s in states):
-        logits = model(tokens.reshape(K * B, T), fold_states(states, B), last=last)
-        return logits.view(K, B, *logits.shape[1:])
-    names = list(states[0].weights)
-    if any(list(s.weights) != names for s in states):
-        raise ValueError("runs_logits: the states override different weights")
-    weights = {n: torch.stack([s.weights[n] for s in states]) for n in names}
-    vacant = states[0].vacant
-
-    n_layers = model.cfg.n_layers
-
-    def layers(get) -> dict[int, Tensor]:  # the prefixed layers, stacked along the run axis
-        if get(states[0]) is None:
-            return {}
-        return {i: torch.stack([get(s)[i] for s in states]) for i, t in enumerate(get(states[0])) if t is not None}
-
-    prompt = None if states[0].prompt is None else torch.stack([s.prompt for s in states])
-    pk, pv = layers(lambda s: s.prefix_k), layers(lambda s: s.prefix_v)
-
-    def one(w, prompt_, pk_, pv_, toks):
-        ks = [pk_.get(i) for i in range(n_layers)] if pk_ else None
-        vs = [pv_.get(i) for i in range(n_layers)] if pv_ else None
-        return model(toks, MethodState(prompt_, ks, vs, w, vacant=vacant), last=last)
-
-    in_dims = (0, None if prompt is None else 0, 0, 0, 0)
-    # SDPA has no vmap batching rule on the CPU (a slow per-sample fallback): explicit softmax
-    fast, model.fast_attention = model.fast_attention, False
-    try:
-        return torch.func.vmap(one, in_dims=in_dims)(weights, prompt, pk, pv, tokens)
-    finally:
-        model.fast_attention = fast
-
-
-def _group_losses(model: ToyTransformer, trs: list[Trainable], batches: list[Batch]) -> Tensor:
-    """Mean cross-entropy of each run on its own batch: [K]. One run: exactly `loss_on`."""
-    if len(trs) == 1:
-        return loss_on(model, batches[0], trs[0].to_state()).reshape(1)
-    tokens = torch.stack([b.content for b in batches])
-    y = torch.stack([b.y for b in batches])  # [K, B, L]
-    out = runs_logits(model, tokens, [tr.to_state() for tr in trs], last=y.shape[-1])  # [K, B, L, vocab]
-    ce = F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), y.reshape(-1), reduction="none")
-    return ce.view(len(trs), -1).mean(1)
-
-
-class _Prefetch:
-    """The next step's batches, drawn on a worker thread while this step computes (numpy and
-    torch release the GIL in their kernels). Batches are pure functions of (run, step), so
-    nothing changes but the time."""
-
-    def __init__(self, make: Callable[[int, int], Batch]):
-        self.make = make
-        self.pool = ThreadPoolExecutor(1)
-        self.pending: dict[int, object] = {}
-
-    def get(self, step: int, runs: list[int], next_runs: list[int]) -> list[Batch]:
-        fut = self.pending.pop(step, None)
-        ready = fut.result() if fut is not None else {}
-        out = [ready[i] if i in ready else self.make(i, step) for i in runs]
-        if next_runs:
-            self.pending[step + 1] = self.pool.submit(lambda: {i: self.make(i, step + 1) for i in next_runs})
-        return out
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-@dataclass(eq=False)
-class _Live:
-    """Loop-side state of one member."""
-
-    m: Member
-    opt: torch.optim.Optimizer
-    pool: Batch | None
-    test: Batch
-    start: int
-    seen: int = 0
-    loss_ema: float | None = None
-    done: bool = False
-    result: dict = field(default_factory=dict)
-
-
-def fit(model: ToyTransformer, tr: Trainable, task: ResolvedTask, spec: TaskSpec, cfg: TrainConfig,
-        run: RunDir | None = None, resume: bool = False, progress: Progress | None = None,
-        test: Batch | None = None, amp: bool | None = None) -> dict:
-    """Train `tr` on `task`; returns the final metrics. With a run directory, checkpoints the
-    train state at every evaluation and logs metrics.jsonl, so --resume can continue.
-    Trains on the device of `tr`'s tensors (the model must be there too); amp: bf16 autocast
-    of the training forward (default: on CUDA GPUs)."""
-    return fit_many(model, [Member(tr, task, cfg, run, resume, test)], spec, progress, amp)[0]
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
 
 
 @contextlib.contextmanager
@@ -437,132 +416,70 @@ def cpu_deterministic(device: torch.device):
         torch.use_deterministic_algorithms(False)
 
 
-def fit_many(model: ToyTransformer, members: list[Member], spec: TaskSpec, progress: Progress | None = None,
-             amp: bool | None = None) -> list[dict]:
-    """The one loop, for one run or K fused runs over the same frozen model: each step draws
-    every run's own batch (`next_batch` with its own seed), runs one forward and one backward
-    for all (`runs_logits`), then clips and steps each run's own optimizer. Each run evaluates,
-    checkpoints, stops early and finishes on its own, exactly as it would alone. Fused runs
-    (K > 1) must not use dropout (train_mode False), whose masks would differ from a run alone."""
-    if not members:
-        return []
-    with cpu_deterministic(_model_device(model)):
-        return _fit_many(model, members, spec, progress, amp)
+def final_metrics(model: ToyTransformer, tr: Trainable, task: ResolvedTask, test: Batch, steps: int,
+                  seen: int, t0: float, fused_runs: int = 1, plateau: Plateau | None = None) -> dict:
+    """What a run returns when it ends: greedy-decoding accuracy on its test set, the steps it
+    trained, and its timing (kept apart from the results, which are deterministic). With an early
+    stop, the run's tensors become those of its best evaluation first, whose step and validation
+    loss are recorded."""
+    if plateau is not None:
+        plateau.restore(tr)
+    was_training = model.training
+    final = evaluate(model, tr.to_state(), test, greedy=True, provide_first=task.ambiguous_first)
+    model.train(was_training)
+    elapsed = time.perf_counter() - t0
+    return {**final, "steps": steps, **(plateau.summary() if plateau is not None else {}),
+            "timing": {"train_seconds": elapsed, "seqs_per_s": seen / max(elapsed, 1e-9), "fused_runs": fused_runs}}
 
 
-def _fit_many(model: ToyTransformer, members: list[Member], spec: TaskSpec, progress: Progress | None,
-              amp: bool | None) -> list[dict]:
-    K = len(members)
-    train_mode = members[0].cfg.train_mode
-    if K > 1:
-        if any(m.cfg.train_mode != train_mode for m in members):
-            raise ValueError("fused runs must share train_mode")
-        if train_mode and model.cfg.dropout > 0:
-            raise ValueError("fused runs cannot use dropout (train_mode=True): run them alone")
-        sizes = {min(m.cfg.batch_size, m.cfg.train_size or m.cfg.batch_size) for m in members}
-        if len(sizes) > 1:  # what next_batch draws: a pool smaller than the batch gives the pool's size
-            raise ValueError("fused runs must share the batch size")
-    device = _model_device(model)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if _use_amp(device, amp)
-                else contextlib.nullcontext())
-    live = []
-    for m in members:
-        opt = _optimizer(m.tr, m.cfg)
-        pool = None
-        if m.cfg.train_size is not None:  # a finite training set, drawn once (sample-efficiency studies)
-            pool = sample_batch(m.task, spec, m.cfg.train_size, step_rng(m.cfg.seed, 0, stream=1))
-        test = m.test if m.test is not None else fixed_test_set(m.task, spec, m.cfg.eval_size)
-        start = 0
-        if m.resume and m.run is not None and m.run.resumable:
-            start = _load_train_state(m.run, m.tr, opt)
-            m.run.truncate_metrics(start)
-        live.append(_Live(m, opt, pool, test, start))
-    total = max(x.m.cfg.steps for x in live)
+# --------------------------------------------------------------------------------------------
+# The loop.
 
-    def active_at(step: int) -> list[_Live]:
-        return [x for x in live if not x.done and x.start <= step < x.m.cfg.steps]
 
-    def batch_of(i: int, step: int) -> Batch:
-        x = live[i]
-        return next_batch(x.m.task, spec, x.m.cfg, step, x.pool)
-
-    def finish(x: _Live, step_count: int) -> None:
-        model.eval()
-        final = evaluate(model, x.m.tr.to_state(), x.test, greedy=True, provide_first=x.m.task.ambiguous_first)
-        model.train(train_mode)
-        elapsed = time.perf_counter() - t0
-        # timings live apart from the results, which are deterministic (resume equivalence)
-        x.result = {**final, "steps": step_count,
-                    "timing": {"train_seconds": elapsed, "seqs_per_s": x.seen / max(elapsed, 1e-9),
-                               "fused_runs": K}}
-        x.done = True
-
-    model.train(train_mode)
-    # one run: data are cheap next to its step; K runs: draw step s+1 while step s computes
-    prefetch = _Prefetch(batch_of) if K > 1 else None
-    t0 = time.perf_counter()
-    step = min(x.start for x in live)
-    try:
-        for x in live:
-            if x.start >= x.m.cfg.steps:  # interrupted after its last checkpoint
-                finish(x, x.start)
-        while step < total:
-            act = active_at(step)
-            if not act:
-                step += 1
-                continue
-            if prefetch:
-                index = {id(x): i for i, x in enumerate(live)}
-                batches = prefetch.get(step, [index[id(x)] for x in act],
-                                       [index[id(x)] for x in active_at(step + 1)])
-            else:
-                batches = [next_batch(x.m.task, spec, x.m.cfg, step, x.pool) for x in act]
-            batches = [Batch(b.x.to(device), b.y.to(device), b.which.to(device)) for b in batches]
-            for x in act:
-                for g in x.opt.param_groups:
-                    g["lr"] = x.m.cfg.lr_at(step)
-            torch.manual_seed(act[0].m.cfg.seed * 1_000_003 + step)  # dropout of this step
-            with autocast:
-                losses = _group_losses(model, [x.m.tr for x in act], batches)
-            for x in act:
-                x.opt.zero_grad(set_to_none=True)
-            losses.sum().backward()
-            for x in act:
-                if x.m.cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(list(x.m.tr.params.values()), x.m.cfg.grad_clip)
-                x.opt.step()
-            done = step + 1
-            evals = []
-            for x, lv, b in zip(act, losses.tolist(), batches):
-                cfg = x.m.cfg
-                x.seen += len(b)
-                x.loss_ema = lv if x.loss_ema is None else 0.95 * x.loss_ema + 0.05 * lv
-                if done % cfg.eval_every == 0 or done == cfg.steps:
-                    with torch.no_grad():
-                        m = evaluate(model, x.m.tr.to_state(), x.test, greedy=False,
-                                     provide_first=x.m.task.ambiguous_first)
-                    model.train(train_mode)
-                    row = {"step": done, "loss": lv, "lr": cfg.lr_at(step), **m}
-                    if x.m.run is not None:
-                        x.m.run.append_metrics(row)
-                        _save_train_state(x.m.run, done, x.m.tr, x.opt)
-                    evals.append(m["exact_acc"])
-                    if (cfg.stop_at is not None and m["exact_acc"] >= cfg.stop_at) or done == cfg.steps:
-                        finish(x, done)
+def fit(model: ToyTransformer, tr: Trainable, task: ResolvedTask, spec: TaskSpec, cfg: TrainConfig,
+        run: RunDir | None = None, resume: bool = False, progress: Progress | None = None,
+        test: Batch | None = None, precision: str = "fp32") -> dict:
+    """Train `tr` on `task`; returns the final metrics. With a run directory, logs metrics.jsonl
+    and checkpoints the train state at every evaluation, so `resume` continues from the last one.
+    With cfg.patience, stops on a validation plateau and ends on its best evaluation (`Plateau`).
+    Trains on the device of the model (tr's tensors must be there too); precision: "fp32", or
+    "bf16" for bf16 autocast of the training forward."""
+    device = model_device(model)
+    with cpu_deterministic(device):
+        opt = make_optimizer(tr, cfg)
+        pool = training_pool(task, spec, cfg)
+        test = fixed_test_set(task, spec, cfg.eval_size) if test is None else test
+        plateau = Plateau.of(cfg, task, spec, tr)
+        step = resume_point(run, resume, tr, opt, plateau)
+        seen, loss_ema, t0 = 0, None, time.perf_counter()
+        model.train(cfg.train_mode)
+        while step < cfg.steps and not (plateau and plateau.stopped):
+            batch = next_batch(task, spec, cfg, step, pool).to(device)
+            lr = cfg.lr_at(step)
+            set_lr(opt, lr)
+            reseed_dropout(cfg, step)
+            with forward_precision(device, precision):
+                loss = loss_on(model, batch, tr.to_state())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(list(tr.params.values()), cfg.grad_clip)
+            opt.step()
+            step, seen = step + 1, seen + len(batch)
+            loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
+            info = {"loss": loss_ema}
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                metrics = evaluate(model, tr.to_state(), test, greedy=False, provide_first=task.ambiguous_first)
+                if plateau is not None:
+                    metrics["val_loss"] = plateau.update(model, tr, step)
+                if run is not None:
+                    run.append_metrics({"step": step, "loss": loss.item(), "lr": lr, **metrics})
+                    save_train_state(run, step, tr, opt, plateau)
+                info.update(acc=metrics["exact_acc"], eval=True)
             if progress:
-                ema = [x.loss_ema for x in act]
-                info = {"loss": ema[0] if K == 1 else sum(ema) / len(ema)}
-                if evals:
-                    info.update(acc=evals[0] if K == 1 else sum(evals) / len(evals), eval=True)
-                if K > 1:
-                    info["runs"] = len(act)
-                progress(done, total, info)
-            step += 1
-        for x in live:  # a run whose last step was never reached (none, unless steps differ)
-            if not x.done:
-                finish(x, min(step, x.m.cfg.steps))
-    finally:
-        if prefetch:
-            prefetch.close()
+                progress(step, cfg.steps, info)
+            if cfg.stop_at is not None and info.get("acc", -1.0) >= cfg.stop_at:
+                break
+        result = final_metrics(model, tr, task, test, step, seen, t0, plateau=plateau)
     model.eval()
-    return [x.result for x in live]
+    return result

@@ -1,6 +1,7 @@
 """Tuning methods: one small file each, and the registry (tuning/registry.py). A method produces
 a `MethodState` that the frozen base model's forward accepts; every gradient-trained method trains
-through toy_models.training.fit, a searched one (the hard prompt) through its own `search`.
+through toy_models.training.fit (one run) or toy_models.batched.fit_many (a fused group of runs),
+a searched one (the hard prompt) through its own `search`.
 
 Inside the package imports go one way: methods -> registry -> jobs (the run lifecycle) ->
 pipeline (one run, loading) | fused (many runs) -> sweep (tasks x seeds)."""

@@ -1,5 +1,5 @@
 """Fused runs: K tuned runs of one method structure over one frozen base, trained in one batched
-forward and backward (`toy_models.training.fit_many`).
+forward and backward (`toy_models.batched.fit_many`).
 
 Each run keeps everything a run alone has: its task and data stream, seed, learning rate and
 schedule, optimizer state, gradient clipping, evaluation, checkpoints (train_state.*) and run
@@ -19,8 +19,8 @@ import torch
 
 from prefixlab_common.errors import UserError
 from toy_models.lock import DirLock
-from toy_models.pipeline import load_model
-from toy_models.precision import resolve_precision, training_precision
+from toy_models.pretraining import load_model
+from toy_models.precision import resolve_precision
 from toy_models.training import Progress, resolve_device
 from tuning.jobs import Job, finish_job, job_action, prepare_job, start_job, train_jobs
 
@@ -40,14 +40,14 @@ LOCK_WAIT = 120.0
 
 def finetune_many(base, jobs: list[dict], progress: Progress | None = None, device=None,
                   overwrite: bool = False, fuse: bool = True, max_fused: int | None = None,
-                  amp: bool | None = None, lock_wait: float = LOCK_WAIT, on_note=None,
+                  lock_wait: float = LOCK_WAIT, on_note=None,
                   precision: str | None = None) -> list[dict]:
     """Tune several runs over one base run. Each job is dict(method, task, out, opts, train,
     seed) with the meaning of `tuning.pipeline.finetune(base, method, task, out, opts, train)`
     (seed overrides train["seed"]), and optionally precision (fp32, bf16 or auto; default: the
-    `precision` argument, else the older `amp` switch; toy_models/precision.py). Complete runs with the same config are reused, interrupted
-    ones resumed, runs killed before their first checkpoint restarted; jobs that differ only in
-    task, seed and optimizer settings (lr, schedule, warmup, weight decay, clipping) are fused
+    `precision` argument; toy_models/precision.py). Complete runs with the same config are reused,
+    interrupted ones resumed, runs killed before their first checkpoint restarted; jobs that
+    differ only in task, seed and optimizer settings (lr, schedule, warmup, weight decay, clipping) are fused
     into one group, others run alone. Returns each job's final metrics (what finetune returns).
     progress: one callback (step, total, info) per group. overwrite: retrain every job afresh.
     fuse=False trains every job alone; max_fused caps the runs of one group (default: 4 on the
@@ -57,8 +57,8 @@ def finetune_many(base, jobs: list[dict], progress: Progress | None = None, devi
     dev = resolve_device(device)
     if not jobs:
         return []
-    model, prepared, results, todo = _prepare(base, jobs, overwrite, training_precision(dev, precision, amp), dev)
-    groups = _groups(todo, model, fuse, _cap(max_fused, dev))
+    model, prepared, results, todo = _prepare(base, jobs, overwrite, resolve_precision(precision, dev), dev)
+    groups = fusion_groups(todo, model, fuse, _cap(max_fused, dev))
     model.to(dev)
     for group in groups:
         with contextlib.ExitStack() as locks:
@@ -67,7 +67,7 @@ def finetune_many(base, jobs: list[dict], progress: Progress | None = None, devi
                 if lock.note and on_note:
                     on_note(lock.note)
             # decided again as the one writer: a task Ray retried may have run it meanwhile
-            group = _redecide(group, results, overwrite)
+            group = _decide(group, results, overwrite)
             for _, job, resume in group:
                 start_job(job, overwrite=not resume, resume=resume, device=dev)
                 job.method.to(dev)
@@ -88,8 +88,8 @@ def plan_groups(base, jobs: list[dict], device=None, overwrite: bool = False, fu
     if not jobs:
         return []
     dev = resolve_device(device)
-    model, _, _, todo = _prepare(base, jobs, overwrite, training_precision(dev), dev)
-    return [[i for i, _, _ in g] for g in _groups(todo, model, fuse, _cap(max_fused, dev))]
+    model, _, _, todo = _prepare(base, jobs, overwrite, resolve_precision(None, dev), dev)
+    return [[i for i, _, _ in g] for g in fusion_groups(todo, model, fuse, _cap(max_fused, dev))]
 
 
 def _cap(max_fused: int | None, dev: torch.device) -> int | None:
@@ -121,19 +121,14 @@ def _prepare(base, jobs: list[dict], overwrite: bool, precision: str, dev: torch
         dup = next(o for o in outs if outs.count(o) > 1)
         raise UserError(f"two jobs write the same run directory {dup}")
     results: list[dict | None] = [None] * len(prepared)
-    todo: list[tuple[int, Job, bool]] = []
-    for i, job in enumerate(prepared):
-        action = job_action(job, overwrite)
-        if action == "reuse":
-            results[i] = job.run.read_json("metrics.json")
-        else:
-            todo.append((i, job, action == "resume"))
+    todo = _decide([(i, job, False) for i, job in enumerate(prepared)], results, overwrite)
     return model, prepared, results, todo
 
 
-def _redecide(group: list, results: list, overwrite: bool) -> list:
-    """The group's jobs still to train, each with its resume flag, as decided under its lock; a
-    run found complete meanwhile is reused (its metrics go to `results`)."""
+def _decide(group: list, results: list, overwrite: bool) -> list[tuple[int, Job, bool]]:
+    """The jobs (index, job, _) still to train, each with its resume flag; a complete run is
+    reused (its metrics go to `results`). Decided once before anything is written, and again
+    under each group's lock (a run found complete meanwhile is reused)."""
     todo = []
     for i, job, _ in group:
         action = job_action(job, overwrite)
@@ -153,7 +148,7 @@ def _key(job: Job) -> str | None:
                        c.train_mode, job.precision], sort_keys=True, default=str)
 
 
-def _groups(todo, model, fuse: bool, max_fused: int | None) -> list[list]:
+def fusion_groups(todo, model, fuse: bool, max_fused: int | None) -> list[list]:
     groups: dict[str, list] = {}
     alone = []
     for item in todo:

@@ -12,10 +12,11 @@ from pathlib import Path
 import torch
 
 from prefixlab_common.errors import UserError
-from toy_models.pipeline import base_sha
+from toy_models.pretraining import base_sha
 from toy_models.runs import METHOD_FILE, RunDir, provenance, save_tensors
 from toy_models.tasks import ResolvedTask, TaskSpec, fixed_test_set, resolve_task
-from toy_models.training import Member, Progress, Trainable, TrainConfig, device_info, evaluate, fit_many
+from toy_models.batched import Member, fit_many
+from toy_models.training import Progress, Trainable, TrainConfig, device_info, evaluate, fit
 from tuning.base import Method
 from tuning.registry import make_method, method_class
 
@@ -99,16 +100,21 @@ def start_job(job: Job, overwrite: bool, resume: bool, device: torch.device) -> 
 
 
 def train_jobs(model, group: list[tuple[Job, bool]], progress: Progress | None = None) -> list[dict]:
-    """Train started jobs (each with its resume flag) over `model`, fused when there are several;
-    a searched method (the hard prompt) runs its search instead, alone. Returns final metrics."""
-    if len(group) == 1 and group[0][0].method.searched:
-        return [_search(model, group[0][0])]
+    """Train started jobs (each with its resume flag) over `model`: one job through `fit`,
+    several fused (`fit_many`); a searched method (the hard prompt) runs its search instead,
+    alone. Returns final metrics."""
+    if len(group) == 1:
+        job, resume = group[0]
+        if job.method.searched:
+            return [_search(model, job)]
+        return [fit(model, job.trainable(), job.task, job.spec, job.cfg, job.run, resume, progress,
+                    precision=job.precision)]
     if any(job.method.searched for job, _ in group):
         raise ValueError("a searched method trains alone (tuning/fused.py groups it so)")
     members = [Member(job.trainable(), job.task, job.cfg, job.run, resume) for job, resume in group]
     if len({job.precision for job, _ in group}) > 1:
         raise ValueError("fused runs must share their precision (tuning/fused.py groups them so)")
-    return fit_many(model, members, group[0][0].spec, progress, group[0][0].precision == "bf16")
+    return fit_many(model, members, group[0][0].spec, progress, group[0][0].precision)
 
 
 def _search(model, job: Job) -> dict:

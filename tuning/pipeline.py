@@ -10,32 +10,30 @@ import torch
 
 from prefixlab_common.errors import UserError
 from toy_models.lock import DirLock
-from toy_models.pipeline import LoadedRun, base_sha, load_base_run, load_model, restart_or_resume
+from toy_models.pretraining import LoadedRun, base_sha, load_base_run, load_model, restart_or_resume
 from toy_models.runs import METHOD_FILE, RunDir, load_tensors
 from toy_models.tasks import TaskSpec
-from toy_models.precision import training_precision
+from toy_models.precision import resolve_precision
 from toy_models.training import Progress, resolve_device
-# the lifecycle's names stay importable from here (benchmarks and older callers use them)
-from tuning.jobs import (TUNE_DEFAULTS, Job, check_slots, finish_job, method_train_config,  # noqa: F401
-                         prepare_job, seeds_summary, start_job, train_jobs)
+from tuning.jobs import check_slots, finish_job, prepare_job, start_job, train_jobs
 from tuning.registry import make_method, method_class
 
 
 def finetune(base: str | Path, method: str, task: str, out: str | Path, opts: dict | None = None,
              train: dict | None = None, overwrite: bool = False, resume: bool = False,
              progress: Progress | None = None, slots: str | None = None,
-             device: str | torch.device | None = None, amp: bool | None = None, lock_wait: float = 0.0,
+             device: str | torch.device | None = None, lock_wait: float = 0.0,
              on_note=None, precision: str | None = None) -> dict:
     """Tune `method` on `task` over the frozen base run; write a tuned run. Returns final metrics.
-    The run directory is locked while it is written (lock_wait, on_note: as `toy_models.pipeline.pretrain`).
+    The run directory is locked while it is written (lock_wait, on_note: as `toy_models.pretraining.pretrain`).
     slots: the slot protocol the caller expects of the base; another one is refused.
     device: None (cpu), "auto", "cpu", "cuda", "mps" (recorded in provenance.json).
-    precision: fp32, bf16 or auto (toy_models/precision.py; None: the older amp switch, whose None
-    means bf16 on a CUDA GPU that has it and fp32 on a CPU)."""
+    precision: fp32, bf16 or auto (toy_models/precision.py; None: bf16 on a CUDA GPU that has it,
+    fp32 elsewhere)."""
     dev = resolve_device(device)
     model, base_config = load_model(base)
     check_slots(model, slots, base)
-    job = prepare_job(model, base_config, base, method, task, out, opts, train, training_precision(dev, precision, amp))
+    job = prepare_job(model, base_config, base, method, task, out, opts, train, resolve_precision(precision, dev))
     job.run.check_new(overwrite, resume)
     if resume and job.run.config != job.config:
         raise UserError(f"the options differ from those of the interrupted run at {job.run.path}")

@@ -8,10 +8,11 @@ from tuning.base import Method
 from tuning.full import FullFinetune
 from tuning.lora import LoRA
 from tuning.prefix import Prefix
+from tuning.prefix_plus import PrefixPlus
 from tuning.prompt import HardPrompt
 from tuning.soft_prompt import SoftPrompt
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (FullFinetune, LoRA, SoftPrompt, Prefix, HardPrompt)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (FullFinetune, LoRA, SoftPrompt, Prefix, HardPrompt, PrefixPlus)}
 
 
 def method_class(name: str) -> type[Method]:

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from reports.experiments.common import _pct, prompt_table
+from reports.experiments.common import prompt_table
 from reports.html import Table
-from study import e1
-
-STAGE = e1.STAGE
+from study.rows import pct
 
 
 def section(r: dict, records: dict) -> tuple:
-    rows = [[k, _pct(v["mean"]), f"{100 * v['std']:.1f}", len(v["values"])] for k, v in r["descending_acc"].items()]
+    rows = [[k, pct(v["mean"]), f"{100 * v['std']:.1f}", len(v["values"])] for k, v in r["descending_acc"].items()]
     items = [Table(["method", "exact accuracy on descending", "std (pp)", "seeds"], rows),
-             f"Base model: ascending {_pct(r['base_acc']['ascending'])}, descending {_pct(r['base_acc']['descending'])}."]
+             f"Base model: ascending {pct(r['base_acc']['ascending'])}, descending {pct(r['base_acc']['descending'])}."]
     if "prompt" in r:
         items.append(prompt_table(r["prompt"]["P"], {"descending": {**r["prompt"], "acc": r["descending_acc"]["prompt"]}}))
     return ("E1: ascending base, tuned for descending", items)

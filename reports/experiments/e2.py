@@ -8,10 +8,7 @@ import torch
 
 from reports.experiments.common import curves_figure, prompt_table
 from reports.figures import accuracy_figure, clusters_figure
-from study import e2
 from study.rows import of_ceiling
-
-STAGE = e2.STAGE
 
 
 def section(r: dict, records: dict) -> tuple:

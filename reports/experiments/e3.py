@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from reports.experiments.common import _pct, curves_figure
+from reports.experiments.common import curves_figure
 from reports.html import Table
-from study import e3
-from study.rows import of_ceiling
-
-STAGE = e3.STAGE
+from study.rows import of_ceiling, pct
 
 
 def section(r: dict, records: dict) -> tuple:
-    rows = [[t, _pct(v["mean"]), f"{100 * v['std']:.1f}"] for t, v in r["acc"].items()]
+    rows = [[t, pct(v["mean"]), f"{100 * v['std']:.1f}"] for t, v in r["acc"].items()]
     return ("E3: P=10 prefixes on a deeper mix4 model", [
         Table(["task", "exact accuracy", "std (pp)"], rows),
         curves_figure({t: r["curves"][t] for t in r["curves"] if t in ("ascending_add1", "double_hist")},

@@ -5,12 +5,8 @@ from __future__ import annotations
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from reports.experiments.common import _pct
 from reports.html import Table
-from study import sample_eff
-from study.rows import of_ceiling
-
-STAGE = sample_eff.STAGE
+from study.rows import of_ceiling, pct
 
 
 def sample_eff_figure(r: dict):
@@ -32,7 +28,7 @@ def sample_eff_figure(r: dict):
 
 
 def section(r: dict, records: dict) -> tuple:
-    grid = [[v, f"{float(lr):g}", f"{g['val_loss']:.4f}", _pct(g["val_acc"]), "chosen" if float(lr) == r["lr"][v] else ""]
+    grid = [[v, f"{float(lr):g}", f"{g['val_loss']:.4f}", pct(g["val_acc"]), "chosen" if float(lr) == r["lr"][v] else ""]
             for v, by in r["lr_grid"].items() for lr, g in by.items()]
     return ("[L]'s claim on the toy: sample efficiency of the prefix parameterizations (real training)", [
         sample_eff_figure(r),

@@ -24,3 +24,9 @@ def tiny():
 @pytest.fixture(scope="module")
 def tiny_gqa():
     return tiny_llama(seed=0, gqa=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma():
+    from model_checks.models import tiny_gemma3
+    return tiny_gemma3(seed=0)

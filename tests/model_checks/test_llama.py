@@ -11,7 +11,7 @@ import torch
 from model_checks.check import check_loaded, run_identity_check
 from model_checks.identities import TOLERANCES
 from model_checks.models import tiny_llama, write_random_llama_checkpoint
-from model_checks.prefix import Prefix, load_peft_prefix, load_prefix, prefix_cache, save_prefix
+from model_checks.prefix import CachePrefix, load_peft_prefix, load_prefix, prefix_cache, save_prefix
 from reports.llama_figures import llama_fig5
 from prefixlab_common.errors import UserError
 
@@ -40,7 +40,7 @@ def test_hooks_see_the_prefix(tiny_gqa):
     P = 3
     bridge = tiny_gqa.bridged()
     ids = torch.tensor([[1, 40, 41, 42, 43]])
-    pre = Prefix([torch.randn(2, P, 16) for _ in range(2)], [torch.randn(2, P, 16) for _ in range(2)])
+    pre = CachePrefix([torch.randn(2, P, 16) for _ in range(2)], [torch.randn(2, P, 16) for _ in range(2)])
     seen = {}
 
     def keep(x, hook):
@@ -66,7 +66,7 @@ def test_bridge_logits_match_hf(tiny_gqa):
     bridge = tiny_gqa.bridged()
     plain = tiny_llama(seed=0, gqa=True).model  # same seed, same weights, never wrapped by a bridge
     ids = torch.tensor([[1, 50, 60, 70, 80, 90]])
-    pre = Prefix([torch.randn(2, 2, 16) for _ in range(2)], [torch.randn(2, 2, 16) for _ in range(2)])
+    pre = CachePrefix([torch.randn(2, 2, 16) for _ in range(2)], [torch.randn(2, 2, 16) for _ in range(2)])
     with torch.no_grad():
         torch.testing.assert_close(bridge(ids), plain(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
         got = bridge(ids, past_key_values=prefix_cache(pre, plain.config))
@@ -76,7 +76,7 @@ def test_bridge_logits_match_hf(tiny_gqa):
 
 def test_prefix_save_load_roundtrip(tmp_path, tiny):
     r1 = check_loaded(tiny, prefix_len=2, seed=3, layers=[0])
-    pre = Prefix([torch.randn(4, 2, 16) for _ in range(2)], [torch.randn(4, 2, 16) for _ in range(2)], {"source": "random", "seed": 3})
+    pre = CachePrefix([torch.randn(4, 2, 16) for _ in range(2)], [torch.randn(4, 2, 16) for _ in range(2)], {"source": "random", "seed": 3})
     path = save_prefix(pre, tmp_path / "p.safetensors", model="tiny")
     back = load_prefix(path)
     assert back.meta["n_layers"] == 2 and back.meta["prefix_len"] == 2 and back.meta["model"] == "tiny"
@@ -98,7 +98,7 @@ def test_bad_inputs(tmp_path, tiny, tiny_gqa):
         run_identity_check(str(tmp_path / "nowhere"))
     (tmp_path / "gpt").mkdir()
     (tmp_path / "gpt" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(UserError, match="supported LLaMA families: llama"):
+    with pytest.raises(UserError, match="supported families: llama, mistral, qwen2, qwen3, gemma3_text"):
         run_identity_check(str(tmp_path / "gpt"))
     (tmp_path / "pickle").mkdir()
     (tmp_path / "pickle" / "config.json").write_text(json.dumps({"model_type": "llama"}))
@@ -114,7 +114,7 @@ def test_bad_inputs(tmp_path, tiny, tiny_gqa):
     with pytest.raises(UserError, match="corrupt"):
         check_loaded(tiny, prefix=str(bad))
     # a prefix made for the GQA model does not fit the 4-kv-head model
-    pre = Prefix([torch.randn(2, 1, 16) for _ in range(2)], [torch.randn(2, 1, 16) for _ in range(2)])
+    pre = CachePrefix([torch.randn(2, 1, 16) for _ in range(2)], [torch.randn(2, 1, 16) for _ in range(2)])
     path = save_prefix(pre, tmp_path / "gqa.safetensors")
     with pytest.raises(UserError, match="does not match|kv_heads"):
         check_loaded(tiny, prefix=str(path))
@@ -240,7 +240,7 @@ def test_layer0_identities_property():
 
 def _distinct_prefix(P=3, n_layers=2, kv_heads=2, d_head=16, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return Prefix([torch.randn(kv_heads, P, d_head, generator=g) for _ in range(n_layers)],
+    return CachePrefix([torch.randn(kv_heads, P, d_head, generator=g) for _ in range(n_layers)],
                   [torch.randn(kv_heads, P, d_head, generator=g) for _ in range(n_layers)])
 
 

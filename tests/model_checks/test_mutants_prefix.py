@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from model_checks.prefix import (
-    FORMAT, Prefix, dart_lines, hard_prompt_prefix, load_peft_prefix, load_prefix, prefix_cache,
+    FORMAT, CachePrefix, dart_lines, hard_prompt_prefix, load_peft_prefix, load_prefix, prefix_cache,
     prefix_from_source, random_normals, random_prefix_layer, read_tagged, save_prefix,
 )
 from prefixlab_common.errors import UserError
@@ -20,7 +20,7 @@ from prefixlab_common.errors import UserError
 
 def prefix(L=2, kv=2, P=3, d=4, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    return Prefix([torch.randn(kv, P, d, generator=g, dtype=dtype) for _ in range(L)],
+    return CachePrefix([torch.randn(kv, P, d, generator=g, dtype=dtype) for _ in range(L)],
                   [torch.randn(kv, P, d, generator=g, dtype=dtype) for _ in range(L)], {"source": "x", "seed": seed})
 
 
@@ -128,13 +128,13 @@ def test_save_prefix_writes_the_documented_metadata(tmp_path):
     assert json.loads(meta["prefixlab"]) == {"n_layers": 2, "n_kv_heads": 2, "d_head": 4, "prefix_len": 3,
                                              "dtype": "float32", "source": "train", "model": "tiny", "seed": 0,
                                              "keys": "post-rotary cache keys"}
-    q = Prefix(p.keys, p.values, {"source": "random", "model": "m0"})
+    q = CachePrefix(p.keys, p.values, {"source": "random", "model": "m0"})
     info = load_prefix(save_prefix(q, tmp_path / "q.safetensors")).meta
     assert info["source"] == "random" and info["model"] == "m0" and info["seed"] is None
-    single = Prefix(p.keys[:1], p.values[:1])  # one layer: every field read from layer 0
+    single = CachePrefix(p.keys[:1], p.values[:1])  # one layer: every field read from layer 0
     info = load_prefix(save_prefix(single, tmp_path / "two" / "levels" / "s.safetensors")).meta
     assert (info["n_layers"], info["n_kv_heads"], info["d_head"], info["dtype"]) == (1, 2, 4, "float32")
-    r = load_prefix(save_prefix(Prefix(p.keys, p.values), tmp_path / "r.safetensors"))
+    r = load_prefix(save_prefix(CachePrefix(p.keys, p.values), tmp_path / "r.safetensors"))
     assert r.meta["source"] == "unknown" and r.meta["model"] == "" and r.meta["file"] == str(tmp_path / "r.safetensors")
 
 

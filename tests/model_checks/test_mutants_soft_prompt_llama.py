@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -70,8 +71,9 @@ class _Bridged:
 
 
 class _Model:
-    def __init__(self, emb):
+    def __init__(self, emb, model_type="llama"):
         self.emb = emb
+        self.config = SimpleNamespace(model_type=model_type, hidden_size=embedding_matrix(self).shape[1])  # family.embed_scale reads it
 
     def get_input_embeddings(self):
         return self.emb
@@ -115,6 +117,9 @@ def test_random_soft_prompt_scales_per_dimension():
     assert torch.all(p.embeddings[:, 2] == 0)
     h = random_soft_prompt(_Model(_Emb(W.half())), 2, seed=1)
     assert h.embeddings.dtype == torch.float16
+    # Gemma feeds its rows times sqrt(d_model) = sqrt(3): the soft prompt lives on that scale
+    g = random_soft_prompt(_Model(_Emb(W), "gemma3_text"), 2, seed=1)
+    assert torch.allclose(g.embeddings, z * rms * 3 ** 0.5, rtol=0, atol=1e-14)
 
 
 def test_random_soft_prompt_refuses_bad_length(tiny):

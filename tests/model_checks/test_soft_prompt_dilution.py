@@ -13,7 +13,7 @@ from model_checks.identities import TOLERANCES
 from model_checks.dilution import dilution_loaded, loglog_fit
 from model_checks.soft_check import check_soft_loaded
 from model_checks.models import tiny_llama
-from model_checks.prefix import Prefix
+from model_checks.prefix import CachePrefix
 from model_checks.soft_prompt import SoftPrompt, load_soft_prompt, save_soft_prompt, soft_prompt_prefix
 from prefixlab_common.errors import UserError
 
@@ -135,7 +135,7 @@ def test_soft_prompt_file_roundtrip(tmp_path, tiny):
 def _no_match_prefix(n_layers=2, kv=4, d=16, P=1):
     """A prefix whose key is zero: its score is 0 for every query, matching no content key."""
     gen = torch.Generator().manual_seed(0)
-    return Prefix([torch.zeros(kv, P, d) for _ in range(n_layers)],
+    return CachePrefix([torch.zeros(kv, P, d) for _ in range(n_layers)],
                   [torch.randn(kv, P, d, generator=gen) for _ in range(n_layers)], {"source": "zero-key"})
 
 

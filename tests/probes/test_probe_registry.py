@@ -13,9 +13,9 @@ from probes.common import probe_inputs
 from probes.drift import layer_drift
 from probes.invariance import attention_invariance
 from probes.registry import PROBES
-from probes.run import collect, load_tuned_runs, run_probes
+from probes.compute import collect, load_tuned_runs, run_probes
 from prefixlab_common.errors import UserError
-from toy_models.pipeline import pretrain
+from toy_models.pretraining import pretrain
 from toy_models.tasks import TaskSpec
 from toy_models.training import TrainConfig
 from tuning.pipeline import finetune

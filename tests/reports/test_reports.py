@@ -21,7 +21,7 @@ from reports.figures import (META_KEY, ZERO_FLOOR, AttentionPanel, accuracy_figu
 from reports.html import Pre, Raw, Section, Table, render_report, write_figure_html, write_report
 from tests.conftest import micro_model
 from prefixlab_common.errors import UserError
-from toy_models.pipeline import pretrain
+from toy_models.pretraining import pretrain
 from toy_models.tasks import TaskSpec
 from toy_models.training import TrainConfig
 from tuning import make_method

@@ -1,11 +1,11 @@
 """A parallel study trains a stage's independent groups of runs as tasks of their own
-(`study.groups`, installed by `study.parallel` inside a Ray stage task)."""
+(`engine.groups`, installed by `engine.parallel` inside a Ray stage task)."""
 
-from toy_models.pipeline import pretrain
+from toy_models.pretraining import pretrain
 from toy_models.tasks import TaskSpec
 from toy_models.training import TrainConfig
-from study.experiments import run_jobs
-from study.groups import use_group_runner
+from engine.groups import use_group_runner
+from study.experiments.toy import run_jobs
 from tuning.fused import finetune_many
 
 SPEC = TaskSpec(length=4, num_digits=4, prompt_len=2)

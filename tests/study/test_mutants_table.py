@@ -4,9 +4,10 @@ rows' loss-row guard, Deep-share choice and thresholds."""
 
 import pytest
 
-from study import e2
-from study.rows import _tokens
-from study.table import paper_vs_lab, sample_eff_rows
+from study.experiments import e2
+from study.experiments.sample_eff import rows as sample_eff_rows
+from study.rows import tokens
+from study.table import paper_vs_lab
 
 
 def _cell(*values):
@@ -27,7 +28,7 @@ def _named(rows, start):
 
 
 def test_tokens_are_space_separated_in_the_prompt_rows():
-    assert _tokens([3, 14, 0]) == "[3 14 0]"
+    assert tokens([3, 14, 0]) == "[3 14 0]"
     m = lambda x: {"mean": x, "values": [x]}
     e1 = {"descending_acc": {k: m(0.01) for k in ("prefix_simple", "prefix_none", "prefix_deep", "soft_prompt",
                                                   "prompt")} | {"full": m(0.8)},
@@ -111,7 +112,7 @@ def _computed(holds):
 
 @pytest.mark.parametrize("holds, verdict", [(1, "reproduced"), (0, "differs (the gap)")])
 def test_language_and_reparam_rows_carry_the_computed_row_through(monkeypatch, holds, verdict):
-    import study.table as table
+    import study.experiments.reparam as table
     rp = {"the": "reparam result"}
     seen = []
     monkeypatch.setattr(table, "reparam_row", lambda r: seen.append(r) or _computed(holds))
@@ -127,7 +128,7 @@ def test_language_and_reparam_rows_carry_the_computed_row_through(monkeypatch, h
 def test_an_unjudged_reparam_row_says_no_verdict_not_differs(monkeypatch):
     """A simulation too small to decide its rule (holds None: one truth, under two decades of n) is
     reported as such; only a judged run may say "differs"."""
-    import study.table as table
+    import study.experiments.reparam as table
     monkeypatch.setattr(table, "reparam_row", lambda r: _computed(None))
     rows = paper_vs_lab({"reparam": {"status": "done", "result": {"the": "reparam result"}}})
     assert [r["verdict"] for r in rows if r["source"] == "[L] §6"] == ["no verdict (the gap)"]

@@ -8,17 +8,17 @@ import pytest
 
 import study.stages as stages_mod
 from study.recipes import RECIPES
-from study.runkit import _train
+from study.experiments.toy import train_options
 
 
 def test_long_schedule_reaches_the_long_runs_only():
     r = replace(RECIPES["quick"]["E4"], long_schedule="decay")
-    assert _train(r, "lora", 0, long=True)["schedule"] == "decay"
-    assert "schedule" not in _train(r, "lora", 0, long=False)  # the method's own ([P]'s constant)
-    assert "schedule" not in _train(replace(r, long_schedule=None), "lora", 0, long=True)
+    assert train_options(r, "lora", 0, long=True)["schedule"] == "decay"
+    assert "schedule" not in train_options(r, "lora", 0, long=False)  # the method's own ([P]'s constant)
+    assert "schedule" not in train_options(replace(r, long_schedule=None), "lora", 0, long=True)
     # a per-method override in the recipe still wins
     t = replace(r, tune={"lora": {"schedule": "constant"}})
-    assert _train(t, "lora", 0, long=True)["schedule"] == "constant"
+    assert train_options(t, "lora", 0, long=True)["schedule"] == "constant"
 
 
 def test_fields_at_their_defaults_stay_out_of_the_recipe_dict():
@@ -29,7 +29,7 @@ def test_fields_at_their_defaults_stay_out_of_the_recipe_dict():
 
 
 def _keys(monkeypatch, recipes: dict) -> dict[str, str]:
-    from study.runner import plan
+    from study.reproduce import plan
     monkeypatch.setitem(stages_mod.RECIPES, "micro", recipes)
     return plan(Path("/tmp/recipe-keys"), "micro", None)[1]
 
@@ -69,7 +69,8 @@ def test_base_stage_keys_follow_exactly_what_the_base_reads(monkeypatch):
     """BASE_FIELDS against base_key: a field the base reads changes the base's directory and its
     stage key; any other field changes neither (so E3's run recipe leaves base-E3 cached)."""
     from dataclasses import fields
-    from study.runkit import base_key
+    from study.experiments.e1 import BASE
+    from study.experiments.toy import base_key
     r = RECIPES["micro"]["E1"]
     before = _keys(monkeypatch, dict(RECIPES["micro"]))
     for f in fields(r):
@@ -79,6 +80,6 @@ def test_base_stage_keys_follow_exactly_what_the_base_reads(monkeypatch):
         new = replace(r, **{f.name: value})
         after = _keys(monkeypatch, {**RECIPES["micro"], "E1": new})
         reads = f.name in stages_mod.BASE_FIELDS
-        assert (base_key("E1", new) != base_key("E1", r)) == reads, f.name
+        assert (base_key(BASE, new) != base_key(BASE, r)) == reads, f.name
         if f.name != "precision":  # a study sets it (stages_for's argument: test_precision.py)
             assert (after["base-E1"] != before["base-E1"]) == reads, f.name

@@ -1,4 +1,4 @@
-"""[L]'s toy sample-efficiency stage (study.experiments.run_sample_efficiency), end to end on the
+"""[L]'s toy sample-efficiency stage (study.experiments.sample_eff), end to end on the
 micro preset: structure only, never the science numbers (micro models learn nothing in 10 steps)."""
 
 import json
@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from study.experiments import SAMPLE_EFF_VARIANTS, validation_set
-from study.runner import run_stages
-from study.stages import SAMPLE_EFF
+from engine.driver import run_stages
+from study.experiments.sample_eff import SAMPLE_EFF, SAMPLE_EFF_VARIANTS, validation_set
+from study.stages import stages_for
 from toy_models.tasks import TaskSpec, is_test_input
 from tuning.pipeline import load_run
 
@@ -20,7 +20,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def stage(tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
-    rec = run_stages(out, "micro", only=["sample_eff"])["sample_eff"]
+    rec = run_stages(out, stages_for("micro", out), only=["sample_eff"])["sample_eff"]
     assert rec["status"] == "done", rec.get("traceback")
     return out, rec
 
@@ -81,5 +81,5 @@ def test_validation_set_comes_from_the_train_split():
 
 def test_a_second_run_is_cached(stage):
     out, rec = stage
-    again = run_stages(out, "micro", only=["sample_eff"])["sample_eff"]
+    again = run_stages(out, stages_for("micro", out), only=["sample_eff"])["sample_eff"]
     assert again["cached"] and again["result"] == rec["result"]

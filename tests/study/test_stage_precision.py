@@ -45,7 +45,7 @@ def test_study_precision_default_is_per_stage_only_on_a_cpu_with_native_bf16(mon
 
 
 def _plan(monkeypatch, recipes: dict, precision: str):
-    from study.runner import plan
+    from study.reproduce import plan
     monkeypatch.setitem(stages_mod.RECIPES, "micro", recipes)
     return plan(Path("/tmp/stage-precision"), "micro", None, precision)
 
@@ -58,8 +58,12 @@ def test_a_per_stage_study_trains_only_the_paying_recipe_in_bf16_on_its_own_base
     by = {s.name: s for s in stages}
     # E4's recipe resolves to bf16, so its base is no longer E3's: a base stage of its own
     assert by["E4"].needs == ("base-E4",) and by["E3"].needs == ("base-E3",)
-    assert stage_precision(stages) == {n: ("bf16" if n in ("base-E4", "E4") else "fp32") for n in stage_precision(stages)}
-    assert {n for n in keys if keys[n] != fp32.get(n)} == {"base-E4", "E4"}
+    # the stages trained under E4's recipe (E4 and any experiment added under it, from the registry) and its base
+    from study.experiments.registry import REGISTRY
+    paying = {"base-E4"} | {e.name for e in REGISTRY if e.recipe == "E4"}
+    assert {"base-E4", "E4"} <= paying
+    assert stage_precision(stages) == {n: ("bf16" if n in paying else "fp32") for n in stage_precision(stages)}
+    assert {n for n in keys if keys[n] != fp32.get(n)} == paying
     assert "base-E4" not in fp32  # in fp32 the micro E3 and E4 share one base
     # no recipe pays: a per-stage study is an fp32 study, key for key
     assert _plan(monkeypatch, micro, PER_STAGE)[1] == _plan(monkeypatch, micro, "fp32")[1]
@@ -80,7 +84,6 @@ def test_each_scale_trains_in_bf16_exactly_the_recipes_that_say_it_pays():
 
 
 def test_a_base_estimate_in_bf16_is_cheaper():
-    from study.stages import estimate
-    cfg = {"recipe": RECIPES["quick"]["E4"].to_dict(), "preset": "quick", "experiment": "E4"}
-    bf16 = {**cfg, "recipe": {**cfg["recipe"], "precision": "bf16"}}
-    assert estimate("base-E4", bf16) < estimate("base-E4", cfg)
+    from study.stages import stages_for
+    est = lambda precision: next(s.estimate for s in stages_for("quick", Path("/tmp/x"), precision) if s.name == "base-E4")
+    assert est("bf16") < est("fp32")

@@ -265,8 +265,8 @@ def write_snapshot():
 def test_edges_of_the_rows_a_reader_sees():
     """Missing counts and rates, a stage that did not run, ties at the E4 gap's line, which
     probe keys count, and rounding in the cluster row."""
-    from study.table import _ms, _pct, of_ceiling
-    assert (_pct(None), _ms(None), _ms({})) == ("—", "—", "—")
+    from study.rows import ms, of_ceiling, pct
+    assert (pct(None), ms(None), ms({})) == ("—", "—", "—")
     assert of_ceiling({"task": "add1", "exact_acc": 0.5, "ceiling": 1.0}) == "add1 50.0 % of a 100.0 % ceiling"
     (r,) = p_rows({}).values()
     assert r == {"source": "[P] E1", "claim": "E1", "paper": "—", "lab": "stage failed or not run",

@@ -1,11 +1,12 @@
-"""The [L] rows of the paper-vs-lab table (study.table.sample_eff_rows): each verdict at, just
+"""The [L] rows of the paper-vs-lab table (study.experiments.sample_eff.rows): each verdict at, just
 above and just below its threshold, and with one side of the contrast missing."""
 
 from pathlib import Path
 
 import pytest
 
-from study.table import paper_vs_lab, sample_eff_rows
+from study.experiments.sample_eff import rows as sample_eff_rows
+from study.table import paper_vs_lab
 
 
 def _cell(*values):
@@ -154,7 +155,7 @@ def test_language_row_follows_its_computed_verdict(holds, verdict):
     assert [r["verdict"] for r in rows if r["source"] == "[L] language"] == [verdict]
 
 
-def test_language_row_says_where_it_runs_when_the_preset_has_no_stage():
+def test_language_row_says_where_it_runs_when_the_scale_has_no_stage():
     from study.stages import stages_for
     assert "d2t" in [s.name for s in stages_for("paper", Path("/tmp/x"))]
     assert "d2t" not in [s.name for s in stages_for("quick", Path("/tmp/x"))]

@@ -19,7 +19,7 @@ from theory.reparam import (
     start_params, summary_lines, table_row, truth_reparam, valley_path, valley_start, voronoi_cells,
     voronoi_loss,
 )
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 
 
 @pytest.fixture(autouse=True, scope="module")

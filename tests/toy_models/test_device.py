@@ -11,7 +11,7 @@ from cli import app
 from tests.conftest import micro_model
 from prefixlab_common.errors import UserError
 from toy_models.model import MethodState
-from toy_models.pipeline import load_model, pretrain
+from toy_models.pretraining import load_model, pretrain
 from toy_models.tasks import TaskSpec
 from toy_models.training import TrainConfig, resolve_device
 from tuning.pipeline import finetune, load_run
@@ -126,9 +126,11 @@ def test_gpu_run_loads_on_the_cpu_and_resumes_across_devices(tmp_path):
     assert abs(m["exact_acc"] - reevaluate(tmp_path / "b", "add1", 16)["exact_acc"]) <= 1 / 16
 
 
-def test_bf16_autocast_on_the_cpu_is_opt_in_and_trains(tmp_path):
+def test_bf16_autocast_on_the_cpu_is_opt_in_and_trains(tmp_path, monkeypatch):
+    # bf16 is asked for by name; the CPU is told it has native bf16, so the test runs on any CPU
+    monkeypatch.setattr("toy_models.precision.cpu_bf16_flags", lambda *a: ("avx512_bf16",))
     base = pretrain(tmp_path / "fp32", "add1", "micro", SPEC, TINY)
-    bf16 = pretrain(tmp_path / "bf16", "add1", "micro", SPEC, TINY, amp=True)
+    bf16 = pretrain(tmp_path / "bf16", "add1", "micro", SPEC, TINY, precision="bf16")
     assert json.loads((tmp_path / "fp32" / "provenance.json").read_text())["autocast"] is None
     assert json.loads((tmp_path / "bf16" / "provenance.json").read_text())["autocast"] == "bf16"
     rows = [json.loads(line) for line in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]

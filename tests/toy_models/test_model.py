@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tests.conftest import micro_model
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 from toy_models.model import MethodState, ToyConfig, preset_config
 from toy_models.tasks import TaskSpec, resolve_task, sample_batch
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import toy_models.model as tm
 from tests.conftest import micro_model
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 from toy_models.model import PRESETS, MethodState, ToyConfig, ToyTransformer, base_view, preset_config
 from toy_models.tasks import resolve_task, sample_batch
 

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 import toy_models.runs as runs
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 from toy_models.runs import RunDir, load_tensors, read_json, save_tensors, set_aside, sha256, write_json
 
 
@@ -28,13 +28,13 @@ def test_write_json_is_sorted_indented_newline_terminated_and_leaves_no_temporar
     assert read_json(p) == {"a": [1, 2], "b": 1}
     assert [f.name for f in p.parent.iterdir()] == ["a.json"]
     mode = stat.S_IMODE(os.stat(p).st_mode)
-    assert mode == 0o666 & ~runs._umask()
+    assert mode == 0o666 & ~runs.current_umask()
 
 
 def test_umask_is_read_without_changing_it():
     old = os.umask(0o027)
     try:
-        assert runs._umask() == 0o027 and runs._umask() == 0o027
+        assert runs.current_umask() == 0o027 and runs.current_umask() == 0o027
     finally:
         os.umask(old)
 
@@ -48,7 +48,7 @@ def test_a_failed_write_names_the_users_file_and_cleans_up(tmp_path):
         raise OSError(errno.ENOSPC, "No space left on device", tmp)
 
     with pytest.raises(OSError) as e:
-        runs._atomic(p, boom)
+        runs.atomic_write(p, boom)
     assert (e.value.errno, e.value.strerror, e.value.filename) == (errno.ENOSPC, "No space left on device", str(p))
     assert list(tmp_path.iterdir()) == []
     blocker = tmp_path / "file"

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from toy_models.errors import UserError
+from prefixlab_common.errors import UserError
 from toy_models.model import MethodState
 from toy_models.tasks import Batch, TaskSpec, fixed_test_set, resolve_task, sample_batch, step_rng
 from toy_models.training import TrainConfig, evaluate, loss_on, next_batch, output_logits
@@ -23,7 +23,7 @@ SPEC = TaskSpec(length=4, num_digits=4, prompt_len=3)
 def setup(tmp_path_factory):
     """A micro model trained 80 steps: right on about half the samples and 80 % of the tokens,
     so every accuracy is a fraction a wrong formula would change (dropout 0.1)."""
-    from toy_models.pipeline import load_model, pretrain
+    from toy_models.pretraining import load_model, pretrain
     task = resolve_task("ascending", SPEC)
     path = tmp_path_factory.mktemp("eval") / "r"
     pretrain(path, "ascending", "micro", SPEC, TrainConfig(steps=80, batch_size=16, lr=3e-3, warmup=5,

@@ -14,8 +14,8 @@ import toy_models.precision as precision_mod
 from cli import app
 from prefixlab_common.errors import UserError
 from probes.invariance import attention_invariance
-from toy_models.pipeline import pretrain
-from toy_models.precision import cpu_bf16_flags, precision_of, resolve_precision, training_precision
+from toy_models.pretraining import pretrain
+from toy_models.precision import cpu_bf16_flags, resolve_precision
 from toy_models.tasks import TaskSpec, fixed_test_set, resolve_task
 from toy_models.training import TrainConfig
 from tuning.fused import finetune_many, plan_groups
@@ -56,9 +56,6 @@ def test_the_choice_on_a_cpu_with_and_without_native_bf16(native):
         resolve_precision("bf16", CPU)
     with pytest.raises(UserError, match="unknown precision 'fp16'; use auto, fp32, bf16"):
         resolve_precision("fp16", CPU)
-    # the older amp switch: None is fp32 on a CPU, True asks for autocast even where it is emulated
-    assert [precision_of(CPU, a) for a in (None, False, True)] == ["fp32", "fp32", "bf16"]
-    assert training_precision(CPU, None, True) == "bf16" and training_precision(CPU, "fp32", True) == "fp32"
 
 
 @pytest.mark.parametrize("argv", [["pretrain", "--preset", "micro", "--steps", "2", "--out", "OUT"],
@@ -79,14 +76,16 @@ def test_cli_refuses_bf16_without_native_support_in_one_line(tmp_path, native, a
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
-    """The same micro pretraining in fp32 and under bf16 autocast (amp=True: bf16 even where the
-    CPU emulates it, so the test runs on any CPU)."""
+    """The same micro pretraining in fp32 and under bf16 autocast (precision="bf16" on a CPU that
+    is told it has native bf16: it runs emulated where it has not, so the test runs on any CPU)."""
     d = tmp_path_factory.mktemp("precision")
     cfg = TrainConfig(steps=60, batch_size=16, lr=1e-2, warmup=5, eval_every=30, eval_size=64)
     out = {}
-    for name, amp in (("fp32", False), ("bf16", True)):
-        m = pretrain(d / name, "add1", "micro", SPEC, cfg, amp=amp)
-        out[name] = (d / name, m)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(precision_mod, "cpu_bf16_flags", lambda *a: ("avx512_bf16",))
+        for name in ("fp32", "bf16"):
+            m = pretrain(d / name, "add1", "micro", SPEC, cfg, precision=name)
+            out[name] = (d / name, m)
     return out
 
 
@@ -110,9 +109,10 @@ def test_bf16_pretraining_converges_and_is_recorded(bases):
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_run_of_one_precision_is_not_reused_for_another(bases, tmp_path):
+def test_a_run_of_one_precision_is_not_reused_for_another(bases, tmp_path, native):
+    native(True)
     base = bases["fp32"][0]
-    finetune(base, "prefix", "add2", tmp_path / "t", {"length": 2}, TUNE, amp=True)
+    finetune(base, "prefix", "add2", tmp_path / "t", {"length": 2}, TUNE, precision="bf16")
     assert json.loads((tmp_path / "t" / "config.json").read_text())["precision"] == "bf16"
     with pytest.raises(UserError, match="holds a complete run with other options"):
         finetune_many(base, [{"method": "prefix", "task": "add2", "out": tmp_path / "t",
@@ -130,10 +130,11 @@ def test_jobs_of_different_precisions_never_fuse(bases, tmp_path):
     assert sorted(plan_groups(base, jobs)) == [[0, 1], [2, 3]]
 
 
-def test_probes_of_a_bf16_trained_run_give_the_layer0_identities_at_fp32_tolerance(bases, tmp_path):
+def test_probes_of_a_bf16_trained_run_give_the_layer0_identities_at_fp32_tolerance(bases, tmp_path, native):
+    native(True)
     base = bases["bf16"][0]
     finetune(base, "prefix", "add2", tmp_path / "p", {"length": 2, "share": "simple"},
-             {**TUNE, "steps": 20, "lr": 3e-2}, amp=True)
+             {**TUNE, "steps": 20, "lr": 3e-2}, precision="bf16")
     run = load_run(tmp_path / "p")
     assert all(p.dtype == torch.float32 for p in run.model.parameters())
     assert all(t.dtype == torch.float32 for t in run.state.prefix_k)
@@ -143,20 +144,30 @@ def test_probes_of_a_bf16_trained_run_give_the_layer0_identities_at_fp32_toleran
 
 
 def _keys(scale: str, precision: str) -> dict[str, str]:
-    from study.runner import plan
+    from study.reproduce import plan
     return plan(Path("/tmp/precision-keys"), scale, None, precision)[1]
 
 
 def test_a_study_stage_of_another_precision_is_not_reused():
     from study.recipes import RECIPES
-    from study.runkit import base_key
+    from study.experiments.e3 import BASE
+    from study.experiments.toy import base_key
     from study.stages import stages_for
     fp32, bf16 = _keys("micro", "fp32"), _keys("micro", "bf16")
-    trained = {"base-E1", "base-E2", "base-E3", "E1", "E2", "E3", "E4", "sample_eff", "probes"}
-    assert {n for n in fp32 if fp32[n] != bf16[n]} == trained  # the LLaMA and theory stages are shared
+    # the stages that train a toy run (the bases, the experiments that declare a recipe: the registry
+    # says which) and every stage that reads one of them; the LLaMA and theory stages are shared
+    from study.experiments.registry import REGISTRY
+    stages = stages_for("micro", Path("/tmp/x"))
+    trained = {s.name for s in stages if s.name.startswith("base-")} | {e.name for e in REGISTRY if e.recipe}
+    for s in stages:  # in dependency order
+        if set(s.needs) & trained:
+            trained.add(s.name)
+    assert {"base-E1", "base-E2", "base-E3", "E1", "E2", "E3", "E4", "sample_eff", "probes"} <= trained
+    assert "llama" not in trained and "reparam" not in trained
+    assert {n for n in fp32 if fp32[n] != bf16[n]} == trained
     # fp32 keeps the keys it always had: the stage configs carry no precision
     assert all("precision" not in s.config.get("recipe", {}) for s in stages_for("micro", Path("/tmp/x")))
     r = RECIPES["micro"]["E3"]
     from dataclasses import replace
-    assert base_key("E3", r) != base_key("E3", replace(r, precision="bf16"))
-    assert base_key("E3", r) == base_key("E3", replace(r, precision="fp32"))
+    assert base_key(BASE, r) != base_key(BASE, replace(r, precision="bf16"))
+    assert base_key(BASE, r) == base_key(BASE, replace(r, precision="fp32"))

@@ -126,10 +126,10 @@ def test_exact_ceiling_of_mix4():
 def test_task_edges_conventions_and_helpers():
     """A zero or unit divisor, the divisor range, TaskSpec's limits and messages, the task list,
     step and test-set generators, and the small helpers the CLI prints with."""
-    from toy_models.tasks import _divisible_mask, _modulo, example, task_names
+    from toy_models.tasks import divisible_mask, modulo, example, task_names
     x = np.array([[0, 0, 3, 5], [1, 0, 3, 5], [3, 0, 3, 5]])
-    assert _modulo(x).tolist() == [[0, 0, 3, 5], [0, 0, 0, 0], [0, 0, 0, 2]]
-    assert _divisible_mask(x).tolist() == [[True, True, False, False], [True] * 4, [True, True, True, False]]
+    assert modulo(x).tolist() == [[0, 0, 3, 5], [0, 0, 0, 0], [0, 0, 0, 2]]
+    assert divisible_mask(x).tolist() == [[True, True, False, False], [True] * 4, [True, True, True, False]]
     for n, top in ((4, 2), (6, 3), (9, 4), (3, 2)):
         spec = TaskSpec(length=4, num_digits=n, prompt_len=1)
         first = sample_batch(resolve_task("modulo", spec), spec, 400, np.random.default_rng(n)).x[:, 0]

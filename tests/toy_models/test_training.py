@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from toy_models.errors import UserError
-from toy_models.pipeline import load_model, pretrain
+from prefixlab_common.errors import UserError
+from toy_models.pretraining import load_model, pretrain
 from tuning.pipeline import load_run
 from toy_models.runs import load_tensors
 from toy_models.tasks import TaskSpec
@@ -285,3 +285,73 @@ def test_a_perfect_mix4_predictor_meets_the_ceiling(mix4_test):
     blind = evaluate(oracle, None, test, provide_first=False)
     assert abs(blind["exact_acc"] - exact_ceiling(task, test, False)) <= 0.05
     assert blind["exact_acc"] < 0.4 < got["exact_acc"]
+
+
+# --------------------------------------------------------------------------------------------
+# One run through `fit` and through the batched loop (toy_models/batched.py): the same run.
+
+
+def _micro_model(dropout: float):
+    from toy_models.model import preset_config
+    from toy_models.pretraining import build_model
+    from toy_models.training import Trainable
+    cfg = preset_config("micro", d_vocab=SPEC.vocab_size, n_ctx=SPEC.n_ctx, n_prompt=SPEC.prompt_len, dropout=dropout)
+    model = build_model(cfg, 0)
+    return model, Trainable(dict(model.named_parameters()), lambda: None,
+                            no_decay=lambda n, p: p.ndim < 2 or n.endswith(("W_E", "W_pos")))
+
+
+def _train_one(path, via: str, cfg: TrainConfig, resume: bool = False, stop_at_step: int | None = None):
+    """One micro pretraining run, by `fit` or by `fit_many` with one member; returns its
+    result (timing dropped), progress calls, final parameters and optimizer checkpoint."""
+    from toy_models.batched import Member, fit_many
+    from toy_models.runs import RunDir
+    from toy_models.tasks import resolve_task
+    from toy_models.training import fit
+    model, tr = _micro_model(dropout=0.1)
+    task, run, calls = resolve_task("add1", SPEC), RunDir(path), []
+    run.path.mkdir(exist_ok=True)
+
+    def progress(step, total, info):
+        calls.append((step, total, info))
+        if step == stop_at_step:
+            raise Interrupt
+
+    if via == "fit":
+        result = fit(model, tr, task, SPEC, cfg, run=run, resume=resume, progress=progress)
+    else:
+        result = fit_many(model, [Member(tr, task, cfg, run, resume)], SPEC, progress)[0]
+    timing = result.pop("timing")
+    assert timing["fused_runs"] == 1 and timing["seqs_per_s"] > 0
+    return result, calls, {k: v.clone() for k, v in tr.params.items()}, load_tensors(path / "train_state.safetensors")
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(train_size=24, stop_at=0.0, eval_every=7)],
+                         ids=["fresh-samples-dropout", "finite-pool-early-stop"])
+def test_fit_and_the_batched_loop_train_one_run_identically(tmp_path, kw):
+    """Same seed, fp32: `fit` and `fit_many([one run])` give the same losses, learning rates,
+    evaluations, progress calls, final metrics, parameters and optimizer state, bit for bit."""
+    cfg = tiny_train(**kw)
+    a = _train_one(tmp_path / "fit", "fit", cfg)
+    b = _train_one(tmp_path / "batched", "batched", cfg)
+    assert a[0] == b[0] and a[1] == b[1]
+    assert (tmp_path / "fit" / "metrics.jsonl").read_text() == (tmp_path / "batched" / "metrics.jsonl").read_text()
+    for got, want in ((a[2], b[2]), (a[3], b[3])):
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert len({info["loss"] for _, _, info in a[1]}) == len(a[1]) > 1  # it trained: the loss moved every step
+    if "stop_at" in kw:  # stopped at its first evaluation
+        assert a[0]["steps"] == 7 and [c[0] for c in a[1]] == list(range(1, 8))
+
+
+def test_a_run_checkpointed_by_fit_resumes_in_the_batched_loop_and_back(tmp_path):
+    """Interrupted after its step-20 checkpoint, a run resumed by the other loop ends exactly as
+    the uninterrupted one: both loops read and write the same checkpoints."""
+    cfg = tiny_train()
+    full = _train_one(tmp_path / "full", "fit", cfg)
+    for first, then in (("fit", "batched"), ("batched", "fit")):
+        with pytest.raises(Interrupt):
+            _train_one(tmp_path / first, first, cfg, stop_at_step=20)
+        resumed = _train_one(tmp_path / first, then, cfg, resume=True)
+        assert resumed[0] == full[0] and [c[0] for c in resumed[1]] == list(range(21, 41))
+        assert all(torch.equal(resumed[2][k], full[2][k]) for k in full[2])
+        assert (tmp_path / first / "metrics.jsonl").read_text() == (tmp_path / "full" / "metrics.jsonl").read_text()

@@ -1,4 +1,4 @@
-"""Fused runs (tuning/fused.py, toy_models.training.fit_many): K runs trained in one forward and
+"""Fused runs (tuning/fused.py, toy_models.batched.fit_many): K runs trained in one forward and
 backward must end exactly where the same runs trained alone end, within fp32 rounding."""
 
 import json
@@ -9,9 +9,9 @@ import torch
 from prefixlab_common.errors import UserError
 from toy_models.model import MethodState
 from toy_models.runs import load_tensors
+from toy_models.batched import fold_states, runs_logits
 from toy_models.tasks import TaskSpec
-from toy_models.training import fold_states, runs_logits
-from tuning.fused import _groups, finetune_many
+from tuning.fused import finetune_many, fusion_groups
 from tuning.jobs import prepare_job
 from tuning.pipeline import finetune, load_run
 from tuning.registry import METHODS as REGISTRY
@@ -141,7 +141,7 @@ def test_bad_jobs_are_refused_before_anything_is_written(base, tmp_path):
 
 def test_grouping(base):
     model = load_run(base).model
-    from toy_models.pipeline import load_model
+    from toy_models.pretraining import load_model
     m, bc = load_model(base)
 
     def job(method, opts, **train):
@@ -152,11 +152,11 @@ def test_grouping(base):
              job("lora", {"rank": 1}), job("full", {}),
              (0, prepare_job(m, bc, base, "prompt", "add2", "/tmp/x", {"length": 1}, {}), False),
              (0, prepare_job(m, bc, base, "prompt", "add2", "/tmp/x", {"length": 1}, {}), False)]
-    sizes = sorted(len(g) for g in _groups(items, model, True, None))
+    sizes = sorted(len(g) for g in fusion_groups(items, model, True, None))
     # same structure and schedule length fuse; full (dropout) and searched prompts alone
     assert sizes == [1, 1, 1, 1, 1, 1, 2]
-    assert all(len(g) == 1 for g in _groups(items, model, False, None))
-    assert sorted(len(g) for g in _groups(items[:2], model, True, 1)) == [1, 1]
+    assert all(len(g) == 1 for g in fusion_groups(items, model, False, None))
+    assert sorted(len(g) for g in fusion_groups(items[:2], model, True, 1)) == [1, 1]
 
 
 def test_sweep_writes_one_run_per_task_and_seed(base, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from prefixlab_common.errors import UserError
-from toy_models.pipeline import load_model
+from toy_models.pretraining import load_model
 from toy_models.runs import load_tensors
 from toy_models.tasks import TaskSpec, resolve_task, sample_batch
 from toy_models.training import loss_on

@@ -16,12 +16,13 @@ import torch.nn.functional as F
 
 from tests.conftest import micro_model
 from toy_models.model import MethodState
-from toy_models.pipeline import pretrain
+from toy_models.pretraining import pretrain
 from toy_models.tasks import TaskSpec
 from toy_models.training import TrainConfig
 from tuning import METHODS, FullFinetune, LoRA, Prefix, SoftPrompt, make_method
 from tuning.lora import DEFAULT_TARGETS, TARGETS
-from tuning.pipeline import TUNE_DEFAULTS, finish_job, load_run, prepare_job, start_job
+from tuning.jobs import TUNE_DEFAULTS, finish_job, prepare_job, start_job
+from tuning.pipeline import load_run
 
 SPEC = TaskSpec(length=4, num_digits=4, prompt_len=3)
 
@@ -243,7 +244,7 @@ def test_method_defaults_are_the_documented_ones():
     assert Prefix.defaults == dict(lr=1e-2, **ctx)
     assert FullFinetune.defaults == dict(lr=1e-3, weight_decay=0.1, train_mode=True)
     assert TUNE_DEFAULTS == dict(steps=1000, warmup=50, schedule="cosine", eval_every=100)
-    assert set(METHODS) == {"full", "lora", "soft_prompt", "prefix", "prompt"}
+    assert set(METHODS) == {"full", "lora", "soft_prompt", "prefix", "prompt", "prefix_plus"}
 
 
 def test_lora_init_and_what_each_method_trains():
@@ -282,7 +283,7 @@ def base_run(tmp_path_factory):
 def test_saved_and_reloaded_run_gives_the_same_logits(base_run, tmp_path, method, opts):
     """A tuned run with random, nonzero tensors, saved by the pipeline's own writer and loaded
     back, gives the logits its method gave before saving (not those of a fresh method)."""
-    from toy_models.pipeline import load_model
+    from toy_models.pretraining import load_model
     model, base_config = load_model(base_run)
     job = prepare_job(model, base_config, base_run, method, "add2", tmp_path / "t", opts, {"steps": 1})
     start_job(job, overwrite=False, resume=False, device=torch.device("cpu"))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from prefixlab_common.errors import UserError
-from toy_models.pipeline import load_model
+from toy_models.pretraining import load_model
 from toy_models.tasks import TaskSpec, resolve_task
 from toy_models.training import TrainConfig, loss_on
 from tuning import HardPrompt, SoftPrompt
