@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 from engine.timing import longest_chain
+from toy_models.runs import write_text
 # Lazy import: rich, only when the display is a terminal (a log file gets plain lines).
 
 WRITE_EVERY_S = 2.0
@@ -100,10 +100,7 @@ class ProgressFile:
     def _write(self) -> None:
         self.last_write = self.clock()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(self.state))
-            os.replace(tmp, self.path)
+            write_text(self.path, json.dumps(self.state))  # atomic: the driver never reads half a file
         except OSError:  # progress is a courtesy: a full disk is the stage's own writes' to report
             pass
 

@@ -117,22 +117,32 @@ def tiny_llama_config(gqa: bool = False, n_layers: int = 2):
     )
 
 
-def tiny_llama(seed: int = 0, gqa: bool = False, n_layers: int = 2, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """A seeded random `LlamaForCausalLM` with eager attention and a character tokenizer."""
-    from transformers import LlamaForCausalLM
-
-    config = tiny_llama_config(gqa=gqa, n_layers=n_layers)
+def seeded_random_model(cls, config, seed: int, per_layer=None, after=None):
+    """A random `cls(config)` with eager attention, drawn after torch.manual_seed(seed), then its q/k
+    weights redrawn with std 0.3 after manual_seed(seed + 1): HF's init (std 0.02) gives near-uniform
+    attention, larger q/k weights give peaked patterns. per_layer(layer) and after(model) draw more
+    in the same stream (each layer's right after its q/k weights). The caller's RNG is left as it was."""
     config._attn_implementation = "eager"
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    # HF's init (std 0.02) gives near-uniform attention; larger q/k weights give peaked patterns.
+        model = cls(config)
     with torch.no_grad(), torch.random.fork_rng():
         torch.manual_seed(seed + 1)
         for layer in model.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
                 proj.weight.normal_(0.0, 0.3)
-    model = model.to(dtype).eval()
+            if per_layer is not None:
+                per_layer(layer)
+        if after is not None:
+            after(model)
+    return model
+
+
+def tiny_llama(seed: int = 0, gqa: bool = False, n_layers: int = 2, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """A seeded random `LlamaForCausalLM` with eager attention and a character tokenizer."""
+    from transformers import LlamaForCausalLM
+
+    model = seeded_random_model(LlamaForCausalLM, tiny_llama_config(gqa=gqa, n_layers=n_layers), seed).to(dtype).eval()
     name = "tiny-gqa" if gqa else "tiny"
     return LoadedModel(model, char_tokenizer(), name, 1)
 
@@ -259,20 +269,15 @@ def tiny_gemma3(seed: int = 0, dtype: torch.dtype = torch.float32, **config_kwar
     peaked and the norms are not the identity."""
     from transformers import Gemma3ForCausalLM
 
-    config = tiny_gemma3_config(**config_kwargs)
-    config._attn_implementation = "eager"
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = Gemma3ForCausalLM(config)
-    with torch.no_grad(), torch.random.fork_rng():
-        torch.manual_seed(seed + 1)
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
-                proj.weight.normal_(0.0, 0.3)
-            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
-                norm.weight.normal_(0.0, 0.5)
+    def norms(layer):  # drawn right after the layer's q/k weights
+        for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+            norm.weight.normal_(0.0, 0.5)
+
+    def embeddings(model):
         model.model.embed_tokens.weight.normal_(0.0, 0.05)  # scaled by sqrt(64) = 8 in the forward
-    model = model.to(dtype).eval()
+
+    model = seeded_random_model(Gemma3ForCausalLM, tiny_gemma3_config(**config_kwargs), seed, norms,
+                                embeddings).to(dtype).eval()
     return LoadedModel(model, char_tokenizer(), "tiny-gemma3", 1)
 
 

@@ -8,6 +8,32 @@ from toy_models.tasks import TaskSpec
 torch.set_num_threads(1)  # micro models: one thread is as fast, and far faster on a loaded machine
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests, restored after it (opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")` or an autouse fixture that requests it):
+    the tiny models are far too small for intra-op threads, and on a busy 2-core box two OpenMP
+    threads make every small matmul ~100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny random LLaMA of the model checks (4 heads)."""
+    from model_checks.models import tiny_llama  # transformers: only for the tests that ask for it
+    return tiny_llama(seed=0, gqa=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_gqa():
+    """The tiny random LLaMA with grouped-query attention (2 key/value heads)."""
+    from model_checks.models import tiny_llama
+    return tiny_llama(seed=0, gqa=True)
+
+
 @pytest.fixture
 def spec():
     return TaskSpec(length=4, num_digits=4, prompt_len=3)

@@ -1,29 +1,12 @@
-"""Fixtures shared by the LLaMA-check tests: one torch thread, and the tiny random LLaMAs."""
+"""Fixtures of the model-check tests: one torch thread in every module (tests/conftest.py has
+`one_thread` and the tiny random LLaMAs `tiny`, `tiny_gqa`), and the tiny random Gemma 3."""
 
 import pytest
-import torch
-
-from model_checks.models import tiny_llama
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny models are far too small for intra-op threads; on a busy 2-core box two OpenMP
-    # threads make every small matmul ~100x slower. Restored after each module.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def every_module_on_one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_llama(seed=0, gqa=False)
-
-
-@pytest.fixture(scope="module")
-def tiny_gqa():
-    return tiny_llama(seed=0, gqa=True)
 
 
 @pytest.fixture(scope="module")

@@ -32,13 +32,7 @@ HOSTILE = "<script>alert(1)</script>"
 PLOTLY_HEADER = get_plotlyjs()[:200]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # on a shared 2-core machine, 2 torch threads run these micro models ~8x slower than 1
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: micro models run ~8x faster on 1 thread
 
 
 def make_tiny_runs(root: Path) -> dict[str, Path]:

@@ -10,26 +10,9 @@ from study.experiments import data_to_text as d2t
 from study.experiments.d2t_data import make_splits
 from model_checks.prefix import CachePrefix, hard_prompt_prefix, load_prefix, prefix_cache, save_prefix
 from prefixlab_common.errors import UserError
-from model_checks.models import tiny_llama
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models are far too small for intra-op threads (tests/model_checks/conftest.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_llama(seed=0, gqa=False)
-
-
-@pytest.fixture(scope="module")
-def tiny_gqa():
-    return tiny_llama(seed=0, gqa=True)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py, with `tiny` and `tiny_gqa`
 
 
 def test_grammar_is_deterministic_and_splits_are_disjoint_and_nested():
