@@ -79,13 +79,23 @@ def _problem(rec, stage: Stage, key: str) -> str | None:
     return None
 
 
+def _read_record(marker: Path, stage: Stage, key: str) -> tuple[dict | None, str | None]:
+    """The record at `marker` and what makes it unusable (None: it is whole)."""
+    try:
+        rec = read_json(marker)
+    except UserError:
+        return None, "is not valid JSON"
+    return rec, _problem(rec, stage, key)
+
+
 def is_cached(out: Path, stage: Stage, key: str) -> bool:
     """Whether the stage's record is whole and done (read only: `cached` heals what is not)."""
+    marker = out / "stages" / f"{stage.name}-{key}" / "result.json"
     try:
-        rec = read_json(out / "stages" / f"{stage.name}-{key}" / "result.json")
-    except (OSError, UserError):
+        rec, problem = _read_record(marker, stage, key) if marker.is_file() else (None, "missing")
+    except OSError:
         return False
-    return _problem(rec, stage, key) is None and rec.get("status") == "done"
+    return problem is None and rec.get("status") == "done"
 
 
 def cached(out: Path, stage: Stage, key: str, on_note=None) -> dict | None:
@@ -94,11 +104,7 @@ def cached(out: Path, stage: Stage, key: str, on_note=None) -> dict | None:
     marker = out / "stages" / f"{stage.name}-{key}" / "result.json"
     if not marker.is_file():
         return None
-    try:
-        rec = read_json(marker)
-        problem = _problem(rec, stage, key)
-    except UserError:
-        rec, problem = None, "is not valid JSON"
+    rec, problem = _read_record(marker, stage, key)
     if problem is not None:
         aside = set_aside(marker, "corrupt")
         if on_note:
