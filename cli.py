@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -1026,8 +1027,8 @@ def report(runs: List[Path] = typer.Argument(..., metavar="RUN...", show_default
 def reproduce(scale: str = typer.Option("quick", "--scale", metavar="SCALE", help="the study's size: quick (what make demo runs), paper (the papers' model sizes) or micro (seconds; its numbers mean nothing)"),
               out: Path = typer.Option(Path("runs/reproduce"), metavar="DIR", help="study directory (stages are cached here; report.html goes here)"),
               stage: Optional[str] = typer.Option(None, metavar="LIST", help=f"run only these stages (and what they need), e.g. E1,probes {dflt('all')}"),
-              workers: int = typer.Option(1, metavar="N", help="run independent stages in parallel on a local Ray with N workers "
-                                                  "(each pins its torch threads to cores/N)"),
+              workers: str = typer.Option("1", metavar="N", help="run independent stages in parallel on a local Ray with N workers "
+                                                  "(each pins its torch threads to cores/N), or auto: one worker per core this process may use"),
               ray: Optional[str] = typer.Option(None, "--ray", envvar="RAY_ADDRESS", metavar="ADDRESS",
                                                 help="run the stages on an existing Ray cluster, host:port as `ray start --head` "
                                                      "prints it (--out must be on storage every node sees; a head with "
@@ -1046,11 +1047,10 @@ def reproduce(scale: str = typer.Option("quick", "--scale", metavar="SCALE", hel
     from reports.study import render_study
     from study.reproduce import reproduce as _reproduce
     only = [s for s in stage.split(",")] if stage else None
-    if workers < 1:
-        _fail(f"--workers must be at least 1, got {workers}")
+    n_workers = _workers(workers)
     from engine.progress import StudyProgress
     with StudyProgress(sys.stderr) as sp:
-        res = _reproduce(out, scale, sp.factory, only, workers, ray, sp.done, device=device, on_note=_note,
+        res = _reproduce(out, scale, sp.factory, only, n_workers, ray, sp.done, device=device, on_note=_note,
                          precision=precision)
     t = res.get("timing")
     if t:
@@ -1070,10 +1070,23 @@ def reproduce(scale: str = typer.Option("quick", "--scale", metavar="SCALE", hel
         raise typer.Exit(1)
 
 
+def _workers(value: str) -> int:
+    """--workers N or auto (one worker per core this process may run on)."""
+    if value == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        _fail(f"--workers must be a whole number of at least 1 or auto, got {value!r}")
+    return n
+
+
 @command()
 def demo(out: Path = typer.Option(Path("runs/demo"), metavar="DIR", help="study directory (stages are cached here; report.html goes here)"),
-         workers: int = typer.Option(2, metavar="N", help="parallel stage workers (local Ray)")):
-    """The whole study as `make demo` runs it: `reproduce --scale quick --workers 2`.
+         workers: str = typer.Option("auto", metavar="N", help="parallel stage workers on a local Ray: N, or auto (one per core)")):
+    """The whole study as `make demo` runs it: `reproduce --scale quick --workers auto`.
 
     About 70 minutes on 2 cores; the report is report.html in --out (runs/demo/report.html by default).
 

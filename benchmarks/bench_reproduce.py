@@ -13,7 +13,10 @@ first, one slot per piece) for 1, 2, 4, 8 and 16 workers, and prints the wall ti
 --eta-replay STUDY_DIR replays a finished study's timeline (its stages' starts and ends, its runs'
 ends) through the study line's ETA (`engine.progress.StudyEta`) and prints the ETA beside the
 time that was really left, at 10 %, 25 %, 50 %, 75 % and 90 % of its wall time: once from the
-catalogue's static estimates (a fresh study: no timings.json) and once from its own timings."""
+catalogue's static estimates (a fresh study: no timings.json), once from today's cost model on
+the same configs, and once from its own timings.
+--work-table BEFORE AFTER puts two finished studies' stage work side by side (timings.json), with
+their totals and each stage's change."""
 
 import argparse
 import json
@@ -37,7 +40,11 @@ def main():
                                        "replay the schedule only")
     ap.add_argument("--eta-replay", help="a finished study's directory: replay its timeline through the study's ETA")
     ap.add_argument("--eta-workers", type=int, default=2, help="the workers the replayed study ran on")
+    ap.add_argument("--work-table", nargs=2, metavar=("BEFORE", "AFTER"),
+                    help="two finished studies' directories: each stage's one-thread work side by side")
     args = ap.parse_args()
+    if args.work_table:
+        return work_table(*map(Path, args.work_table))
     if args.eta_replay:
         return eta_replay(Path(args.eta_replay), args.eta_workers, args.preset)
     if args.simulate:
@@ -181,7 +188,7 @@ def _phases(d: Path, rec: dict) -> list[list[tuple[float, list[str]]]]:
         res = rec.get("result") or {}
         first = lambda c: str((c.get("train") or {}).get("train_size")) == str(res["sizes"][0]) \
             and c.get("seed") == res["seeds"][0]  # noqa: E731
-        grid = [g for g in groups if "lr_grid" in res and all(first(c) for c in g["cfgs"])]
+        grid = [g for g in groups if res.get("lr_grid") and all(first(c) for c in g["cfgs"])]
         sizes = [len(grid), len(groups) - len(grid)] if grid else [len(groups)]
         groups = grid + [g for g in groups if g not in grid]
     phases, at = [], 0
@@ -189,6 +196,21 @@ def _phases(d: Path, rec: dict) -> list[list[tuple[float, list[str]]]]:
         phases.append([(g["s"], g["runs"]) for g in groups[at:at + n]])
         at += n
     return [p for p in phases if p]
+
+
+def work_table(before: Path, after: Path) -> None:
+    """Each stage's work (s, one thread) in two finished studies, from their timings.json: a stage
+    the other study lacks (or whose key changed, so it was trained again) shows as such."""
+    a, b = (json.loads((d / "timings.json").read_text()) for d in (before, after))
+    rows = {}
+    for name in sorted(set(a) | set(b), key=lambda n: -max(a.get(n, {}).get("work_s", 0), b.get(n, {}).get("work_s", 0))):
+        x, y = a.get(name, {}).get("work_s"), b.get(name, {}).get("work_s")
+        rows[name] = {"before_s": x, "after_s": y, "same_key": a.get(name, {}).get("key") == b.get(name, {}).get("key"),
+                      "change": (y / x - 1) if x and y else None}
+    total = lambda t: sum(v.get("work_s", 0) for v in t.values())  # noqa: E731
+    print(json.dumps({"before": str(before), "after": str(after), "stages": rows,
+                      "total_before_s": total(a), "total_after_s": total(b),
+                      "total_change": total(b) / total(a) - 1}, indent=2))
 
 
 def eta_replay(study: Path, workers: int, preset: str) -> None:
@@ -210,8 +232,13 @@ def eta_replay(study: Path, workers: int, preset: str) -> None:
         events += [(min(e, t["ended"]), 1, "runs", name, i + 1) for i, e in enumerate(ends)]
     events.sort()
     t0, t1 = events[0][0], max(e[0] for e in events)
+    from study.stages import estimate
+    static = {n: estimate(n, rec["config"]) for n, (_, rec) in records.items()}
     plans = {"estimates": [{"name": n, "needs": needs[n], "dir": None, "runs": None, "work_s": history[n]["estimate"],
                             "span_s": history[n]["estimate"]} for n in records],
+             # the same study's configs under today's cost model (study.experiments.toy.step_seconds)
+             "estimates_now": [{"name": n, "needs": needs[n], "dir": None, "runs": None, "work_s": static[n],
+                                "span_s": static[n]} for n in records],
              "recorded": [{"name": n, "needs": needs[n], "dir": None, "work_s": history[n]["work_s"],
                            "span_s": history[n]["span_s"], "runs": len(list(d.glob("*/metrics.json")))}
                           for n, (d, _) in records.items()]}

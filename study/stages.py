@@ -30,6 +30,14 @@ def run_base(d: Path, cfg: dict, up: dict, progress=None, device=None) -> dict:
     return ensure_base(bases_dir(d), e.base, stage_recipe(cfg, e.recipe), progress, device)
 
 
+def estimate(name: str, cfg: dict) -> float:
+    """A stage's static cost estimate (seconds at one thread) from its name and config: what
+    `stages_for` gives it, here for a recorded config (the ETA replay of a finished study)."""
+    if name.startswith("base-"):
+        return step_seconds(cfg["recipe"]) * cfg["recipe"]["pretrain_steps"]
+    return EXPERIMENTS[name].estimate(cfg)
+
+
 def _base_stages(scale: str, recipes: dict, experiments: list[Experiment]) -> tuple[list[Stage], dict[str, str]]:
     """One stage per distinct base (named after the first experiment in the registry that tunes it),
     and each experiment's base stage."""
@@ -43,7 +51,7 @@ def _base_stages(scale: str, recipes: dict, experiments: list[Experiment]) -> tu
             recipe = {k: v for k, v in recipes[e.recipe].to_dict().items() if k in BASE_FIELDS}
             stages.append(Stage(by_key[key], f"Base model for {e.name}: {base_about(e.base)}",
                                 {"preset": scale, "recipe": recipe, "experiment": e.name}, run_base,
-                                estimate=step_seconds(recipe) * recipe["pretrain_steps"]))
+                                estimate=estimate(by_key[key], {"recipe": recipe})))
         base_of[e.name] = by_key[key]
     return stages, base_of
 
@@ -65,6 +73,6 @@ def stages_for(scale: str, out: Path, precision: str = "fp32", every_scale: bool
         cfg = e.config(scale, recipes)
         fn = ToyStage(e.run, e.recipe) if e.recipe else e.run
         needs = ((base_of[e.name],) if e.name in base_of else ()) + e.needs
-        stages.append(Stage(e.name, e.title, cfg, fn, needs=needs, estimate=e.estimate(cfg)))
+        stages.append(Stage(e.name, e.title, cfg, fn, needs=needs, estimate=estimate(e.name, cfg)))
     rank = priorities({s.name: s.estimate for s in stages}, {s.name: s.needs for s in stages})
     return sorted(stages, key=lambda s: -rank[s.name])  # a stage outranks every stage that needs it

@@ -50,7 +50,9 @@ def _e3(r: dict, records: dict) -> tuple:
     return ("[PT+] E3: Prefix-Tuning+ on the deeper mix4 model", [
         Table(["task", f"[PT+] ({r['params']:,} params)", "[P] E3: P=10 prefix"], rows),
         curves_figure(r["curves"], "[PT+] E3: pretraining tasks and ascending_add1")],
-        NOTE + f"Base: {of_ceiling(r['base_acc'])}.")
+        NOTE + f"Base: {of_ceiling(r['base_acc'])}."
+        + (f" Every [PT+] run here trained {r['steps']:,} steps; the prefix's ascending_add1 and double_hist "
+           f"runs trained {r['prefix_steps']:,}." if "steps" in r else ""))
 
 
 def _e4(r: dict, records: dict) -> tuple:

@@ -28,11 +28,16 @@ def sample_eff_figure(r: dict):
 
 
 def section(r: dict, records: dict) -> tuple:
+    title = "[L]'s claim on the toy: sample efficiency of the prefix parameterizations (real training)"
+    about = (f"Each prefix starts at the base (init 'slot') and trains on a fixed pool of n examples of {r['task']} "
+             f"(base: {of_ceiling(r['base_acc'])}). ")
+    if not r["lr_grid"]:  # the recipe fixes each variant's rate (older records have no "lr_from")
+        rates = Table(["variant", "lr"], [[v, f"{lr:g}"] for v, lr in r["lr"].items()])
+        return (title, [sample_eff_figure(r), rates], about + "Each variant's learning rate is fixed by the "
+                "recipe, as [L]'s code fixes one per method: the rate a validation grid chose for it (never the "
+                "test set; docs/experiments.md, \"The [L] toy's learning rates, fixed\").")
     grid = [[v, f"{float(lr):g}", f"{g['val_loss']:.4f}", pct(g["val_acc"]), "chosen" if float(lr) == r["lr"][v] else ""]
             for v, by in r["lr_grid"].items() for lr, g in by.items()]
-    return ("[L]'s claim on the toy: sample efficiency of the prefix parameterizations (real training)", [
-        sample_eff_figure(r),
-        Table(["variant", "lr", "validation loss", "validation exact acc.", ""], grid)],
-        f"Each prefix starts at the base (init 'slot') and trains on a fixed pool of n examples of {r['task']} "
-        f"(base: {of_ceiling(r['base_acc'])}). Learning rates were chosen per variant on a validation split "
-        f"(n = {r['sizes'][0]}, seed {r['seeds'][0]}), never on the test set.")
+    return (title, [sample_eff_figure(r), Table(["variant", "lr", "validation loss", "validation exact acc.", ""], grid)],
+            about + f"Learning rates were chosen per variant on a validation split (n = {r['sizes'][0]}, "
+            f"seed {r['seeds'][0]}), never on the test set.")

@@ -31,18 +31,24 @@ SAMPLE_EFF = {
     "micro": {"task": "ascending_add1", "P": 2, "variants": ["none", "simple", "deep48", "deep512"],
               "sizes": [8, 32, None], "seeds": [0, 1], "steps": 10, "val_size": 64,
               "lr_grid": {"none": [1e-2, 3e-2], "simple": [1e-2], "deep48": [3e-4], "deep512": [1e-4, 3e-4]}},
-    # quick: three points per grid, each wide enough that the chosen rate is not on its edge in
-    # the recorded run (docs/experiments.md: a two-point grid chose edges). No "early_stop": on this
-    # stage a validation-loss plateau comes long before the accuracy's, so it changed the chosen
-    # rates and the n = 64 results (docs/experiments.md, "Early stop on a validation plateau")
+    # quick: each variant's learning rate fixed, as [L]'s code fixes one per method: the rates its
+    # validation grid chose (QUICK_GRID, n = 64, seed 0) in the quick study of docs/experiments.md
+    # ("The [L] toy's learning rates, fixed"). The grid's 8 runs that were not reused cost a quarter
+    # of the stage; its chosen runs are the same jobs as before, so every cell is unchanged. No
+    # "early_stop": on this stage a validation-loss plateau comes long before the accuracy's, so it
+    # changed the chosen rates and the n = 64 results (docs/experiments.md, "Early stop on a
+    # validation plateau")
     "quick": {"task": "ascending_add1", "P": 10, "variants": ["none", "simple", "deep48", "deep512"],
               "sizes": [64, 1024], "seeds": [0, 1, 2], "steps": 1500, "val_size": 1000,
-              "lr_grid": {"none": [1e-2, 3e-2, 1e-1], "simple": [3e-3, 1e-2, 3e-2],
-                          "deep48": [3e-4, 1e-3, 3e-3], "deep512": [3e-4, 1e-3, 3e-3]}},
+              "lr": {"none": 1e-1, "simple": 1e-2, "deep48": 3e-4, "deep512": 3e-3}},
     "paper": {"task": "ascending_add1", "P": 10, "variants": ["none", "simple", "deep48", "deep512"],
               "sizes": [32, 128, 512, 2048, None], "seeds": [0, 1, 2], "steps": 3000, "val_size": 1000,
               "lr_grid": {"none": _DIRECT, "simple": _DIRECT, "deep48": _MLP, "deep512": _MLP}},
 }
+# the quick scale's grid, as it ran before its choice was fixed (`SAMPLE_EFF["quick"]["lr"]`): three
+# points per variant; `{**SAMPLE_EFF["quick"], "lr_grid": QUICK_GRID}` without "lr" runs it again
+QUICK_GRID = {"none": [1e-2, 3e-2, 1e-1], "simple": [3e-3, 1e-2, 3e-2],
+              "deep48": [3e-4, 1e-3, 3e-3], "deep512": [3e-4, 1e-3, 3e-3]}
 # what of E3's recipe only E3's own runs read (this stage's key leaves it out)
 E3_RUNS_ONLY = ("tune_steps", "long_steps", "long_schedule", "prefix_init", "seeds")
 
@@ -95,10 +101,11 @@ def run(out: Path, bases: Path, r: Recipe, cfg: dict, progress: Progress | None 
     learning a task the base cannot do (E3's ascending_add1 on the E3/E4 base), each on a fixed
     pool of n training examples, n from tens to thousands, plus fresh data (n = None).
 
-    Each variant gets its own learning rate, chosen from its grid by the validation loss at the
-    smallest n (first seed), as [L] grid-searched per method; every variant starts at the base
-    (init 'slot'). cfg: task, P, variants (names of SAMPLE_EFF_VARIANTS), sizes (null: fresh),
-    seeds, steps, lr_grid {variant: [lr, ...]}, val_size, and optionally early_stop {patience,
+    Each variant gets its own learning rate: fixed by cfg["lr"] {variant: lr}, as [L]'s code fixes
+    one per method, or else chosen from cfg["lr_grid"] {variant: [lr, ...]} by the validation loss
+    at the smallest n (first seed), as [L] grid-searched per method; every variant starts at the
+    base (init 'slot'). cfg: task, P, variants (names of SAMPLE_EFF_VARIANTS), sizes (null: fresh),
+    seeds, steps, lr or lr_grid, val_size, and optionally early_stop {patience,
     min_delta, eval_every}: every run then stops on a plateau of its loss on the same validation
     set and ends on its best evaluation (`early_stop`)."""
     base = ensure_pretrain(bases, BASE, r, progress, device)
@@ -125,13 +132,17 @@ def run(out: Path, bases: Path, r: Recipe, cfg: dict, progress: Progress | None 
                 held[j["out"]] = held_out_losses(j["out"], val, test)
         return [{"acc": m["exact_acc"], "steps": m["steps"], **held[j["out"]]} for j, m in zip(jobs, metrics)]
 
-    # 1. each variant's learning rate, on the validation split at the smallest n (first seed)
-    grid_jobs = [job(v, sizes[0], lr, seeds[0]) for v in cfg["variants"] for lr in cfg["lr_grid"][v]]
+    # 1. each variant's learning rate: the recipe's, or the validation argmin of its grid at the
+    # smallest n (first seed)
     grid: dict[str, dict[str, dict]] = {}
-    for j, m in zip(grid_jobs, measure(grid_jobs)):
-        v, _, lr = j["name"].split("|")
-        grid.setdefault(v, {})[lr] = {"val_loss": m["val_loss"], "val_acc": m["val_acc"]}
-    chosen = {v: float(min(g, key=lambda lr: g[lr]["val_loss"])) for v, g in grid.items()}
+    if "lr" in cfg:
+        chosen = {v: float(cfg["lr"][v]) for v in cfg["variants"]}
+    else:
+        grid_jobs = [job(v, sizes[0], lr, seeds[0]) for v in cfg["variants"] for lr in cfg["lr_grid"][v]]
+        for j, m in zip(grid_jobs, measure(grid_jobs)):
+            v, _, lr = j["name"].split("|")
+            grid.setdefault(v, {})[lr] = {"val_loss": m["val_loss"], "val_acc": m["val_acc"]}
+        chosen = {v: float(min(g, key=lambda lr: g[lr]["val_loss"])) for v, g in grid.items()}
     # 2. every size and seed at the chosen rate (the selection runs are reused, not retrained);
     # smallest n first, every variant and seed of a size together, so that a study stopped part
     # way keeps whole comparisons at the sizes where the claim lives (runs resume one by one)
@@ -149,7 +160,7 @@ def run(out: Path, bases: Path, r: Recipe, cfg: dict, progress: Progress | None 
     return {"experiment": "sample_efficiency", "task": task, "P": P, "steps": steps, "base": str(base),
             "base_acc": base_accuracy(base, r), "sizes": [_size_name(n) for n in sizes], "seeds": seeds,
             "variants": {v: SAMPLE_EFF_VARIANTS[v] for v in cfg["variants"]}, "n_params": n_params,
-            "lr_grid": grid, "lr": chosen, "val_size": cfg["val_size"], "test_size": len(test),
+            "lr_grid": grid, "lr": chosen, "lr_from": "recipe" if "lr" in cfg else "grid", "val_size": cfg["val_size"], "test_size": len(test),
             "early_stop": cfg.get("early_stop"),  # the steps each run trained, per seed:
             "steps_trained": {v: {n: cell["steps"] for n, cell in per.items()} for v, per in by.items()},
             "acc": {v: {n: c["acc"] for n, c in per.items()} for v, per in stats.items()},
@@ -249,9 +260,10 @@ def config(scale: str, recipes: dict[str, Recipe]) -> dict:
 
 
 def estimate(cfg: dict) -> float:
-    """The grid's runs, then every variant at every size and seed but the grid's own."""
-    grid = sum(len(g) for g in cfg["lr_grid"].values())
-    runs = grid + len(cfg["variants"]) * (len(cfg["sizes"]) * len(cfg["seeds"]) - 1)
+    """The grid's runs (none where the recipe fixes the rates), then every variant at every size and
+    seed but the grid's own."""
+    grid = 0 if "lr" in cfg else sum(len(g) for g in cfg["lr_grid"].values())
+    runs = grid + len(cfg["variants"]) * (len(cfg["sizes"]) * len(cfg["seeds"]) - (0 if "lr" in cfg else 1))
     return TUNE_STEP * step_seconds(cfg["recipe"]) * cfg["steps"] * runs
 
 

@@ -69,11 +69,19 @@ class ToyStage:
 
 
 # Seconds per training step at one thread and batch 64, per layer and unit of width, fitted to the
-# quick bases (docs/benchmarks.md: base-E3 680 s, base-E2 259 s, base-E1 32 s at one thread); a
-# tuning step costs about 0.7 of a pretraining step. Only the schedule's order depends on them.
-STEP_S = 2.5e-4
-BF16_STEP = 0.5  # a bf16 step against an fp32 one where bf16 pays (d=256: 0.39 pretraining, 0.51 LoRA)
-TUNE_STEP = 0.7
+# stages of a `make demo` study (two workers of one thread each; docs/benchmarks.md, "One ETA for
+# the study"): base-E3 662 s, sample_eff 4,013 s, E3 1,450 s, E2 170 s, base-E2 250 s. A tuning
+# step costs TUNE_STEP of a pretraining step (no gradient reaches the frozen weights). The
+# schedule's order and a fresh study's ETA (engine.progress.StudyEta, which rescales them by the
+# stages finished) depend on them.
+STEP_S = 3.2e-4
+# a bf16 step at d=256 against this model (linear in the width, so it undercounts an fp32 step at
+# d=256), at one thread as a study's workers run: base-E4 1,234 s and E4 1,945 s in that study give
+# 0.9-1.1; base-E4 alone on a core (863 s) 0.66. At two threads bf16 pays more against fp32 at the
+# same width (0.39 pretraining, 0.51 LoRA: docs/benchmarks.md, "Precision"). 0.5 with
+# STEP_S = 2.5e-4 put a fresh clone's ETA 76 % off at half-way.
+BF16_STEP = 0.9
+TUNE_STEP = 0.55
 
 
 def step_seconds(r: dict) -> float:

@@ -143,3 +143,15 @@ def test_prefixlab_reproduce_ends_in_one_line_and_exit_2_when_ray_dies(tmp_path,
     lines = [l for l in r.output.splitlines() if l.strip()]
     assert r.exit_code == 2, r.output
     assert len(lines) == 1 and lines[0].startswith("error:") and "same command again to resume" in lines[0]
+
+
+def test_workers_auto_takes_one_worker_per_usable_core_and_bad_counts_exit_2(tmp_path):
+    import os
+    from typer.testing import CliRunner
+    import cli
+    assert cli._workers("auto") == len(os.sched_getaffinity(0))
+    assert cli._workers("3") == 3
+    for bad in ("0", "-1", "two", "1.5"):
+        r = CliRunner().invoke(cli.app, ["reproduce", "--scale", "micro", "--workers", bad, "--out", str(tmp_path / bad)])
+        assert r.exit_code == 2 and "--workers must be" in r.output, r.output
+        assert not (tmp_path / bad).exists()

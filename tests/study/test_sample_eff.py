@@ -83,3 +83,22 @@ def test_a_second_run_is_cached(stage):
     out, rec = stage
     again = run_stages(out, stages_for("micro", out), only=["sample_eff"])["sample_eff"]
     assert again["cached"] and again["result"] == rec["result"]
+
+
+def test_rates_fixed_by_the_recipe_train_no_grid_and_give_the_grids_cells(stage, tmp_path):
+    """A config with "lr" (the quick scale's) skips the grid: the same jobs at the rates the grid
+    chose, so every cell equals the grid stage's, bit for bit at one thread."""
+    from study.experiments.sample_eff import run
+    from study.recipes import RECIPES
+    out, rec = stage
+    grid_result = rec["result"]
+    cfg = {k: v for k, v in SAMPLE_EFF["micro"].items() if k != "lr_grid"}
+    cfg["lr"] = dict(grid_result["lr"])
+    res = run(tmp_path / "fixed", out / "bases", RECIPES["micro"]["E3"], cfg)
+    assert res["lr"] == grid_result["lr"] and res["lr_grid"] == {} and res["lr_from"] == "recipe"
+    runs = [p for p in (tmp_path / "fixed").iterdir() if p.is_dir()]
+    assert len(runs) == len(cfg["variants"]) * len(cfg["sizes"]) * len(cfg["seeds"])
+    for metric in ("acc", "test_loss"):
+        for v, cells in grid_result[metric].items():
+            for n, cell in cells.items():
+                assert res[metric][v][n]["values"] == cell["values"], (metric, v, n)
