@@ -1088,7 +1088,7 @@ def demo(out: Path = typer.Option(Path("runs/demo"), metavar="DIR", help="study 
          workers: str = typer.Option("auto", metavar="N", help="parallel stage workers on a local Ray: N, or auto (one per core)")):
     """The whole study as `make demo` runs it: `reproduce --scale quick --workers auto`.
 
-    About 70 minutes on 2 cores; the report is report.html in --out (runs/demo/report.html by default).
+    About 95 minutes on 2 cores (install included); the report is report.html in --out (runs/demo/report.html by default).
 
     Example (what `make demo` runs):
 

@@ -45,5 +45,6 @@ def rows(res: dict) -> list[dict]:
 
 EXPERIMENT = Experiment(
     name="PT+E3", title="[PT+] E3: Prefix-Tuning+ on the deeper mix4 model, old tasks and new", run=run,
-    config=toy_config("E3"), rows=rows, estimate=lambda cfg: tuning_estimate(cfg, lambda tune, long: 5 * tune),
+    # "new_task_steps" in the key: a stage cached when ascending_add1 trained as the long run is not reused
+    config=lambda scale, recipes: {**toy_config("E3")(scale, recipes), "new_task_steps": "tune_steps"}, rows=rows, estimate=lambda cfg: tuning_estimate(cfg, lambda tune, long: 5 * tune),
     section="prefix_plus", base=e3.BASE, recipe="E3")
