@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -1073,7 +1072,8 @@ def reproduce(scale: str = typer.Option("quick", "--scale", metavar="SCALE", hel
 def _workers(value: str) -> int:
     """--workers N or auto (one worker per core this process may run on)."""
     if value == "auto":
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        from engine.parallel import usable_cores
+        return usable_cores()
     try:
         n = int(value)
     except ValueError:

@@ -224,6 +224,12 @@ def _listening(address: str | None) -> bool:
         return False
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one): what
+    `--workers auto` starts one worker per."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _threads(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, workers))
 

@@ -49,9 +49,9 @@ def _base_stages(scale: str, recipes: dict, experiments: list[Experiment]) -> tu
         if key not in by_key:  # E4 shares E3's base where their recipes' bases match (paper), not in quick
             by_key[key] = f"base-{e.name}"
             recipe = {k: v for k, v in recipes[e.recipe].to_dict().items() if k in BASE_FIELDS}
-            stages.append(Stage(by_key[key], f"Base model for {e.name}: {base_about(e.base)}",
-                                {"preset": scale, "recipe": recipe, "experiment": e.name}, run_base,
-                                estimate=estimate(by_key[key], {"recipe": recipe})))
+            cfg = {"preset": scale, "recipe": recipe, "experiment": e.name}
+            stages.append(Stage(by_key[key], f"Base model for {e.name}: {base_about(e.base)}", cfg, run_base,
+                                estimate=estimate(by_key[key], cfg)))
         base_of[e.name] = by_key[key]
     return stages, base_of
 

@@ -263,8 +263,10 @@ def config(scale: str, recipes: dict[str, Recipe]) -> dict:
 def estimate(cfg: dict) -> float:
     """The grid's runs (none where the recipe fixes the rates), then every variant at every size and
     seed but the grid's own."""
-    grid = 0 if "lr" in cfg else sum(len(g) for g in cfg["lr_grid"].values())
-    runs = grid + len(cfg["variants"]) * (len(cfg["sizes"]) * len(cfg["seeds"]) - (0 if "lr" in cfg else 1))
+    if "lr" in cfg:
+        runs = len(cfg["variants"]) * len(cfg["sizes"]) * len(cfg["seeds"])
+    else:
+        runs = sum(len(g) for g in cfg["lr_grid"].values()) + len(cfg["variants"]) * (len(cfg["sizes"]) * len(cfg["seeds"]) - 1)
     return TUNE_STEP * step_seconds(cfg["recipe"]) * cfg["steps"] * runs
 
 
